@@ -1,0 +1,1 @@
+"""Operator routes under /admin, guarded by ADMIN_API_KEY."""

@@ -1,0 +1,54 @@
+"""Admin routes: keys and users."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+
+from app.admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, UserPublic, UserUpdate
+from app.auth import management, repository
+from app.auth.dependencies import AdminGuard
+from app.db import SessionDep
+from app.errors import InvalidRequest, error_responses
+from app.registry import TierSpec
+
+LIMIT_NAMES = set(TierSpec.model_fields) - {"models"}
+
+router = APIRouter(tags=["admin"], dependencies=[AdminGuard], responses=error_responses(401, 403))
+
+
+@router.post("/keys", status_code=201, responses=error_responses(400))
+async def create_key(body: KeyCreate, session: SessionDep, request: Request) -> KeyCreated:
+    """Create a gateway key for a user; the response is the only time the key is shown."""
+    key, raw = await management.create_key(
+        session, request.app.state.catalog, user_id=body.user_id, tier=body.tier, name=body.name
+    )
+    return KeyCreated(**KeyPublic.model_validate(key).model_dump(), key=raw)
+
+
+@router.get("/keys")
+async def list_keys(session: SessionDep, user_id: str | None = None) -> KeyList:
+    """List keys, newest first, optionally for one user."""
+    keys = await repository.list_keys(session, user_id)
+    return KeyList(data=[KeyPublic.model_validate(key) for key in keys])
+
+
+@router.delete("/keys/{key_id}", responses=error_responses(404))
+async def revoke_key(key_id: uuid.UUID, session: SessionDep) -> KeyPublic:
+    """Revoke a key; every process stops accepting it at once."""
+    return KeyPublic.model_validate(await management.revoke_key(session, key_id))
+
+
+@router.patch("/users/{user_id}", responses=error_responses(400))
+async def update_user(user_id: str, body: UserUpdate, session: SessionDep, request: Request) -> UserPublic:
+    """Set a user's tier, upstream switch or limit overrides (created on first sight)."""
+    changes = {name: value for name, value in body.model_dump(exclude_unset=True).items() if value is not None}
+    unknown = set(changes.get("limit_overrides") or {}) - LIMIT_NAMES
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown limits {sorted(unknown)}; known: {sorted(LIMIT_NAMES)}.",
+            param="limit_overrides",
+        )
+    user = await management.update_user(session, request.app.state.catalog, user_id, changes)
+    return UserPublic.model_validate(user)

@@ -1,0 +1,1 @@
+"""Who is calling: gateway API keys, JWTs and the admin key, resolved to one principal."""

@@ -1,0 +1,17 @@
+"""The caller every route sees, however it authenticated."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    tier: str
+    use_upstream: bool = True
+    limit_overrides: dict[str, Any] = field(default_factory=dict)
+    api_key_id: uuid.UUID | None = None
+    via: Literal["key", "jwt"] = "key"

@@ -1,0 +1,198 @@
+"""Resolving bearer tokens to principals, with a cache that revocations clear at once.
+
+A cached principal saves a database round trip on every request. Staleness is
+bounded twice: entries live `AUTH_CACHE_TTL` seconds, and every revocation or user
+change is broadcast with Postgres NOTIFY so each process drops the entry at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import jwt
+import orjson
+
+from app.auth import repository
+from app.auth.keys import hash_key, looks_like_key
+from app.auth.principal import Principal
+from app.config import Settings
+from app.errors import Unauthenticated
+
+log = logging.getLogger("app.auth")
+
+MAX_CACHED = 100_000
+TOUCH_INTERVAL = 30.0
+
+
+def _overrides(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return orjson.loads(value)
+    return dict(value or {})
+
+
+class Authenticator:
+    """Owns the principal cache, the NOTIFY listener and the `last_used_at` buffer."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, database_url: str) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.database_url = database_url
+        self._by_key: dict[str, tuple[float, Principal]] = {}
+        self._users: dict[str, tuple[float, Principal]] = {}
+        self._touched: dict[uuid.UUID, datetime] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="auth-listener"),
+            asyncio.create_task(self._touch_loop(), name="auth-touch"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush_touches()
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a gateway key seen recently, without any I/O."""
+        if not looks_like_key(token):
+            return None
+        entry = self._by_key.get(hash_key(token))
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        principal = entry[1]
+        assert principal.api_key_id is not None
+        self._touched[principal.api_key_id] = datetime.now(UTC)
+        return principal
+
+    async def authenticate(self, token: str) -> Principal:
+        if looks_like_key(token):
+            return await self._from_key(token)
+        if token.count(".") == 2:
+            return await self._from_jwt(token)
+        raise Unauthenticated("Invalid API key or token.")
+
+    async def _from_key(self, token: str) -> Principal:
+        cached = self.cached(token)
+        if cached is not None:
+            return cached
+        digest = hash_key(token)
+        row = await repository.find_key(self.pool, digest)
+        if row is None or row["revoked_at"] is not None:
+            raise Unauthenticated("Invalid API key or token.")
+        principal = Principal(
+            user_id=row["user_id"],
+            tier=row["tier"],
+            use_upstream=row["use_upstream"],
+            limit_overrides=_overrides(row["limit_overrides"]),
+            api_key_id=row["id"],
+            via="key",
+        )
+        self._remember(self._by_key, digest, principal, time.monotonic())
+        self._touched[row["id"]] = datetime.now(UTC)
+        return principal
+
+    async def _from_jwt(self, token: str) -> Principal:
+        secret = self.settings.jwt_secret
+        if secret is None:
+            raise Unauthenticated("Invalid API key or token.")
+        try:
+            claims = jwt.decode(
+                token,
+                secret,
+                algorithms=["HS256"],
+                issuer=self.settings.jwt_issuer,
+                audience=self.settings.jwt_audience,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self.settings.jwt_audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError as error:
+            raise Unauthenticated("The token has expired.", code="token_expired") from error
+        except jwt.PyJWTError as error:
+            raise Unauthenticated("Invalid API key or token.") from error
+        user_id = claims["sub"]
+        if not isinstance(user_id, str) or not user_id or len(user_id) > 200:
+            raise Unauthenticated("The token's subject is not a valid user id.")
+        now = time.monotonic()
+        cached = self._users.get(user_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        row = await repository.find_user(self.pool, user_id)
+        principal = Principal(
+            user_id=user_id,
+            tier=row["tier"] if row else self.settings.jwt_default_tier,
+            use_upstream=row["use_upstream"] if row else True,
+            limit_overrides=_overrides(row["limit_overrides"]) if row else {},
+            via="jwt",
+        )
+        self._remember(self._users, user_id, principal, now)
+        return principal
+
+    def _remember(self, cache: dict[str, tuple[float, Principal]], key: str, principal: Principal, now: float) -> None:
+        if len(cache) >= MAX_CACHED:
+            cache.pop(next(iter(cache)))
+        cache[key] = (now + self.settings.auth_cache_ttl, principal)
+
+    def forget(self, what: str) -> None:
+        """Drop cached entries named by a NOTIFY payload: `key:<hash>` or `user:<id>`."""
+        kind, _, value = what.partition(":")
+        if kind == "key":
+            self._by_key.pop(value, None)
+        elif kind == "user":
+            self._users.pop(value, None)
+            for digest in [d for d, (_, p) in self._by_key.items() if p.user_id == value]:
+                self._by_key.pop(digest, None)
+        else:
+            self._by_key.clear()
+            self._users.clear()
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; while it is down the cache is bypassed by clearing it."""
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                closed = asyncio.Event()
+                connection = await asyncpg.connect(self.database_url)
+                connection.add_termination_listener(lambda _connection, done=closed: done.set())
+                await connection.add_listener(repository.AUTH_CHANNEL, lambda *args: self.forget(args[3]))
+                self.forget("all")  # anything missed while disconnected
+                await closed.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("auth listener down, retrying: %s", error)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+            self.forget("all")
+            await asyncio.sleep(1)
+
+    async def _touch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TOUCH_INTERVAL)
+            await self.flush_touches()
+
+    async def flush_touches(self) -> None:
+        """Write `last_used_at` for keys used since the last flush: one statement, not one per request."""
+        if not self._touched:
+            return
+        touched, self._touched = self._touched, {}
+        try:
+            await repository.touch_keys(self.pool, touched.items())
+        except Exception as error:
+            log.warning("could not record key use, keeping it for the next flush: %s", error)
+            for key_id, used_at in touched.items():
+                self._touched.setdefault(key_id, used_at)

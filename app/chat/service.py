@@ -1,0 +1,301 @@
+"""Chat completions: resolve the model, check caps and limits, call the upstream, record usage.
+
+The upstream's bytes are forwarded as they came: the only parsing on the way back is
+reading `usage` (and, for streams, each chunk's delta, to count what an abandoned
+stream used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from app.auth.principal import Principal
+from app.chat.schemas import ChatCompletionRequest
+from app.config import Settings
+from app.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError
+from app.ratelimit.limiter import Decision, Limiter
+from app.registry import Catalog, ModelSpec
+from app.upstream.provider import ChatBackend, EventStream, Upstream
+from app.upstream.simulated import chars_to_tokens, prompt_chars
+from app.usage.record import Status, UsageRecord
+from app.usage.writer import UsageWriter
+
+log = logging.getLogger("app.chat")
+
+ROUTE = "chat.completions"
+# Reserved against the token limit when a request sets no completion cap; settled after.
+DEFAULT_RESERVED_COMPLETION = 512
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+HEARTBEAT = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's state from the limit check to its usage row."""
+
+    principal: Principal
+    request_id: str
+    spec: ModelSpec
+    payload: dict[str, Any]
+    decision: Decision
+    prompt_estimate: int
+    started: float = field(default_factory=time.perf_counter)
+    status: Status = "ok"
+
+    def record(self, **values: Any) -> UsageRecord:
+        return UsageRecord(
+            request_id=self.request_id,
+            user_id=self.principal.user_id,
+            api_key_id=self.principal.api_key_id,
+            route=ROUTE,
+            model=self.spec.id,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            decision=self.decision,
+            **values,
+        )
+
+    def headers(self, upstream_request_id: str | None) -> dict[str, str]:
+        headers = dict(self.decision.headers)
+        if self.status in ("simulated", "fallback"):
+            headers["x-gateway-simulated"] = "true"
+        if self.status == "fallback":
+            headers["x-gateway-fallback"] = "true"
+        if upstream_request_id:
+            headers["x-upstream-request-id"] = upstream_request_id
+        return headers
+
+
+def _usage_fields(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    if not usage:
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details") or {}
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        int(details.get("cached_tokens") or 0),
+    )
+
+
+def _may_fall_back(error: GatewayError) -> bool:
+    """Only the upstream's own failures; a request it rejected would fail again simulated."""
+    return isinstance(error, UpstreamError) or (
+        isinstance(error, RateLimited) and error.code == "upstream_rate_limited"
+    )
+
+
+class ChatService:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        limiter: Limiter,
+        upstream: Upstream,
+        usage: UsageWriter,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.limiter = limiter
+        self.upstream = upstream
+        self.usage = usage
+
+    async def create(self, principal: Principal, body: ChatCompletionRequest, request_id: str) -> Response:
+        spec = self.catalog.resolve(body.model, principal.tier, "chat")
+        payload = body.model_dump(exclude_unset=True)
+        payload["model"] = spec.id
+        prompt_estimate = self._check_caps(principal, body, payload)
+        completion_cap = body.max_completion_tokens or body.max_tokens or DEFAULT_RESERVED_COMPLETION
+        decision = await self.limiter.take(
+            self.limiter.chat_buckets(
+                principal,
+                prompt_estimate + completion_cap,
+                spec.token_cost(prompt_estimate, completion_cap),
+            )
+        )
+        call = Call(principal, request_id, spec, payload, decision, prompt_estimate)
+        backend = self.upstream.chat_for(principal)
+        if body.stream:
+            return await self._stream(call, backend, body)
+        return await self._complete(call, backend)
+
+    def _check_caps(self, principal: Principal, body: ChatCompletionRequest, payload: dict[str, Any]) -> int:
+        """Refuse what the tier does not allow, naming the field; returns the prompt's token estimate."""
+        limit = self.limiter.limit
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = getattr(body, name)
+            cap = limit(principal, "max_completion_tokens")
+            if value is not None and cap is not None and value > cap:
+                raise InvalidRequest(f"'{name}' is {value}; your tier allows at most {cap:g}.", param=name)
+        cap = limit(principal, "max_messages")
+        if cap is not None and len(body.messages) > cap:
+            raise InvalidRequest(
+                f"{len(body.messages)} messages sent; your tier allows at most {cap:g}.",
+                param="messages",
+            )
+        chars = prompt_chars(payload["messages"])
+        cap = limit(principal, "max_prompt_chars")
+        if cap is not None and chars > cap:
+            raise InvalidRequest(
+                f"The prompt has {chars} characters; your tier allows at most {cap:g}.",
+                param="messages",
+            )
+        return chars_to_tokens(chars)
+
+    async def _complete(self, call: Call, backend: ChatBackend) -> Response:
+        call.status = "simulated" if backend.simulated else "ok"
+        try:
+            reply = await backend.complete(call.payload)
+        except GatewayError as error:
+            if not (self.settings.fallback_to_simulated and _may_fall_back(error)):
+                self._record_error(call, error, stream=False)
+                raise
+            log.warning("upstream failed, answering simulated: %s", error.message)
+            call.status = "fallback"
+            reply = await self.upstream.simulated_chat.complete(call.payload)
+        prompt, completion, cached = _usage_fields(orjson.loads(reply.body).get("usage"))
+        self.usage.record(
+            call.record(
+                status=call.status,
+                http_status=200,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost_usd=self._cost(call, prompt, completion, cached),
+                upstream_request_id=reply.request_id,
+            )
+        )
+        return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
+
+    def _cost(self, call: Call, prompt: int, completion: int, cached: int) -> float:
+        """Simulated answers cost nothing: no upstream was paid for them."""
+        if call.status in ("simulated", "fallback"):
+            return 0.0
+        return call.spec.token_cost(prompt, completion, cached)
+
+    def _record_error(self, call: Call, error: GatewayError, *, stream: bool) -> None:
+        self.usage.record(
+            call.record(
+                status="error",
+                http_status=error.status_code,
+                stream=stream,
+                error_code=error.code,
+                prompt_tokens=0,
+            )
+        )
+
+    async def _stream(self, call: Call, backend: ChatBackend, body: ChatCompletionRequest) -> Response:
+        client_wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # Always ask for the usage chunk: it is how a stream's tokens get recorded.
+        call.payload["stream_options"] = {
+            **(call.payload.get("stream_options") or {}),
+            "include_usage": True,
+        }
+        call.status = "simulated" if backend.simulated else "ok"
+        try:
+            stream = await backend.open_stream(call.payload)
+        except GatewayError as error:
+            if not (self.settings.fallback_to_simulated and _may_fall_back(error)):
+                self._record_error(call, error, stream=True)
+                raise
+            log.warning("upstream failed, streaming simulated: %s", error.message)
+            call.status = "fallback"
+            stream = await self.upstream.simulated_chat.open_stream(call.payload)
+        return StreamingResponse(
+            self._relay(call, stream, client_wants_usage),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **call.headers(stream.request_id)},
+        )
+
+    async def _relay(self, call: Call, stream: EventStream, client_wants_usage: bool) -> AsyncIterator[bytes]:
+        """Forward each event as it arrives, with heartbeats while the upstream is silent."""
+        usage: dict[str, Any] | None = None
+        completion_chars = 0
+        first_token_at: float | None = None
+        outcome: Status | None = None
+        error: GatewayError | None = None
+        deadline = call.started + self.settings.stream_max_seconds
+        events = stream.events()
+        pending: asyncio.Task[bytes] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait((pending,), timeout=self.settings.stream_heartbeat_seconds)
+                if not done:
+                    if time.perf_counter() > deadline:
+                        raise UpstreamError("The stream exceeded its maximum duration.", code="stream_timeout")
+                    yield HEARTBEAT
+                    continue
+                task, pending = pending, None
+                try:
+                    data = task.result()
+                except StopAsyncIteration:
+                    break
+                chunk = orjson.loads(data)
+                choices = chunk.get("choices")
+                if chunk.get("usage") and not choices:
+                    usage = chunk["usage"]
+                    if not client_wants_usage:
+                        continue
+                elif choices:
+                    delta = choices[0].get("delta") or {}
+                    content = delta.get("content")
+                    if content:
+                        completion_chars += len(content)
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                yield b"data: " + data + b"\n\n"
+            yield DONE
+            outcome = call.status
+        except GatewayError as failure:
+            error, outcome = failure, "error"
+            yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            stream.close()
+            self._record_stream(call, outcome, error, usage, completion_chars, first_token_at, stream)
+
+    def _record_stream(
+        self,
+        call: Call,
+        outcome: Status | None,
+        error: GatewayError | None,
+        usage: dict[str, Any] | None,
+        completion_chars: int,
+        first_token_at: float | None,
+        stream: EventStream,
+    ) -> None:
+        """One row however the stream ended; an abandoned one counts what it had sent."""
+        estimated = usage is None
+        if estimated:
+            prompt, completion, cached = call.prompt_estimate, chars_to_tokens(completion_chars), 0
+        else:
+            prompt, completion, cached = _usage_fields(usage)
+        status: Status = outcome or "cancelled"
+        self.usage.record(
+            call.record(
+                status=status,
+                http_status=200,
+                stream=True,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                tokens_estimated=estimated,
+                cost_usd=self._cost(call, prompt, completion, cached),
+                ttft_ms=(first_token_at - call.started) * 1000 if first_token_at else None,
+                upstream_request_id=stream.request_id,
+                error_code=error.code if error else None,
+            )
+        )

@@ -1,0 +1,161 @@
+"""`python -m app <verb>`: serve, migrate, create-key, revoke-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from app import migrations
+from app.config import Settings, get_settings
+
+log = logging.getLogger("app.cli")
+
+
+def prepare_database(settings: Settings) -> str:
+    """The database URL, after starting the embedded server if none is configured and migrating."""
+    url = settings.database_url
+    if url is None:
+        from app.db import start_embedded_postgres
+
+        url = start_embedded_postgres(settings.data_dir)
+        # Workers and child processes find the same server through the environment.
+        os.environ["DATABASE_URL"] = url
+        settings.database_url = url
+    migrations.upgrade(url)
+    return url
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = get_settings()
+    prepare_database(settings)
+    mode = "SIMULATED (no OPENAI_API_KEY)" if settings.simulated else settings.openai_base_url
+    print(f"gateway on http://{args.host}:{args.port} upstream: {mode}", file=sys.stderr)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def migrate(_: argparse.Namespace) -> None:
+    prepare_database(get_settings())
+    print(f"database at {migrations.head()}")
+
+
+def _in_session(work):  # type: ignore[no-untyped-def]
+    """Run `work(session, catalog)` in one committed transaction on a migrated database."""
+    settings = get_settings()
+    url = prepare_database(settings)  # before the event loop: Alembic's env runs its own
+    return asyncio.run(_with_session(url, settings, work))
+
+
+async def _with_session(url: str, settings: Settings, work):  # type: ignore[no-untyped-def]
+    from app.db import Database
+    from app.registry import load_catalog
+
+    database = await Database.connect(url, 1)
+    try:
+        async with database.sessionmaker() as session, session.begin():
+            return await work(session, load_catalog(settings.catalog_file))
+    finally:
+        await database.close()
+
+
+def create_key(args: argparse.Namespace) -> None:
+    from app.auth import management
+
+    async def work(session, catalog):  # type: ignore[no-untyped-def]
+        return await management.create_key(session, catalog, user_id=args.user, tier=args.tier, name=args.name)
+
+    key, raw = _in_session(work)
+    print(f"created key {key.id} ({key.prefix}...) for user {key.user_id}; it is shown only once:")
+    print(raw)
+
+
+def revoke_key(args: argparse.Namespace) -> None:
+    from sqlalchemy import select
+
+    from app.auth import management
+    from app.auth.keys import hash_key
+    from app.models import ApiKey
+
+    async def work(session, _catalog):  # type: ignore[no-untyped-def]
+        try:
+            key_id = uuid.UUID(args.key)
+        except ValueError:
+            key_id = await session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(args.key)))
+            if key_id is None:
+                raise SystemExit("no such key") from None
+        return await management.revoke_key(session, key_id)
+
+    key = _in_session(work)
+    print(f"revoked key {key.id} ({key.prefix}...) of user {key.user_id}")
+
+
+def render_openapi() -> str:
+    """The OpenAPI document the app serves, as committed in openapi.json."""
+    import json
+
+    from app.main import create_app
+
+    return json.dumps(create_app(Settings(_env_file=None)).openapi(), indent=2) + "\n"  # type: ignore[call-arg]
+
+
+def openapi(args: argparse.Namespace) -> None:
+    document = render_openapi()
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current != document:
+            raise SystemExit(f"{args.output} is out of date: run `python -m app openapi`")
+        print(f"{args.output} is up to date")
+        return
+    args.output.write_text(document)
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app", description="The OpenAI gateway.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("serve", help="migrate, then run the HTTP service")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(handler=serve)
+
+    verbs.add_parser("migrate", help="bring the database schema to head").set_defaults(handler=migrate)
+
+    create = verbs.add_parser("create-key", help="create an API key (printed once, as the last line)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--tier", default=None, help="also set the user's tier")
+    create.add_argument("--name", default=None)
+    create.set_defaults(handler=create_key)
+
+    revoke = verbs.add_parser("revoke-key", help="revoke a key by its id or by the key itself")
+    revoke.add_argument("key")
+    revoke.set_defaults(handler=revoke_key)
+
+    spec = verbs.add_parser("openapi", help="write the OpenAPI document (or --check it)")
+    spec.add_argument("--output", type=Path, default=Path("openapi.json"))
+    spec.add_argument("--check", action="store_true")
+    spec.set_defaults(handler=openapi)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args.handler(args)

@@ -1,0 +1,118 @@
+"""Process settings, read once from the environment and `.env`."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CATALOG = PACKAGE_DIR / "catalog.toml"
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "admin", "password"}
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set, by environment variable of the same name."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    environment: str = Field("development", pattern="^(development|test|production)$")
+
+    # Postgres. Unset: an embedded server in `data_dir` is started by the CLI.
+    database_url: str | None = None
+    data_dir: Path = Path(".data")
+    db_pool_size: int = Field(10, ge=1, le=200)
+
+    # Upstream (the same names the openai SDK reads). No key: simulated mode.
+    openai_api_key: str | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_read_timeout: float = Field(120.0, gt=0)
+    upstream_max_retries: int = Field(2, ge=0, le=10)
+    upstream_retry_base_delay: float = Field(0.25, ge=0)
+    upstream_max_retry_after: float = Field(5.0, ge=0)
+    upstream_max_connections: int = Field(256, ge=1)
+    fallback_to_simulated: bool = False
+
+    # Auth.
+    admin_api_key: str | None = None
+    jwt_secret: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_default_tier: str = "free"
+    auth_cache_ttl: float = Field(30.0, ge=0)
+    auth_failures_per_minute: int = Field(30, ge=1)
+
+    # HTTP.
+    cors_origins: list[str] = []
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    stream_heartbeat_seconds: float = Field(15.0, gt=0)
+    stream_max_seconds: float = Field(600.0, gt=0)
+
+    # Limits: what to do when Postgres cannot be reached for a check.
+    ratelimit_fail_open_rates: bool = True
+    ratelimit_fail_open_budgets: bool = False
+    ratelimit_timeout: float = Field(2.0, gt=0)
+    ratelimit_prune_interval: float = Field(60.0, gt=0)
+
+    # Usage writer.
+    usage_flush_interval: float = Field(0.25, gt=0)
+    usage_batch_size: int = Field(1000, ge=1)
+
+    # Model registry and tiers.
+    catalog_file: Path = DEFAULT_CATALOG
+
+    @field_validator("openai_api_key", "admin_api_key", "jwt_secret", "database_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_is_postgres(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> Settings:
+        if self.environment != "production":
+            return self
+        for name in ("admin_api_key", "jwt_secret"):
+            value = getattr(self, name)
+            if value is not None and (value.lower() in PLACEHOLDER_SECRETS or len(value) < 16):
+                raise ValueError(f"{name.upper()} must be a real secret of 16+ characters in production")
+        return self
+
+    @property
+    def simulated(self) -> bool:
+        """No upstream key: every route answers from the offline provider."""
+        return self.openai_api_key is None
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per invalid variable, named as the operator sets it."""
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]).upper() or "SETTINGS"
+        lines.append(f"  {name}: {item['msg']}")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The settings of this process; exits with a readable message when they are invalid."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        sys.exit(describe_errors(error))

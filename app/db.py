@@ -1,0 +1,98 @@
+"""Postgres: the embedded server, the SQLAlchemy engine, the raw pool and the session dependency.
+
+Two handles on one database, each for what it is good at: SQLAlchemy sessions for
+the ORM work of routes (keys, threads, admin), and a raw asyncpg pool for the few
+statements on every request's hot path (limits, usage batches), where an ORM
+session would cost more than the query itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import asyncpg
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+log = logging.getLogger("app.db")
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or join) a Postgres server kept in `data_dir`; returns its URL.
+
+    pgserver ships the server binaries in its wheel, so a fresh machine needs
+    nothing but pip. The server is shared by every process of this data folder
+    and stopped when the last one exits.
+    """
+    import pgserver  # imported here: only needed when no DATABASE_URL is set
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(data_dir.resolve() / "pg"), cleanup_mode="stop")
+    log.info("embedded postgres running in %s", data_dir)
+    return str(server.get_uri())
+
+
+def sqlalchemy_url(url: str) -> str:
+    _, _, rest = url.partition("://")
+    return f"postgresql+asyncpg://{rest}"
+
+
+def asyncpg_url(url: str) -> str:
+    _, _, rest = url.partition("://")
+    return f"postgresql://{rest}"
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or parts.query
+    return f"{parts.scheme}://{parts.username or ''}@{host}{parts.path}"
+
+
+@dataclass
+class Database:
+    """The handles a process holds for its lifetime."""
+
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    pool: asyncpg.Pool
+
+    @classmethod
+    async def connect(cls, url: str, pool_size: int) -> Database:
+        engine = create_async_engine(
+            sqlalchemy_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
+        pool = await asyncpg.create_pool(asyncpg_url(url), min_size=1, max_size=pool_size, command_timeout=10)
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.engine.dispose()
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request: commit when the route returns, roll back when it raises."""
+    database: Database = request.app.state.db
+    async with database.sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
+
+
+# scope="function": the commit happens before the response is sent, so a client never
+# reads back a write that is not yet committed.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

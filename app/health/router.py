@@ -1,0 +1,99 @@
+"""`/healthz`, `/readyz` and `/v1/models`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from app.auth.dependencies import CurrentPrincipal
+from app.errors import Unavailable, error_responses
+from app.registry import ModelKind
+
+router = APIRouter()
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+    migrations: str
+    simulated: bool
+
+
+class ModelPrices(BaseModel):
+    input_per_1m: float
+    cached_input_per_1m: float | None
+    output_per_1m: float
+    per_image: dict[str, float]
+
+
+class ModelInfo(BaseModel):
+    """A model the caller's tier may use, in OpenAI's list shape plus the registry's facts."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "openai"
+    kind: ModelKind
+    aliases: list[str]
+    prices: ModelPrices
+    sizes: list[str]
+    qualities: list[str]
+    formats: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> Health:
+    """Process is up."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", tags=["health"], responses=error_responses(503))
+async def readyz(request: Request) -> Readiness:
+    """Database reachable and migrations at head; 503 otherwise."""
+    state = request.app.state
+    try:
+        current = await state.db.pool.fetchval("SELECT version_num FROM alembic_version", timeout=2)
+    except Exception as error:
+        raise Unavailable(f"Database unreachable: {type(error).__name__}.", code="database_unavailable") from error
+    if current != state.migration_head:
+        raise Unavailable(
+            f"Database schema is at {current}, expected {state.migration_head}: run `python -m app migrate`.",
+            code="migrations_pending",
+        )
+    return Readiness(status="ok", database="ok", migrations=current, simulated=state.settings.simulated)
+
+
+@router.get("/v1/models", tags=["models"], responses=error_responses(401))
+async def list_models(principal: CurrentPrincipal, request: Request) -> ModelList:
+    """The models the caller's tier may use, with aliases and prices."""
+    catalog = request.app.state.catalog
+    return ModelList(
+        data=[
+            ModelInfo(
+                id=spec.id,
+                kind=spec.kind,
+                aliases=spec.aliases,
+                prices=ModelPrices(
+                    input_per_1m=spec.input_per_1m,
+                    cached_input_per_1m=spec.cached_input_per_1m,
+                    output_per_1m=spec.output_per_1m,
+                    per_image=spec.image_prices,
+                ),
+                sizes=spec.sizes,
+                qualities=spec.qualities,
+                formats=spec.formats,
+            )
+            for spec in catalog.models_for(principal.tier)
+        ]
+    )

@@ -1,0 +1,214 @@
+"""Checking and charging a caller's limits: one statement per call, decided in Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import asyncpg
+
+from app.auth.principal import Principal
+from app.errors import RateLimited, Unavailable
+from app.ratelimit import sql
+from app.registry import Catalog, TierSpec
+
+log = logging.getLogger("app.ratelimit")
+
+Kind = Literal["g", "q", "b"]  # GCRA rate, calendar quota, calendar budget
+DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One limit of one caller, and what this call costs against it."""
+
+    name: str  # requests, tokens, budget, images, ...: how headers and errors name it
+    key: str
+    kind: Kind
+    limit: float
+    period: float  # GCRA: seconds to refill fully; calendar: seconds until the window ends
+    cost: float
+    code: str = "rate_limit_exceeded"
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a check reserved, and the headers that tell the client where it stands."""
+
+    buckets: Sequence[Bucket]
+    headers: dict[str, str]
+    counted: bool = True  # False when the database was down and the call was let through
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `6m0s`, `1.5s`, `20ms`."""
+    if seconds < 1:
+        return f"{max(round(seconds * 1000), 0)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_text = f"{rest:.0f}s" if rest >= 10 or rest == int(rest) else f"{rest:.1f}s".replace(".0s", "s")
+    if minutes >= 60:
+        hours, minutes = divmod(minutes, 60)
+        return f"{int(hours)}h{int(minutes)}m{rest_text}"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+def _window(now: datetime, unit: Literal["day", "month"]) -> tuple[str, float]:
+    """The calendar window's id and the seconds until it ends (UTC)."""
+    if unit == "day":
+        end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+        return now.strftime("%Y-%m-%d"), (end - now).total_seconds()
+    end = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    return now.strftime("%Y-%m"), (end - now).total_seconds()
+
+
+class Limiter:
+    """Builds a call's buckets from the caller's tier and asks Postgres to take them."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        catalog: Catalog,
+        *,
+        fail_open_rates: bool,
+        fail_open_budgets: bool,
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.catalog = catalog
+        self.fail_open_rates = fail_open_rates
+        self.fail_open_budgets = fail_open_budgets
+        self.timeout = timeout
+
+    def limit(self, principal: Principal, name: str) -> float | None:
+        """A limit of the caller: an admin override wins over the tier; None is no limit."""
+        if name in principal.limit_overrides:
+            value = principal.limit_overrides[name]
+            return None if value is None else float(value)
+        tier: TierSpec = self.catalog.tier(principal.tier)
+        value = getattr(tier, name)
+        return None if value is None else float(value)
+
+    def rate(self, principal: Principal, name: str, setting: str, period: float, cost: float) -> list[Bucket]:
+        limit = self.limit(principal, setting)
+        if limit is None:
+            return []
+        return [Bucket(name, f"{setting}:{principal.user_id}", "g", limit, period, cost)]
+
+    def calendar(
+        self,
+        principal: Principal,
+        name: str,
+        setting: str,
+        unit: Literal["day", "month"],
+        cost: float,
+        code: str,
+        kind: Kind,
+    ) -> list[Bucket]:
+        limit = self.limit(principal, setting)
+        if limit is None:
+            return []
+        window, remaining = _window(datetime.now(UTC), unit)
+        return [Bucket(name, f"{setting}:{principal.user_id}:{window}", kind, limit, remaining, cost, code)]
+
+    def chat_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
+        return [
+            *self.rate(principal, "requests", "chat_requests_per_minute", 60.0, 1),
+            *self.rate(principal, "tokens", "chat_tokens_per_minute", 60.0, tokens),
+            *self.budget(principal, cost),
+        ]
+
+    def budget(self, principal: Principal, cost: float) -> list[Bucket]:
+        return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, "budget_exceeded", "b")
+
+    async def take(self, buckets: Sequence[Bucket]) -> Decision:
+        """Reserve every bucket or none; a refusal raises 429 with `Retry-After`."""
+        if not buckets:
+            return Decision(buckets, {})
+        try:
+            async with asyncio.timeout(self.timeout):
+                row = await self.pool.fetchrow(
+                    sql.TAKE,
+                    [b.key for b in buckets],
+                    [b.kind for b in buckets],
+                    [float(b.cost) for b in buckets],
+                    [b.limit for b in buckets],
+                    [b.period for b in buckets],
+                )
+        except DB_ERRORS as error:
+            return self._database_down(buckets, error)
+        assert row is not None
+        headers = self._headers(buckets, row["remaining"], row["reset_after"])
+        if not row["allowed"]:
+            refused = buckets[row["refused"] - 1]
+            retry = max(1, math.ceil(row["retry_after"]))
+            headers["retry-after"] = str(retry)
+            raise RateLimited(self._refusal_message(refused, retry), code=refused.code, headers=headers)
+        return Decision(buckets, headers)
+
+    def _database_down(self, buckets: Sequence[Bucket], error: BaseException) -> Decision:
+        money = any(b.kind != "g" for b in buckets)
+        if (money and not self.fail_open_budgets) or (not money and not self.fail_open_rates):
+            log.error("rate-limit database unreachable, refusing (fail closed): %s", error)
+            raise Unavailable(
+                "Limits cannot be checked right now; try again shortly.",
+                code="limits_unavailable",
+                headers={"retry-after": "5"},
+            )
+        log.error("rate-limit database unreachable, allowing (fail open), usage counted later: %s", error)
+        return Decision(buckets, {}, counted=False)
+
+    @staticmethod
+    def _refusal_message(bucket: Bucket, retry: int) -> str:
+        if bucket.code == "budget_exceeded":
+            return f"Monthly budget of ${bucket.limit:.2f} is used up; it resets in {retry} seconds."
+        if bucket.code == "daily_quota_exceeded":
+            return f"Daily quota of {bucket.limit:g} {bucket.name} is used up; it resets in {retry} seconds."
+        period = format_duration(bucket.period)
+        return f"Rate limit of {bucket.limit:g} {bucket.name} per {period} reached; retry in {retry} seconds."
+
+    @staticmethod
+    def _headers(buckets: Sequence[Bucket], remaining: Sequence[float], reset: Sequence[float]) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for index, bucket in enumerate(buckets):
+            if bucket.kind != "g":
+                continue
+            headers[f"x-ratelimit-limit-{bucket.name}"] = f"{bucket.limit:g}"
+            headers[f"x-ratelimit-remaining-{bucket.name}"] = f"{remaining[index]:.0f}"
+            headers[f"x-ratelimit-reset-{bucket.name}"] = format_duration(reset[index])
+            if "ratelimit-limit" not in headers:
+                headers["ratelimit-limit"] = f"{bucket.limit:g}"
+                headers["ratelimit-remaining"] = f"{remaining[index]:.0f}"
+                headers["ratelimit-reset"] = str(math.ceil(reset[index]))
+        return headers
+
+    async def charge(
+        self,
+        corrections: Iterable[tuple[Bucket, float]],
+        connection: asyncpg.Connection | None = None,
+    ) -> None:
+        """Settle reservations with real usage: one statement for a whole batch of calls."""
+        totals: dict[str, tuple[Bucket, float]] = {}
+        for bucket, amount in corrections:
+            if amount:
+                previous = totals.get(bucket.key)
+                totals[bucket.key] = (bucket, amount + (previous[1] if previous else 0.0))
+        if not totals:
+            return
+        entries = list(totals.values())
+        await (connection or self.pool).execute(
+            sql.CHARGE,
+            [b.key for b, _ in entries],
+            [b.kind for b, _ in entries],
+            [a for _, a in entries],
+            [b.limit for b, _ in entries],
+            [b.period for b, _ in entries],
+        )
+
+    async def prune(self) -> int:
+        result = await self.pool.execute(sql.PRUNE)
+        return int(result.split()[-1])

@@ -1,0 +1,162 @@
+"""A lean aiohttp client for the hot pass-through routes.
+
+The chat routes forward bytes: the request body goes up as the client's JSON (with the
+model resolved), the answer comes back as bytes we forward without re-serialising.
+Measured on this machine, the `openai` SDK costs 4-6x the throughput of a bare aiohttp
+pass-through (it parses and validates every response), so the hot path uses aiohttp
+and the SDK serves the colder routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+import orjson
+from multidict import CIMultiDictProxy
+
+from app.config import Settings
+from app.errors import UpstreamError, UpstreamTimeout
+from app.upstream.errors import (
+    RETRYABLE_STATUSES,
+    error_from_status,
+    mid_stream_error,
+    retry_after_seconds,
+)
+
+log = logging.getLogger("app.upstream")
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """A complete 2xx answer."""
+
+    body: bytes
+    request_id: str | None
+    attempts: int
+
+
+class UpstreamStream:
+    """An open 2xx event stream: `events()` yields each `data:` payload until `[DONE]`."""
+
+    def __init__(self, response: aiohttp.ClientResponse, attempts: int) -> None:
+        self.response = response
+        self.request_id = response.headers.get("x-request-id")
+        self.attempts = attempts
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            async for line in self.response.content:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                if payload.startswith(b'{"error"'):
+                    raise mid_stream_error(orjson.loads(payload))
+                yield payload
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+            raise UpstreamError(f"The upstream connection broke mid-stream: {error}") from error
+        except TimeoutError as error:
+            raise UpstreamTimeout("The upstream stopped sending mid-stream.") from error
+        raise UpstreamError("The upstream ended the stream without [DONE].")
+
+    def close(self) -> None:
+        """Drop the connection: an abandoned stream must stop the upstream's work too."""
+        self.response.close()
+
+
+class UpstreamHTTP:
+    """One aiohttp session per process, with retries before any byte reaches the client."""
+
+    def __init__(self, settings: Settings, api_key: str | None = None) -> None:
+        self.settings = settings
+        self.base_url = settings.openai_base_url
+        self.headers = {
+            "Authorization": f"Bearer {api_key or settings.openai_api_key}",
+            "Content-Type": "application/json",
+        }
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=settings.upstream_connect_timeout,
+                sock_read=settings.upstream_read_timeout,
+            ),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def post(self, path: str, body: bytes) -> UpstreamReply:
+        async def attempt(number: int) -> UpstreamReply:
+            async with self.session.post(self.base_url + path, data=body, headers=self.headers) as response:
+                payload = await response.read()
+                if response.status >= 300:
+                    raise _StatusFailure(response.status, payload, response.headers)
+                return UpstreamReply(payload, response.headers.get("x-request-id"), number)
+
+        return await self._with_retries(attempt)
+
+    async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
+        async def attempt(number: int) -> UpstreamStream:
+            response = await self.session.post(self.base_url + path, data=body, headers=self.headers)
+            if response.status >= 300:
+                payload = await response.read()
+                response.release()
+                raise _StatusFailure(response.status, payload, response.headers)
+            return UpstreamStream(response, number)
+
+        return await self._with_retries(attempt)
+
+    async def _with_retries(self, attempt: Callable[[int], Awaitable[T]]) -> T:
+        """Exponential backoff with jitter; a long `retry-after` is the client's to honour."""
+        retries = self.settings.upstream_max_retries
+        for number in range(1, retries + 2):
+            try:
+                return await attempt(number)
+            except _StatusFailure as failure:
+                error = error_from_status(failure.status, failure.body, failure.headers)
+                delay = retry_after_seconds(failure.headers)
+                retryable = failure.status in RETRYABLE_STATUSES and (
+                    delay is None or delay <= self.settings.upstream_max_retry_after
+                )
+            except aiohttp.ConnectionTimeoutError:
+                error, delay, retryable = (
+                    UpstreamTimeout("Could not connect to the upstream in time."),
+                    None,
+                    True,
+                )
+            except TimeoutError as failure:
+                # A read timeout: the upstream took the request; trying again would double the wait.
+                raise UpstreamTimeout("The upstream did not answer in time.") from failure
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as failure:
+                error, delay, retryable = (
+                    UpstreamError(f"Could not reach the upstream: {failure}"),
+                    None,
+                    True,
+                )
+            if not retryable or number > retries:
+                raise error
+            pause = delay if delay is not None else self._backoff(number)
+            log.info("upstream attempt %d failed (%s), retrying in %.2fs", number, error.message, pause)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, number: int) -> float:
+        base = self.settings.upstream_retry_base_delay * 2 ** (number - 1)
+        return base / 2 + random.uniform(0, base / 2)
+
+
+class _StatusFailure(Exception):
+    def __init__(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers

@@ -1,0 +1,74 @@
+"""The upstream handles a process holds, and which one serves a given caller."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import orjson
+from openai import AsyncOpenAI
+
+from app.auth.principal import Principal
+from app.config import Settings
+from app.upstream.http import UpstreamHTTP, UpstreamReply
+from app.upstream.simulated import SimulatedChat
+
+
+class EventStream(Protocol):
+    request_id: str | None
+    attempts: int
+
+    def events(self) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class ChatBackend(Protocol):
+    simulated: bool
+
+    async def complete(self, payload: dict[str, Any]) -> UpstreamReply: ...
+    async def open_stream(self, payload: dict[str, Any]) -> EventStream: ...
+
+
+class OpenAIChat:
+    """Chat completions forwarded to the upstream over the lean HTTP client."""
+
+    simulated = False
+
+    def __init__(self, http: UpstreamHTTP) -> None:
+        self.http = http
+
+    async def complete(self, payload: dict[str, Any]) -> UpstreamReply:
+        return await self.http.post("/chat/completions", orjson.dumps(payload))
+
+    async def open_stream(self, payload: dict[str, Any]) -> EventStream:
+        return await self.http.open_stream("/chat/completions", orjson.dumps(payload))
+
+
+class Upstream:
+    """Built once in lifespan, closed at shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.simulated_chat = SimulatedChat()
+        self.http: UpstreamHTTP | None = None
+        self.sdk: AsyncOpenAI | None = None
+        self.chat: ChatBackend = self.simulated_chat
+        if not settings.simulated:
+            self.http = UpstreamHTTP(settings)
+            self.chat = OpenAIChat(self.http)
+            self.sdk = AsyncOpenAI(
+                api_key=settings.openai_api_key,
+                base_url=settings.openai_base_url,
+                timeout=settings.upstream_read_timeout,
+                max_retries=settings.upstream_max_retries,
+            )
+
+    def chat_for(self, principal: Principal) -> ChatBackend:
+        """The rollout switch: a user turned off the upstream gets simulated replies."""
+        return self.chat if principal.use_upstream else self.simulated_chat
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.sdk is not None:
+            await self.sdk.close()

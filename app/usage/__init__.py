@@ -1,0 +1,1 @@
+"""Usage records: written in batches off the response path, reported per caller."""

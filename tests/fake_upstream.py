@@ -1,0 +1,388 @@
+"""A scriptable fake OpenAI-compatible HTTP server that runs inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+JSONDict = dict[str, Any]
+
+CREATED = 1_700_000_000
+CONTENT = "Hello from the fake upstream."
+CONTENT_PIECES = ("Hello", " from", " the", " fake", " upstream.")
+DEFAULT_MODEL = "gpt-4o-mini"
+CHAT_PATH = "/v1/chat/completions"
+RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-limit-tokens": "30000000",
+    "x-ratelimit-remaining-tokens": "29999980",
+    "x-ratelimit-reset-tokens": "0s",
+}
+STREAM_ERROR = {
+    "error": {"message": "upstream exploded", "type": "server_error", "param": None, "code": None}
+}
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Reply:
+    """One scripted response for a path; the defaults mean "behave normally"."""
+
+    status: int = 200
+    body: JSONDict | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    chunks: list[JSONDict | str] | None = None
+    chunk_delay: float = 0.0
+    drop_after: int | None = None
+    error_after: int | None = None
+    hang: bool = False
+
+
+@dataclass
+class Recorded:
+    """One request as the fake upstream received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: JSONDict | None
+
+
+class FakeUpstream:
+    """An aiohttp server on 127.0.0.1 that imitates the OpenAI API, with scriptable replies."""
+
+    def __init__(self, api_key: str = "sk-fake-upstream") -> None:
+        """Prepare an unstarted server that accepts only `api_key`."""
+        self.api_key = api_key
+        self.requests: list[Recorded] = []
+        self.streams_open = 0
+        self._scripts: dict[str, deque[Reply]] = {}
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Listen on an ephemeral loopback port."""
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # handler_cancellation makes a client disconnect end hung or sleeping handlers at once.
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Release hung handlers and shut the server down."""
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    def script(self, path: str, *replies: Reply) -> None:
+        """Queue replies for a path; they are used first in, first out."""
+        self._scripts.setdefault(path, deque()).extend(replies)
+
+    def reset(self) -> None:
+        """Forget scripted replies and recorded requests."""
+        self._scripts.clear()
+        self.requests.clear()
+
+    # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
+    async def wait_streams_closed(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """Wait until no stream response is being written; False on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.streams_open:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """Record the request, then answer from the script or the default route."""
+        payload = _parse_json(await request.read())
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.requests.append(Recorded(request.method, request.path, headers, payload))
+        n = len(self.requests)
+        out_headers = {"x-request-id": f"req_fake_{n}"}
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            return _json_response(401, _error_body(401), out_headers)
+        if request.path == CHAT_PATH:
+            out_headers.update(RATE_LIMIT_HEADERS)
+
+        queue = self._scripts.get(request.path)
+        reply = queue.popleft() if queue else Reply()
+        out_headers.update(reply.headers)
+        if reply.hang:
+            await self._stopping.wait()
+            return _json_response(503, _error_body(503), out_headers)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+
+        if not 200 <= reply.status < 300 or reply.body is not None:
+            body = reply.body if reply.body is not None else _error_body(reply.status)
+            return _json_response(reply.status, body, out_headers)
+        wants_stream = payload is not None and payload.get("stream") is True
+        if request.path == CHAT_PATH and (wants_stream or reply.chunks is not None):
+            return await self._stream(request, reply, out_headers, payload or {}, n)
+
+        route = ROUTES.get((request.method, request.path))
+        if route is None:
+            message = f"Invalid URL ({request.method} {request.path})"
+            return _json_response(404, _error_body(404, message), out_headers)
+        if request.method == "POST" and payload is None:
+            message = "We could not parse the JSON body of your request."
+            return _json_response(400, _error_body(400, message), out_headers)
+        return _json_response(reply.status, route(payload or {}, n), out_headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        reply: Reply,
+        headers: dict[str, str],
+        payload: JSONDict,
+        n: int,
+    ) -> web.StreamResponse:
+        """Write an SSE chat stream, honouring chunk_delay, drop_after and error_after."""
+        events = reply.chunks if reply.chunks is not None else _chat_chunks(payload, n)
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        response.content_type = "text/event-stream"
+        self.streams_open += 1
+        try:
+            await response.prepare(request)
+            for sent in range(len(events) + 1):
+                if sent and reply.chunk_delay:
+                    await asyncio.sleep(reply.chunk_delay)
+                if sent == reply.drop_after:
+                    # Closing without the terminating zero-length chunk is a truncated body.
+                    response.force_close()
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                if sent == reply.error_after:
+                    await response.write(_sse(STREAM_ERROR))
+                    await response.write_eof()
+                    return response
+                if sent == len(events):
+                    break
+                await response.write(_sse(events[sent]))
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        finally:
+            self.streams_open -= 1
+        return response
+
+
+def _parse_json(raw: bytes) -> JSONDict | None:
+    """Decode a JSON object body, or None if it is empty or not an object."""
+    try:
+        value = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_response(status: int, body: JSONDict, headers: dict[str, str]) -> web.Response:
+    """A JSON response with the given status and headers."""
+    return web.Response(
+        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
+    )
+
+
+def _sse(event: JSONDict | str) -> bytes:
+    """Encode one SSE event: dicts as a data line, strings as they are."""
+    if isinstance(event, str):
+        return event.encode()
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Invalid request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to access this resource.", "invalid_request_error", None),
+    404: ("The requested resource was not found.", "invalid_request_error", None),
+    429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
+    500: (
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+    ),
+}
+
+
+def _error_body(status: int, message: str | None = None) -> JSONDict:
+    """OpenAI's error envelope for a status code."""
+    default, kind, code = ERRORS.get(status) or ERRORS[500 if status >= 500 else 400]
+    return {"error": {"message": message or default, "type": kind, "param": None, "code": code}}
+
+
+def _usage() -> JSONDict:
+    """The fixed token usage of every default chat answer."""
+    return {
+        "prompt_tokens": 11,
+        "completion_tokens": 7,
+        "total_tokens": 18,
+        "prompt_tokens_details": {"cached_tokens": 2},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _chat_completion(payload: JSONDict, n: int) -> JSONDict:
+    """The default non-streaming chat.completion."""
+    return {
+        "id": f"chatcmpl-fake-{n}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": payload.get("model", DEFAULT_MODEL),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": CONTENT, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(),
+        "system_fingerprint": "fp_fake",
+    }
+
+
+def _chat_chunks(payload: JSONDict, n: int) -> list[JSONDict | str]:
+    """The default chat.completion.chunk sequence, with a usage chunk if asked for."""
+    options = payload.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    base: JSONDict = {
+        "id": f"chatcmpl-fake-{n}",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": payload.get("model", DEFAULT_MODEL),
+        "system_fingerprint": "fp_fake",
+    }
+
+    def chunk(delta: JSONDict, finish_reason: str | None = None) -> JSONDict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        extra = {"usage": None} if include_usage else {}
+        return {**base, "choices": [choice], **extra}
+
+    chunks: list[JSONDict | str] = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"content": piece}) for piece in CONTENT_PIECES]
+    chunks.append(chunk({}, "stop"))
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": _usage()})
+    return chunks
+
+
+def _png(prompt: str) -> bytes:
+    """An 8x8 solid-colour RGB PNG whose colour is derived from the prompt."""
+    red, green, blue = hashlib.sha256(prompt.encode()).digest()[:3]
+    row = b"\x00" + bytes((red, green, blue)) * 8
+
+    def png_chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(row * 8))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def _images(payload: JSONDict, n: int) -> JSONDict:
+    """The default images.generate answer with n base64 PNGs."""
+    count = payload.get("n") or 1
+    image = base64.b64encode(_png(str(payload.get("prompt", "")))).decode()
+    output_tokens = 1056 * count
+    return {
+        "created": CREATED,
+        "data": [{"b64_json": image, "revised_prompt": None} for _ in range(count)],
+        "background": "opaque",
+        "output_format": "png",
+        "quality": payload.get("quality") or "auto",
+        "size": payload.get("size") or "1024x1024",
+        "usage": {
+            "input_tokens": 50,
+            "output_tokens": output_tokens,
+            "total_tokens": 50 + output_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
+        },
+    }
+
+
+def _client_secret(payload: JSONDict, n: int) -> JSONDict:
+    """The default realtime client secret, echoing the requested session."""
+    expires_after = payload.get("expires_after")
+    seconds = 600
+    if isinstance(expires_after, dict) and isinstance(expires_after.get("seconds"), int):
+        seconds = expires_after["seconds"]
+    session = payload.get("session")
+    session = session if isinstance(session, dict) else {}
+    return {
+        "value": f"ek_fake_{n}",
+        "expires_at": int(time.time()) + seconds,
+        "session": {**session, "id": f"sess_fake_{n}", "object": "realtime.session"},
+    }
+
+
+def _moderation(payload: JSONDict, n: int) -> JSONDict:
+    """The default moderation: flagged when an input contains "forbidden"."""
+    raw = payload.get("input", "")
+    items = raw if isinstance(raw, list) else [raw]
+    texts = [item.get("text", "") if isinstance(item, dict) else str(item) for item in items]
+    results = []
+    for text in texts:
+        flagged = "forbidden" in text.lower()
+        results.append(
+            {
+                "flagged": flagged,
+                "categories": {"harassment": False, "violence": flagged},
+                "category_scores": {"harassment": 0.0001, "violence": 0.97 if flagged else 0.0002},
+            }
+        )
+    return {"id": f"modr-{n}", "model": "omni-moderation-latest", "results": results}
+
+
+def _models(payload: JSONDict, n: int) -> JSONDict:
+    """The default model list."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": DEFAULT_MODEL, "object": "model", "created": CREATED, "owned_by": "system"},
+            {"id": "gpt-image-1", "object": "model", "created": CREATED, "owned_by": "system"},
+        ],
+    }
+
+
+ROUTES: dict[tuple[str, str], Callable[[JSONDict, int], JSONDict]] = {
+    ("POST", CHAT_PATH): _chat_completion,
+    ("POST", "/v1/images/generations"): _images,
+    ("POST", "/v1/realtime/client_secrets"): _client_secret,
+    ("POST", "/v1/moderations"): _moderation,
+    ("GET", "/v1/models"): _models,
+}
