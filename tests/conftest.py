@@ -174,9 +174,9 @@ def make_jwt(sub: str, *, expires_in: int = 300, secret: str = JWT_SECRET, **cla
     return jwt.encode({"sub": sub, "exp": int(time.time()) + expires_in, **claims}, secret, algorithm="HS256")
 
 
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
+async def wait_for(check: Callable[[], Awaitable[Any]], seconds: float = 5.0) -> Any:
     """Poll until `check` returns something truthy (usage rows are written in the background)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while True:
         result = await check()
         if result or time.monotonic() > deadline:

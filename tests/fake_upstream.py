@@ -31,9 +31,7 @@ RATE_LIMIT_HEADERS = {
     "x-ratelimit-remaining-tokens": "29999980",
     "x-ratelimit-reset-tokens": "0s",
 }
-STREAM_ERROR = {
-    "error": {"message": "upstream exploded", "type": "server_error", "param": None, "code": None}
-}
+STREAM_ERROR = {"error": {"message": "upstream exploded", "type": "server_error", "param": None, "code": None}}
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -81,9 +79,7 @@ class FakeUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # handler_cancellation makes a client disconnect end hung or sleeping handlers at once.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-        )
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -208,9 +204,7 @@ def _parse_json(raw: bytes) -> JSONDict | None:
 
 def _json_response(status: int, body: JSONDict, headers: dict[str, str]) -> web.Response:
     """A JSON response with the given status and headers."""
-    return web.Response(
-        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
-    )
+    return web.Response(status=status, body=orjson.dumps(body), headers=headers, content_type="application/json")
 
 
 def _sse(event: JSONDict | str) -> bytes:

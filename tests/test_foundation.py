@@ -153,7 +153,6 @@ async def test_bad_jwts_are_401(gateway: Gateway, token: str, code: str) -> None
 
 async def test_jwt_without_expiry_is_refused(gateway: Gateway) -> None:
     import jwt as pyjwt
-
     from conftest import JWT_SECRET
 
     token = pyjwt.encode({"sub": "u1"}, JWT_SECRET, algorithm="HS256")
@@ -246,9 +245,7 @@ async def test_failed_auth_flood_is_stopped_before_the_database(gateway_with: Ga
     async with gateway_with(auth_failures_per_minute=3) as gw:
         valid, _ = await gw.key("free")
         assert (await gw.client.get("/v1/models", headers=bearer(valid))).status_code == 200
-        statuses = [
-            (await gw.client.get("/v1/models", headers=bearer(f"gw_bad{i}"))).status_code for i in range(5)
-        ]
+        statuses = [(await gw.client.get("/v1/models", headers=bearer(f"gw_bad{i}"))).status_code for i in range(5)]
         assert statuses == [401, 401, 401, 429, 429]
         blocked = await gw.client.get("/v1/models", headers=bearer("gw_bad-again"))
         assert_error(blocked, 429, code="too_many_auth_failures")
@@ -271,13 +268,23 @@ def test_cli_create_and_revoke_key(database_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": database_url}
     created = subprocess.run(
         [sys.executable, "-m", "app", "create-key", "--user", "cli-user", "--tier", "pro"],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
     )
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("gw_") and len(key) > 40
     revoked = subprocess.run(
         [sys.executable, "-m", "app", "revoke-key", key],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
     )
     assert "revoked key" in revoked.stdout and key not in revoked.stdout
 

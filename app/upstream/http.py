@@ -63,7 +63,8 @@ class UpstreamStream:
                     raise mid_stream_error(orjson.loads(payload))
                 yield payload
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-            raise UpstreamError(f"The upstream connection broke mid-stream: {error}") from error
+            log.warning("upstream stream broke: %r", error)
+            raise UpstreamError("The upstream connection broke mid-stream.") from error
         except TimeoutError as error:
             raise UpstreamTimeout("The upstream stopped sending mid-stream.") from error
         raise UpstreamError("The upstream ended the stream without [DONE].")

@@ -31,8 +31,8 @@ async def summary(session: AsyncSession, user_id: str) -> UsageSummary:
     in_day = e.created_at >= day
 
     def total(column, where=None):  # type: ignore[no-untyped-def]
-        aggregate = func.coalesce(func.sum(column), 0)
-        return aggregate.filter(where) if where is not None else aggregate
+        aggregate = func.sum(column)
+        return func.coalesce(aggregate.filter(where) if where is not None else aggregate, 0)
 
     query = (
         select(
