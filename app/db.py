@@ -26,6 +26,9 @@ from sqlalchemy.ext.asyncio import (
 
 log = logging.getLogger("app.db")
 
+# What an unreachable or failing database raises through asyncpg.
+DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 
 def start_embedded_postgres(data_dir: Path) -> str:
     """Start (or join) a Postgres server kept in `data_dir`; returns its URL.

@@ -147,7 +147,8 @@ def gateway_with(database_url: str, upstream: FakeUpstream) -> GatewayFactory:
     """Start a gateway with particular settings: `async with gateway_with(fallback_to_simulated=True) as gw`."""
 
     def start(simulated: bool = False, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Gateway]:
-        return serve(make_settings(database_url, None if simulated else upstream, **overrides))
+        url = overrides.pop("database_url", database_url)
+        return serve(make_settings(url, None if simulated else upstream, **overrides))
 
     return start
 

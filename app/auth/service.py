@@ -23,7 +23,8 @@ from app.auth import repository
 from app.auth.keys import hash_key, looks_like_key
 from app.auth.principal import Principal
 from app.config import Settings
-from app.errors import Unauthenticated
+from app.db import DB_ERRORS
+from app.errors import Unauthenticated, Unavailable
 
 log = logging.getLogger("app.auth")
 
@@ -87,7 +88,7 @@ class Authenticator:
         if cached is not None:
             return cached
         digest = hash_key(token)
-        row = await repository.find_key(self.pool, digest)
+        row = await self._lookup(repository.find_key, digest)
         if row is None or row["revoked_at"] is not None:
             raise Unauthenticated("Invalid API key or token.")
         principal = Principal(
@@ -129,7 +130,7 @@ class Authenticator:
         cached = self._users.get(user_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        row = await repository.find_user(self.pool, user_id)
+        row = await self._lookup(repository.find_user, user_id)
         principal = Principal(
             user_id=user_id,
             tier=row["tier"] if row else self.settings.jwt_default_tier,
@@ -139,6 +140,18 @@ class Authenticator:
         )
         self._remember(self._users, user_id, principal, now)
         return principal
+
+    async def _lookup(self, query, value: str) -> asyncpg.Record | None:  # type: ignore[no-untyped-def]
+        """A lookup that becomes 503 when the database is unreachable: the caller is not at fault."""
+        try:
+            return await query(self.pool, value)
+        except DB_ERRORS as error:
+            log.error("auth lookup failed, database unreachable: %s", error)
+            raise Unavailable(
+                "Authentication is unavailable right now; try again shortly.",
+                code="auth_unavailable",
+                headers={"retry-after": "5"},
+            ) from error
 
     def _remember(self, cache: dict[str, tuple[float, Principal]], key: str, principal: Principal, now: float) -> None:
         if len(cache) >= MAX_CACHED:
@@ -159,7 +172,11 @@ class Authenticator:
             self._users.clear()
 
     async def _listen(self) -> None:
-        """Hold a LISTEN connection; while it is down the cache is bypassed by clearing it."""
+        """Hold a LISTEN connection; on each (re)connect, drop what may have been missed.
+
+        While it is down, cached entries live out their TTL: clearing them then would turn a
+        database outage into an authentication outage for callers already known.
+        """
         while True:
             connection: asyncpg.Connection | None = None
             try:
@@ -177,7 +194,6 @@ class Authenticator:
                 if connection is not None:
                     with contextlib.suppress(Exception):
                         await connection.close()
-            self.forget("all")
             await asyncio.sleep(1)
 
     async def _touch_loop(self) -> None:

@@ -13,6 +13,7 @@ from typing import Literal
 import asyncpg
 
 from app.auth.principal import Principal
+from app.db import DB_ERRORS
 from app.errors import RateLimited, Unavailable
 from app.ratelimit import sql
 from app.registry import Catalog, TierSpec
@@ -20,7 +21,6 @@ from app.registry import Catalog, TierSpec
 log = logging.getLogger("app.ratelimit")
 
 Kind = Literal["g", "q", "b"]  # GCRA rate, calendar quota, calendar budget
-DB_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,11 @@ def format_duration(seconds: float) -> str:
         hours, minutes = divmod(minutes, 60)
         return f"{int(hours)}h{int(minutes)}m{rest_text}"
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+def _number(value: float) -> str:
+    """A limit as people write it: 100000000, not 1e+08; 0.5 stays 0.5."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 def _window(now: datetime, unit: Literal["day", "month"]) -> tuple[str, float]:
@@ -122,6 +127,16 @@ class Limiter:
             *self.budget(principal, cost),
         ]
 
+    def image_buckets(self, principal: Principal, images: int, cost: float, *, batch: bool = False) -> list[Bucket]:
+        """An image request: per-minute requests (or per-hour images for batch jobs), the daily cap, the budget."""
+        rate = (
+            self.rate(principal, "images", "batch_images_per_hour", 3600.0, images)
+            if batch
+            else self.rate(principal, "requests", "image_requests_per_minute", 60.0, 1)
+        )
+        daily = self.calendar(principal, "images", "images_per_day", "day", images, "daily_quota_exceeded", "q")
+        return [*rate, *daily, *self.budget(principal, cost)]
+
     def budget(self, principal: Principal, cost: float) -> list[Bucket]:
         return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, "budget_exceeded", "b")
 
@@ -177,11 +192,11 @@ class Limiter:
         for index, bucket in enumerate(buckets):
             if bucket.kind != "g":
                 continue
-            headers[f"x-ratelimit-limit-{bucket.name}"] = f"{bucket.limit:g}"
+            headers[f"x-ratelimit-limit-{bucket.name}"] = _number(bucket.limit)
             headers[f"x-ratelimit-remaining-{bucket.name}"] = f"{remaining[index]:.0f}"
             headers[f"x-ratelimit-reset-{bucket.name}"] = format_duration(reset[index])
             if "ratelimit-limit" not in headers:
-                headers["ratelimit-limit"] = f"{bucket.limit:g}"
+                headers["ratelimit-limit"] = _number(bucket.limit)
                 headers["ratelimit-remaining"] = f"{remaining[index]:.0f}"
                 headers["ratelimit-reset"] = str(math.ceil(reset[index]))
         return headers
