@@ -188,7 +188,6 @@ class ChatService:
                 http_status=error.status_code,
                 stream=stream,
                 error_code=error.code,
-                prompt_tokens=0,
             )
         )
 

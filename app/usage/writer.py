@@ -14,6 +14,7 @@ import time
 
 import asyncpg
 
+from app.db import DB_ERRORS
 from app.ratelimit.limiter import Limiter
 from app.usage.record import COLUMNS, UsageRecord
 
@@ -21,6 +22,7 @@ log = logging.getLogger("app.usage")
 
 SHUTDOWN_DEADLINE = 15.0
 MAX_BACKOFF = 5.0
+POISON_AFTER = 3  # consecutive refusals by the server (not the network) before rows are written singly
 
 
 class UsageWriter:
@@ -67,6 +69,22 @@ class UsageWriter:
             self._wake.clear()
             await self.flush()
 
+    async def _write(self, batch: list[UsageRecord]) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.copy_records_to_table("usage_event", records=[r.row() for r in batch], columns=COLUMNS)
+            await self.limiter.charge((c for r in batch for c in r.corrections()), connection=connection)
+
+    async def _isolate(self, batch: list[UsageRecord]) -> None:
+        """The server keeps refusing this batch: write rows one by one and drop the ones it rejects.
+
+        Without this, one malformed row would hold every row behind it in memory forever.
+        """
+        for record in batch:
+            try:
+                await self._write([record])
+            except asyncpg.PostgresError as error:
+                log.error("usage row rejected by the database, dropped: %s %r", error, record.row())
+
     def _delay(self) -> float:
         return min(self.interval * 2**self._failures, MAX_BACKOFF)
 
@@ -76,18 +94,13 @@ class UsageWriter:
             return True
         batch = self._pending[: self.batch_size]
         try:
-            async with self.pool.acquire() as connection, connection.transaction():
-                await connection.copy_records_to_table("usage_event", records=[r.row() for r in batch], columns=COLUMNS)
-                await self.limiter.charge((c for r in batch for c in r.corrections()), connection=connection)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            await self._write(batch)
+        except DB_ERRORS as error:
             self._failures += 1
-            log.warning(
-                "usage flush of %d rows failed (attempt %d), will retry: %s",
-                len(batch),
-                self._failures,
-                error,
-            )
-            return False
+            log.warning("usage flush of %d rows failed (attempt %d): %s", len(batch), self._failures, error)
+            if not (isinstance(error, asyncpg.PostgresError) and self._failures >= POISON_AFTER):
+                return False
+            await self._isolate(batch)
         del self._pending[: len(batch)]
         self._failures = 0
         self.written += len(batch)

@@ -1,0 +1,30 @@
+"""The usage writer: batched, retried, and never stuck behind one bad row."""
+
+from __future__ import annotations
+
+from conftest import Gateway, usage_rows
+
+from app.usage.record import UsageRecord
+
+
+def record(user: str, **values) -> UsageRecord:
+    return UsageRecord(
+        request_id="req_test",
+        user_id=user,
+        api_key_id=None,
+        route="chat.completions",
+        model="gpt-5-mini",
+        status="ok",
+        http_status=200,
+        **values,
+    )
+
+
+async def test_a_row_the_database_rejects_does_not_block_the_others(gateway: Gateway, db) -> None:
+    writer = gateway.app.state.usage
+    writer.record(record("poison-user", error_code="x" * 500))  # longer than the column allows
+    writer.record(record("healthy-user", prompt_tokens=3))
+    [row] = await usage_rows(db, user_id="healthy-user")
+    assert row["prompt_tokens"] == 3
+    assert await db.fetchval("SELECT count(*) FROM usage_event WHERE user_id = 'poison-user'") == 0
+    assert writer.queue_depth == 0
