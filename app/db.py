@@ -62,6 +62,14 @@ def describe(url: str) -> str:
     return f"{parts.scheme}://{parts.username or ''}@{host}{parts.path}"
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
+
+
 @dataclass
 class Database:
     """The handles a process holds for its lifetime."""
@@ -75,7 +83,9 @@ class Database:
         engine = create_async_engine(
             sqlalchemy_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
-        pool = await asyncpg.create_pool(asyncpg_url(url), min_size=1, max_size=pool_size, command_timeout=10)
+        pool = await asyncpg.create_pool(
+            asyncpg_url(url), min_size=1, max_size=pool_size, command_timeout=10, timeout=5, reset=_keep_session
+        )
         return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool)
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ is what the official SDKs decode, so every client gets the same body whatever fa
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -160,6 +161,17 @@ def param_of(location: tuple[Any, ...] | list[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
+    """A validation failure (FastAPI's or pydantic's) as our 400, naming the first bad field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = param_of(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.")
+    if param is None:
+        return InvalidRequest("The request body is missing or not a JSON object.")
+    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param)
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries so generated SDKs know the error body."""
     return {status: {"model": ErrorResponse, "description": "Error"} for status in statuses}
@@ -172,15 +184,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        param = param_of(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
-            message, param = "The request body is not valid JSON.", None
-        elif param is None:
-            message = "The request body is missing or not a JSON object."
-        else:
-            message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(invalid_request(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:

@@ -14,6 +14,7 @@ import openai
 import pytest
 from conftest import ADMIN_KEY, Gateway, GatewayFactory, bearer, make_jwt
 
+from app import migrations
 from app.cli import render_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ async def test_health_and_readiness(gateway: Gateway) -> None:
     ready = await gateway.client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["database"] == "ok"
-    assert ready.json()["migrations"] == "0001"
+    assert ready.json()["migrations"] == migrations.head()
     assert ready.headers["x-request-id"].startswith("req_")
 
 
@@ -50,7 +51,7 @@ async def test_readiness_reports_pending_migrations(gateway: Gateway, db: asyncp
     try:
         response = await gateway.client.get("/readyz")
     finally:
-        await db.execute("UPDATE alembic_version SET version_num = '0001'")
+        await db.execute("UPDATE alembic_version SET version_num = $1", migrations.head())
     assert_error(response, 503, code="migrations_pending")
 
 

@@ -26,7 +26,21 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 async def current_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
-    token = _token(credentials)
+    return await principal_for(request, _token(credentials))
+
+
+def bearer_token(request: Request) -> str:
+    """The bearer token of a request, read without FastAPI's dependency machinery (hot routes)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "Missing bearer token: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    return token.strip()
+
+
+async def principal_for(request: Request, token: str) -> Principal:
+    """The caller behind a token: from the cache, or looked up behind the failed-auth guard."""
     authenticator: Authenticator = request.app.state.authenticator
     principal = authenticator.cached(token)
     if principal is not None:

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.auth.dependencies import CurrentPrincipal
+from app.auth.dependencies import bearer_token, principal_for
 from app.chat.schemas import ChatCompletion, ChatCompletionRequest
-from app.chat.service import ChatService
-from app.errors import error_responses, request_id_of
+from app.errors import error_responses, invalid_request, request_id_of
 
 router = APIRouter(tags=["chat"])
 
+# On this, the hottest route, the body and the bearer token are read here rather than
+# through FastAPI's dependency machinery: pydantic-core parses the bytes directly, the
+# client's JSON is forwarded as sent, and the profile showed these steps costing more
+# than the rest of the route. The document still describes both.
+REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+}
 
-def get_chat_service(request: Request) -> ChatService:
-    return request.app.state.chat
 
-
-ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as error:
+        raise invalid_request(error.errors()) from None
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
+    openapi_extra={"requestBody": REQUEST_BODY, "security": [{"HTTPBearer": []}]},
     responses={
         200: {
             "description": "The completion, or with `stream: true` a stream of `chat.completion.chunk` events.",
@@ -33,11 +41,9 @@ ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
         **error_responses(400, 401, 413, 429, 502, 503, 504),
     },
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest,
-    principal: CurrentPrincipal,
-    service: ChatServiceDep,
-    request: Request,
-) -> Response:
+async def create_chat_completion(request: Request) -> Response:
     """Create a chat completion (OpenAI-compatible); `stream: true` answers server-sent events."""
-    return await service.create(principal, body, request_id_of(request) or "")
+    principal = await principal_for(request, bearer_token(request))
+    raw = await request.body()
+    body = parse_chat_request(raw)
+    return await request.app.state.chat.create(principal, body, raw, request_id_of(request) or "")

@@ -108,9 +108,12 @@ class ChatService:
         self.upstream = upstream
         self.usage = usage
 
-    async def create(self, principal: Principal, body: ChatCompletionRequest, request_id: str) -> Response:
+    async def create(
+        self, principal: Principal, body: ChatCompletionRequest, raw: bytes, request_id: str
+    ) -> Response:
+        """`body` is the validated request, `raw` its bytes: the upstream gets what the client sent."""
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
-        payload = body.model_dump(exclude_unset=True)
+        payload = orjson.loads(raw)
         payload["model"] = spec.id
         prompt_estimate = self._check_caps(principal, body, payload)
         completion_cap = body.max_completion_tokens or body.max_tokens or DEFAULT_RESERVED_COMPLETION

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,6 +16,7 @@ from app.auth.principal import Principal
 from app.db import DB_ERRORS
 from app.errors import RateLimited, Unavailable
 from app.ratelimit import sql
+from app.ratelimit.batcher import TakeBatcher
 from app.registry import Catalog, TierSpec
 
 log = logging.getLogger("app.ratelimit")
@@ -84,10 +85,11 @@ class Limiter:
         timeout: float,
     ) -> None:
         self.pool = pool
+        self._batcher = TakeBatcher(pool, timeout)
+        self._windows: dict[str, tuple[str, float]] = {}
         self.catalog = catalog
         self.fail_open_rates = fail_open_rates
         self.fail_open_budgets = fail_open_budgets
-        self.timeout = timeout
 
     def limit(self, principal: Principal, name: str) -> float | None:
         """A limit of the caller: an admin override wins over the tier; None is no limit."""
@@ -117,8 +119,17 @@ class Limiter:
         limit = self.limit(principal, setting)
         if limit is None:
             return []
-        window, remaining = _window(datetime.now(UTC), unit)
+        window, remaining = self._current_window(unit)
         return [Bucket(name, f"{setting}:{principal.user_id}:{window}", kind, limit, remaining, cost, code)]
+
+    def _current_window(self, unit: Literal["day", "month"]) -> tuple[str, float]:
+        """`_window` for now, recomputed only when the window turns over (it is on every request's path)."""
+        now = time.time()
+        cached = self._windows.get(unit)
+        if cached is None or now >= cached[1]:
+            window, remaining = _window(datetime.now(UTC), unit)
+            cached = self._windows[unit] = (window, now + remaining)
+        return cached[0], cached[1] - now
 
     def chat_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
         return [
@@ -145,15 +156,7 @@ class Limiter:
         if not buckets:
             return Decision(buckets, {})
         try:
-            async with asyncio.timeout(self.timeout):
-                row = await self.pool.fetchrow(
-                    sql.TAKE,
-                    [b.key for b in buckets],
-                    [b.kind for b in buckets],
-                    [float(b.cost) for b in buckets],
-                    [b.limit for b in buckets],
-                    [b.period for b in buckets],
-                )
+            row = await self._batcher.take(buckets)
         except DB_ERRORS as error:
             return self._database_down(buckets, error)
         assert row is not None

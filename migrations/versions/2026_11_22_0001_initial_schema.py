@@ -20,79 +20,106 @@ depends_on: str | Sequence[str] | None = None
 
 TAKE_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION ratelimit_take(
-    p_keys text[], p_kinds text[], p_costs float8[], p_limits float8[], p_periods float8[],
-    OUT allowed boolean, OUT refused integer, OUT remaining float8[], OUT reset_after float8[],
-    OUT retry_after float8)
+    p_checks integer[], p_keys text[], p_kinds text[], p_costs float8[], p_limits float8[], p_periods float8[])
+RETURNS TABLE (check_no integer, allowed boolean, refused integer, remaining float8[], reset_after float8[],
+               retry_after float8)
 LANGUAGE plpgsql AS $$
 DECLARE
     now_s float8 := extract(epoch FROM clock_timestamp());
     n integer := coalesce(array_length(p_keys, 1), 0);
-    vals float8[] := array_fill(0::float8, ARRAY[n]);
+    wanted text[] := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k ORDER BY k);
+    ks text[];
+    vals float8[];
+    exps float8[];
+    slot integer[] := array_fill(0, ARRAY[n]);
     news float8[] := array_fill(0::float8, ARRAY[n]);
+    i integer := 1;
+    j integer;
+    r integer;
     v float8;
     unit float8;
     start float8;
-    i integer;
 BEGIN
-    allowed := true;
-    refused := NULL;
-    retry_after := 0;
-    remaining := array_fill(0::float8, ARRAY[n]);
-    reset_after := array_fill(0::float8, ARRAY[n]);
-    FOR i IN SELECT t.o FROM unnest(p_keys) WITH ORDINALITY AS t(k, o) ORDER BY t.k LOOP
-        LOOP
-            SELECT value INTO v FROM rate_limit_bucket WHERE key = p_keys[i] FOR UPDATE;
-            EXIT WHEN FOUND;
-            INSERT INTO rate_limit_bucket (key, value, expires_at)
-            VALUES (p_keys[i], 0, to_timestamp(now_s)) ON CONFLICT DO NOTHING;
-        END LOOP;
-        vals[i] := v;
+    -- Lock every bucket of the batch in key order (no deadlocks); create the missing ones.
+    LOOP
+        SELECT coalesce(array_agg(b.key ORDER BY b.key), '{}'),
+               coalesce(array_agg(b.value ORDER BY b.key), '{}'),
+               coalesce(array_agg(extract(epoch FROM b.expires_at) ORDER BY b.key), '{}')
+        INTO ks, vals, exps
+        FROM (SELECT key, value, expires_at FROM rate_limit_bucket
+              WHERE key = ANY (wanted) ORDER BY key FOR UPDATE) AS b;
+        EXIT WHEN coalesce(array_length(ks, 1), 0) = coalesce(array_length(wanted, 1), 0);
+        INSERT INTO rate_limit_bucket (key, value, expires_at)
+        SELECT k, 0, to_timestamp(now_s) FROM unnest(wanted) AS k ORDER BY k ON CONFLICT DO NOTHING;
     END LOOP;
-    FOR i IN 1..n LOOP
-        IF p_kinds[i] = 'g' THEN
-            start := greatest(vals[i], now_s);
-            IF p_limits[i] <= 0 THEN
-                news[i] := start;
-                allowed := false;
-                refused := coalesce(refused, i);
-                retry_after := greatest(retry_after, p_periods[i]);
-                reset_after[i] := p_periods[i];
-                CONTINUE;
-            END IF;
-            unit := p_periods[i] / p_limits[i];
-            news[i] := start + p_costs[i] * unit;
-            IF news[i] - now_s > p_periods[i] + 1e-6 THEN
-                allowed := false;
-                refused := coalesce(refused, i);
-                retry_after := greatest(retry_after, news[i] - p_periods[i] - now_s);
-                remaining[i] := greatest(floor((p_periods[i] - (start - now_s)) / unit + 1e-6), 0);
-                reset_after[i] := start - now_s;
+    FOR r IN 1..n LOOP
+        slot[r] := array_position(ks, p_keys[r]);
+    END LOOP;
+    -- Decide the checks in order against the running values: all of a check's buckets or none.
+    WHILE i <= n LOOP
+        j := i;
+        WHILE j < n AND p_checks[j + 1] = p_checks[i] LOOP
+            j := j + 1;
+        END LOOP;
+        check_no := p_checks[i];
+        allowed := true;
+        refused := NULL;
+        retry_after := 0;
+        remaining := '{}';
+        reset_after := '{}';
+        FOR r IN i..j LOOP
+            v := vals[slot[r]];
+            IF p_kinds[r] = 'g' THEN
+                -- GCRA: v is the theoretical arrival time; each unit of cost adds period/limit.
+                start := greatest(v, now_s);
+                IF p_limits[r] <= 0 THEN
+                    news[r] := start;
+                    allowed := false;
+                    refused := coalesce(refused, r - i + 1);
+                    retry_after := greatest(retry_after, p_periods[r]);
+                    remaining := remaining || 0::float8;
+                    reset_after := reset_after || p_periods[r];
+                    CONTINUE;
+                END IF;
+                unit := p_periods[r] / p_limits[r];
+                news[r] := start + p_costs[r] * unit;
+                IF news[r] - now_s > p_periods[r] + 1e-6 THEN
+                    allowed := false;
+                    refused := coalesce(refused, r - i + 1);
+                    retry_after := greatest(retry_after, news[r] - p_periods[r] - now_s);
+                    remaining := remaining || greatest(floor((p_periods[r] - (start - now_s)) / unit + 1e-6), 0);
+                    reset_after := reset_after || (start - now_s);
+                ELSE
+                    remaining := remaining || greatest(floor((p_periods[r] - (news[r] - now_s)) / unit + 1e-6), 0);
+                    reset_after := reset_after || (news[r] - now_s);
+                END IF;
             ELSE
-                remaining[i] := greatest(floor((p_periods[i] - (news[i] - now_s)) / unit + 1e-6), 0);
-                reset_after[i] := news[i] - now_s;
+                -- Calendar windows: v is what the window has used; q counts the call, b refuses once spent.
+                news[r] := v + p_costs[r];
+                reset_after := reset_after || p_periods[r];
+                IF (p_kinds[r] = 'q' AND news[r] > p_limits[r] + 1e-9) OR (p_kinds[r] = 'b' AND v >= p_limits[r]) THEN
+                    allowed := false;
+                    refused := coalesce(refused, r - i + 1);
+                    retry_after := greatest(retry_after, p_periods[r]);
+                    remaining := remaining || greatest(p_limits[r] - v, 0);
+                ELSE
+                    remaining := remaining || greatest(p_limits[r] - news[r], 0);
+                END IF;
             END IF;
-        ELSE
-            news[i] := vals[i] + p_costs[i];
-            reset_after[i] := p_periods[i];
-            IF (p_kinds[i] = 'q' AND news[i] > p_limits[i] + 1e-9)
-               OR (p_kinds[i] = 'b' AND vals[i] >= p_limits[i]) THEN
-                allowed := false;
-                refused := coalesce(refused, i);
-                retry_after := greatest(retry_after, p_periods[i]);
-                remaining[i] := greatest(p_limits[i] - vals[i], 0);
-            ELSE
-                remaining[i] := greatest(p_limits[i] - news[i], 0);
-            END IF;
+        END LOOP;
+        IF allowed THEN
+            FOR r IN i..j LOOP
+                vals[slot[r]] := news[r];
+                exps[slot[r]] := CASE WHEN p_kinds[r] = 'g' THEN news[r] ELSE now_s + p_periods[r] END;
+            END LOOP;
         END IF;
+        RETURN NEXT;
+        i := j + 1;
     END LOOP;
-    IF allowed THEN
-        FOR i IN 1..n LOOP
-            UPDATE rate_limit_bucket
-            SET value = news[i],
-                expires_at = to_timestamp(CASE WHEN p_kinds[i] = 'g' THEN news[i] ELSE now_s + p_periods[i] END)
-            WHERE key = p_keys[i];
-        END LOOP;
-    END IF;
+    -- One write per bucket, however many checks of the batch touched it.
+    UPDATE rate_limit_bucket AS b SET value = u.v, expires_at = to_timestamp(u.e)
+    FROM unnest(ks, vals, exps) AS u(k, v, e)
+    WHERE b.key = u.k AND b.value IS DISTINCT FROM u.v;
 END $$;
 """
 
@@ -130,7 +157,7 @@ END $$;
 """
 
 DROP_FUNCTIONS = """
-DROP FUNCTION IF EXISTS ratelimit_take(text[], text[], float8[], float8[], float8[]);
+DROP FUNCTION IF EXISTS ratelimit_take(integer[], text[], text[], float8[], float8[], float8[]);
 DROP FUNCTION IF EXISTS ratelimit_charge(text[], text[], float8[], float8[], float8[]);
 """
 
@@ -168,8 +195,8 @@ def upgrade() -> None:
         sa.Column("value", sa.Float(), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("key", name=op.f("pk_rate_limit_bucket")),
+        postgresql_with={"fillfactor": "50"},
     )
-    op.create_index(op.f("ix_rate_limit_bucket_expires_at"), "rate_limit_bucket", ["expires_at"], unique=False)
     op.create_table(
         "usage_event",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
@@ -240,7 +267,6 @@ def downgrade() -> None:
     op.drop_index("ix_usage_event_user_id_created_at", table_name="usage_event")
     op.drop_index("ix_usage_event_created_at", table_name="usage_event")
     op.drop_table("usage_event")
-    op.drop_index(op.f("ix_rate_limit_bucket_expires_at"), table_name="rate_limit_bucket")
     op.drop_table("rate_limit_bucket")
     op.drop_table("app_user")
     # ### end Alembic commands ###
