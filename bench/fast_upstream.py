@@ -173,12 +173,8 @@ class Responses:
                 _stream_events(content_chunks, include_usage=True),
             ),
             bad_request=_http_response("400 Bad Request", b"{}", json_type, keep_alive=False),
-            not_implemented=_http_response(
-                "501 Not Implemented", b"{}", json_type, keep_alive=False
-            ),
-            head_too_large=_http_response(
-                "431 Request Header Fields Too Large", b"{}", json_type, keep_alive=False
-            ),
+            not_implemented=_http_response("501 Not Implemented", b"{}", json_type, keep_alive=False),
+            head_too_large=_http_response("431 Request Header Fields Too Large", b"{}", json_type, keep_alive=False),
             chunk_delay=chunk_delay_ms / 1000.0,
         )
 
@@ -292,9 +288,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _schedule(self, keep_alive: bool) -> None:
         """Write the next stream event after the chunk delay."""
-        self._timer = self._loop.call_later(
-            self._responses.chunk_delay, self._send_next, keep_alive
-        )
+        self._timer = self._loop.call_later(self._responses.chunk_delay, self._send_next, keep_alive)
 
     def _send_next(self, keep_alive: bool) -> None:
         """Write one pending stream event; after the last, serve any buffered request."""
@@ -340,7 +334,7 @@ async def serve(host: str, port: int, responses: Responses) -> None:
     server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048)
     address = server.sockets[0].getsockname()
     # The benchmark harness waits for this line before it starts sending load.
-    print(f"fast_upstream listening on http://{address[0]}:{address[1]}", flush=True)  # noqa: T201
+    print(f"fast_upstream listening on http://{address[0]}:{address[1]}", flush=True)
     async with server:
         await server.serve_forever()
 
