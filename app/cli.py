@@ -107,6 +107,36 @@ def revoke_key(args: argparse.Namespace) -> None:
     print(f"revoked key {key.id} ({key.prefix}...) of user {key.user_id}")
 
 
+def prune_threads(args: argparse.Namespace) -> None:
+    from app.db import Database
+    from app.threads.retention import prune_idle_threads
+
+    settings = get_settings()
+    url = prepare_database(settings)
+    days = args.days or settings.thread_retention_days
+
+    async def run() -> int | None:
+        database = await Database.connect(url, 1)
+        try:
+            return await prune_idle_threads(database.sessionmaker, days=days)
+        finally:
+            await database.close()
+
+    deleted = asyncio.run(run())
+    if deleted is None:
+        raise SystemExit("another process is pruning threads right now; nothing done")
+    print(f"deleted {deleted} threads idle for more than {days} days")
+
+
+def prune_images(args: argparse.Namespace) -> None:
+    from app.images.runtime import prune_once
+
+    settings = get_settings()
+    url = prepare_database(settings)
+    pruned = asyncio.run(prune_once(settings, url, args.days))
+    print(f"pruned {pruned.images} images, {pruned.batches} batches, {pruned.idempotency_keys} idempotency keys")
+
+
 def render_openapi() -> str:
     """The OpenAPI document the app serves, as committed in openapi.json."""
     import json
@@ -150,6 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     revoke = verbs.add_parser("revoke-key", help="revoke a key by its id or by the key itself")
     revoke.add_argument("key")
     revoke.set_defaults(handler=revoke_key)
+
+    prune = verbs.add_parser("prune-threads", help="delete threads idle longer than THREAD_RETENTION_DAYS, once")
+    prune.add_argument("--days", type=int, default=None, help="override THREAD_RETENTION_DAYS")
+    prune.set_defaults(handler=prune_threads)
+
+    prune = verbs.add_parser("prune-images", help="delete images and batches past retention, expired idempotency keys")
+    prune.add_argument("--days", type=int, default=None, help="age limit (default IMAGE_RETENTION_DAYS)")
+    prune.set_defaults(handler=prune_images)
 
     spec = verbs.add_parser("openapi", help="write the OpenAPI document (or --check it)")
     spec.add_argument("--output", type=Path, default=Path("openapi.json"))

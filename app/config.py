@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     upstream_max_retries: int = Field(2, ge=0, le=10)
     upstream_retry_base_delay: float = Field(0.25, ge=0)
     upstream_max_retry_after: float = Field(5.0, ge=0)
-    upstream_max_connections: int = Field(256, ge=1)
+    upstream_max_connections: int = Field(1024, ge=1)  # one per open stream
     fallback_to_simulated: bool = False
 
     # Auth.
@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(30, ge=1)
 
     # HTTP.
+    otel_enabled: bool = False
     cors_origins: list[str] = []
     max_body_bytes: int = Field(1_048_576, ge=1024)
     stream_heartbeat_seconds: float = Field(15.0, gt=0)
@@ -62,8 +63,61 @@ class Settings(BaseSettings):
     usage_flush_interval: float = Field(0.25, gt=0)
     usage_batch_size: int = Field(1000, ge=1)
 
-    # Model registry and tiers.
+    # Threads (profiles are the [profile.*] tables of ASSISTANTS_FILE). A turn is capped at
+    # THREAD_TURN_TIMEOUT; context URLs are called with THREAD_CONTEXT_TOKEN as bearer when set.
+    thread_turn_timeout: float = Field(600.0, gt=0)
+    thread_context_max_bytes: int = Field(16_384, ge=256)
+    thread_context_ttl: float = Field(300.0, ge=0)
+    thread_context_timeout: float = Field(2.0, gt=0, le=30)
+    thread_context_token: str | None = None
+    thread_retention_days: int = Field(30, ge=1)
+    thread_retention_interval: float = Field(3600.0, gt=0)
+
+    # Model registry and tiers; assistant profiles and voice presets.
     catalog_file: Path = DEFAULT_CATALOG
+    assistants_file: Path = PACKAGE_DIR / "assistants.toml"
+
+    # Images. Storage: `local` (IMAGE_DIR, default DATA_DIR/images; one replica or a shared
+    # volume) or `s3` (any S3-compatible server). Unset IMAGE_URL_SECRET: a random secret is
+    # kept in Postgres, so every replica and restart signs alike.
+    image_storage: str = Field("local", pattern="^(local|s3)$")
+    image_dir: Path | None = None
+    image_s3_bucket: str | None = None
+    image_s3_endpoint_url: str | None = None
+    image_s3_region: str = "us-east-1"
+    image_s3_access_key_id: str | None = None
+    image_s3_secret_access_key: str | None = None
+    image_url_secret: str | None = Field(None, min_length=32)
+    image_url_ttl_seconds: int = Field(3600, ge=10, le=7 * 86400)
+    image_public_base_url: str | None = None
+    image_moderation: bool = False
+    image_moderation_model: str = "omni-moderation-latest"
+    image_batch_max_items: int = Field(100, ge=1, le=1000)
+    image_batch_items_per_minute: float = Field(30.0, gt=0)
+    image_batch_concurrency: int = Field(4, ge=1, le=64)
+    image_batch_poll_seconds: float = Field(1.0, gt=0)
+    image_batch_lease_seconds: float = Field(600.0, gt=0)
+    image_batch_max_attempts: int = Field(3, ge=1, le=20)
+    image_retention_days: int = Field(30, ge=0)  # 0 keeps images forever
+    image_retention_interval: float = Field(3600.0, gt=0)
+    idempotency_ttl_seconds: int = Field(86400, ge=60)
+
+    @field_validator(
+        "image_url_secret", "image_s3_bucket", "image_s3_endpoint_url", "image_public_base_url", mode="before"
+    )
+    @classmethod
+    def _blank_image_setting_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.image_storage == "s3" and not self.image_s3_bucket:
+            raise ValueError("IMAGE_S3_BUCKET is required when IMAGE_STORAGE=s3")
+        return self
+
+    @property
+    def image_storage_dir(self) -> Path:
+        return self.image_dir or self.data_dir / "images"
 
     @field_validator("openai_api_key", "admin_api_key", "jwt_secret", "database_url", mode="before")
     @classmethod

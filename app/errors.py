@@ -14,6 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -200,6 +201,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 405:
             gateway_error.code = "method_not_allowed"
         return error_response(gateway_error)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, error: DBAPIError) -> Response:
+        if not error.connection_invalidated:
+            return await _unexpected(request, error)
+        log.warning("database connection lost: %s", error.orig)
+        return error_response(
+            Unavailable(
+                "The database is unavailable; try again shortly.",
+                code="database_unavailable",
+                headers={"retry-after": "2"},
+            )
+        )
 
     # Runs in Starlette's outermost middleware, outside ours: it adds the request id itself.
     @app.exception_handler(Exception)

@@ -18,19 +18,47 @@ from app.admin.router import router as admin_router
 from app.auth.guard import FailedAuthGuard
 from app.auth.service import Authenticator
 from app.chat.router import router as chat_router
+from app.chat.schemas import ChatCompletionRequest
 from app.chat.service import ChatService
 from app.config import Settings, get_settings
 from app.db import Database, start_embedded_postgres
 from app.errors import install_error_handlers
 from app.health.router import router as health_router
+from app.images.router import router as images_router
+from app.images.runtime import start_images
 from app.middleware import RequestContextMiddleware
 from app.ratelimit.limiter import Limiter
+from app.realtime.presets import load_voice_presets
+from app.realtime.router import router as realtime_router
+from app.realtime.service import RealtimeService
 from app.registry import load_catalog
+from app.threads.router import router as threads_router
+from app.threads.service import ThreadService
 from app.upstream.provider import Upstream
 from app.usage.router import router as usage_router
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app")
+
+
+# Headers a browser app may read: our request id, limits, and how an answer was made.
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "x-gateway-simulated",
+    "x-gateway-fallback",
+    "x-upstream-request-id",
+    "idempotent-replayed",
+]
 
 
 def operation_id(route: APIRoute) -> str:
@@ -73,9 +101,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.usage, state.authenticator = usage, authenticator
     state.auth_guard = FailedAuthGuard(settings.auth_failures_per_minute)
     state.chat = ChatService(settings, catalog, limiter, upstream, usage)
+    state.threads = ThreadService(settings, catalog, limiter, upstream, usage, db)
+    presets = load_voice_presets(settings.assistants_file, catalog)
+    state.realtime = RealtimeService(catalog, presets, limiter, upstream, usage)
     state.migration_head = migrations.head()
     await authenticator.start()
     await usage.start()
+    state.images = await start_images(settings, db, catalog, limiter, upstream, usage)
+    await state.threads.start()
     pruner = asyncio.create_task(_prune_periodically(limiter, settings.ratelimit_prune_interval))
     log.info("gateway ready (%s mode)", "simulated" if settings.simulated else "upstream")
     try:
@@ -84,6 +117,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
+        await state.threads.stop()
+        await state.images.stop()
         await usage.stop()
         await authenticator.stop()
         await upstream.close()
@@ -101,12 +136,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        # FastAPI's native OpenTelemetry looks up its providers on every request; off unless asked for.
+        telemetry={"tracing": settings.otel_enabled, "metrics": settings.otel_enabled, "logs": settings.otel_enabled},
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.include_router(chat_router, prefix="/v1")  # first: routes are matched in order, this one is the hottest
     app.include_router(health_router)
-    app.include_router(chat_router, prefix="/v1")
     app.include_router(usage_router, prefix="/v1")
+    app.include_router(images_router, prefix="/v1")
+    app.include_router(threads_router, prefix="/v1")
+    app.include_router(realtime_router, prefix="/v1")
     app.include_router(admin_router, prefix="/admin")
     if settings.cors_origins:
         app.add_middleware(
@@ -114,12 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=[
-                "x-request-id",
-                "retry-after",
-                "x-gateway-simulated",
-                "ratelimit-remaining",
-            ],
+            expose_headers=EXPOSED_HEADERS,
         )
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
@@ -141,7 +176,13 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     for path in schema.get("paths", {}).values():
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        schema.get("components", {}).get("schemas", {}).pop(name, None)
+        components.pop(name, None)
+    # Bodies that routes read themselves (for speed) are described here.
+    for model in (ChatCompletionRequest,):
+        body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body_schema.pop("$defs", {}))
+        components[model.__name__] = body_schema
     app.openapi_schema = schema
     return schema

@@ -32,6 +32,7 @@ class ModelSpec(BaseModel):
     sizes: list[str] = []
     qualities: list[str] = []
     formats: list[str] = []
+    backgrounds: list[str] = []
     max_n: int = Field(1, ge=1, le=10)
     image_prices: dict[str, float] = {}
 

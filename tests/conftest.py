@@ -32,7 +32,19 @@ from app.main import create_app
 
 ADMIN_KEY = "test-admin-key-0123456789"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef"
-TABLES = ("usage_event", "api_key", "app_user", "rate_limit_bucket")
+TABLES = (
+    "usage_event",
+    "api_key",
+    "app_user",
+    "rate_limit_bucket",
+    "thread_message",
+    "thread",
+    "user_context_cache",
+    "image_batch_item",
+    "image_batch",
+    "image",
+    "idempotency_key",
+)
 
 
 def _server_url() -> str:

@@ -299,3 +299,22 @@ def test_committed_openapi_matches_the_app() -> None:
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert "422" not in chat["responses"]
     assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+
+
+async def test_cors_for_configured_origins(gateway_with: GatewayFactory) -> None:
+    async with gateway_with(cors_origins=["https://app.example"]) as gw:
+        preflight = await gw.client.options(
+            "/v1/chat/completions",
+            headers={
+                "origin": "https://app.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        response = await gw.client.get("/healthz", headers={"origin": "https://app.example"})
+        exposed = response.headers["access-control-expose-headers"]
+        assert "x-request-id" in exposed and "x-ratelimit-remaining-requests" in exposed
+        other = await gw.client.get("/healthz", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -297,3 +297,17 @@ async def test_database_down_fail_open_for_budgets_when_configured(
         cuttable_database.cut()
         assert (await chat(gw, key)).status_code == 200
         cuttable_database.restore()
+
+
+async def test_a_lost_database_connection_is_a_503_then_recovers(
+    gateway_with: GatewayFactory, cuttable_database: CuttableProxy, database_url: str
+) -> None:
+    proxied = cuttable_database.url_for(database_url)
+    async with gateway_with(database_url=proxied, db_pool_size=1) as gw:
+        key, _ = await gw.key("free")
+        assert (await gw.client.get("/v1/usage", headers=bearer(key))).status_code == 200
+        cuttable_database.cut()  # the pooled connection dies with it
+        cuttable_database.restore()
+        lost = await gw.client.get("/v1/usage", headers=bearer(key))
+        assert_error(lost, 503, code="database_unavailable")
+        assert (await gw.client.get("/v1/usage", headers=bearer(key))).status_code == 200

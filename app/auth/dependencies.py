@@ -33,9 +33,7 @@ def bearer_token(request: Request) -> str:
     """The bearer token of a request, read without FastAPI's dependency machinery (hot routes)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated(
-            "Missing bearer token: send 'Authorization: Bearer <key>'.", code="missing_api_key"
-        )
+        raise Unauthenticated("Missing bearer token: send 'Authorization: Bearer <key>'.", code="missing_api_key")
     return token.strip()
 
 

@@ -21,12 +21,13 @@ from starlette.responses import Response, StreamingResponse
 from app.auth.principal import Principal
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings
-from app.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError
+from app.errors import GatewayError, InvalidRequest, UpstreamError
 from app.ratelimit.limiter import Decision, Limiter
 from app.registry import Catalog, ModelSpec
+from app.upstream.errors import upstream_failed
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
-from app.usage.record import Status, UsageRecord
+from app.usage.record import Status, UsageRecord, usage_fields
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.chat")
@@ -75,24 +76,6 @@ class Call:
         return headers
 
 
-def _usage_fields(usage: dict[str, Any] | None) -> tuple[int, int, int]:
-    if not usage:
-        return 0, 0, 0
-    details = usage.get("prompt_tokens_details") or {}
-    return (
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
-        int(details.get("cached_tokens") or 0),
-    )
-
-
-def _may_fall_back(error: GatewayError) -> bool:
-    """Only the upstream's own failures; a request it rejected would fail again simulated."""
-    return isinstance(error, UpstreamError) or (
-        isinstance(error, RateLimited) and error.code == "upstream_rate_limited"
-    )
-
-
 class ChatService:
     def __init__(
         self,
@@ -108,9 +91,7 @@ class ChatService:
         self.upstream = upstream
         self.usage = usage
 
-    async def create(
-        self, principal: Principal, body: ChatCompletionRequest, raw: bytes, request_id: str
-    ) -> Response:
+    async def create(self, principal: Principal, body: ChatCompletionRequest, raw: bytes, request_id: str) -> Response:
         """`body` is the validated request, `raw` its bytes: the upstream gets what the client sent."""
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
         payload = orjson.loads(raw)
@@ -158,13 +139,13 @@ class ChatService:
         try:
             reply = await backend.complete(call.payload)
         except GatewayError as error:
-            if not (self.settings.fallback_to_simulated and _may_fall_back(error)):
+            if not (self.settings.fallback_to_simulated and upstream_failed(error)):
                 self._record_error(call, error, stream=False)
                 raise
             log.warning("upstream failed, answering simulated: %s", error.message)
             call.status = "fallback"
             reply = await self.upstream.simulated_chat.complete(call.payload)
-        prompt, completion, cached = _usage_fields(orjson.loads(reply.body).get("usage"))
+        prompt, completion, cached = usage_fields(orjson.loads(reply.body).get("usage"))
         self.usage.record(
             call.record(
                 status=call.status,
@@ -205,7 +186,7 @@ class ChatService:
         try:
             stream = await backend.open_stream(call.payload)
         except GatewayError as error:
-            if not (self.settings.fallback_to_simulated and _may_fall_back(error)):
+            if not (self.settings.fallback_to_simulated and upstream_failed(error)):
                 self._record_error(call, error, stream=True)
                 raise
             log.warning("upstream failed, streaming simulated: %s", error.message)
@@ -284,7 +265,7 @@ class ChatService:
         if estimated:
             prompt, completion, cached = call.prompt_estimate, chars_to_tokens(completion_chars), 0
         else:
-            prompt, completion, cached = _usage_fields(usage)
+            prompt, completion, cached = usage_fields(usage)
         status: Status = outcome or "cancelled"
         self.usage.record(
             call.record(

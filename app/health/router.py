@@ -45,6 +45,7 @@ class ModelInfo(BaseModel):
     sizes: list[str]
     qualities: list[str]
     formats: list[str]
+    backgrounds: list[str]
 
 
 class ModelList(BaseModel):
@@ -93,6 +94,7 @@ async def list_models(principal: CurrentPrincipal, request: Request) -> ModelLis
                 sizes=spec.sizes,
                 qualities=spec.qualities,
                 formats=spec.formats,
+                backgrounds=spec.backgrounds,
             )
             for spec in catalog.models_for(principal.tier)
         ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Numeric, String, func
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base
@@ -43,3 +44,5 @@ class UsageEvent(Base):
     upstream_request_id: Mapped[str | None] = mapped_column(String(200))
     error_code: Mapped[str | None] = mapped_column(String(100))
     thread_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    # Route-specific facts (a realtime secret's role and expiry, ...).
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

@@ -72,3 +72,10 @@ def mid_stream_error(payload: Mapping[str, object]) -> UpstreamError:
     fields = payload.get("error")
     message = fields.get("message") if isinstance(fields, dict) else None
     return UpstreamError(f"The upstream failed mid-stream: {message or 'unknown error'}")
+
+
+def upstream_failed(error: GatewayError) -> bool:
+    """The upstream's own failure, which a simulated answer may stand in for; not a request it rejected."""
+    return isinstance(error, UpstreamError) or (
+        isinstance(error, RateLimited) and error.code == "upstream_rate_limited"
+    )

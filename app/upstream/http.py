@@ -9,29 +9,19 @@ and the SDK serves the colder routes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
 from app.config import Settings
 from app.errors import UpstreamError, UpstreamTimeout
-from app.upstream.errors import (
-    RETRYABLE_STATUSES,
-    error_from_status,
-    mid_stream_error,
-    retry_after_seconds,
-)
+from app.upstream.errors import mid_stream_error
+from app.upstream.retry import RetryPolicy, StatusFailure
 
 log = logging.getLogger("app.upstream")
-
-T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -75,10 +65,10 @@ class UpstreamStream:
 
 
 class UpstreamHTTP:
-    """One aiohttp session per process, with retries before any byte reaches the client."""
+    """One aiohttp session per process; failed attempts are retried by the shared policy."""
 
     def __init__(self, settings: Settings, api_key: str | None = None) -> None:
-        self.settings = settings
+        self.retry = RetryPolicy(settings)
         self.base_url = settings.openai_base_url
         self.headers = {
             "Authorization": f"Bearer {api_key or settings.openai_api_key}",
@@ -101,10 +91,10 @@ class UpstreamHTTP:
             async with self.session.post(self.base_url + path, data=body, headers=self.headers) as response:
                 payload = await response.read()
                 if response.status >= 300:
-                    raise _StatusFailure(response.status, payload, response.headers)
+                    raise StatusFailure(response.status, payload, response.headers)
                 return UpstreamReply(payload, response.headers.get("x-request-id"), number)
 
-        return await self._with_retries(attempt)
+        return await self.retry.run(attempt)
 
     async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
         async def attempt(number: int) -> UpstreamStream:
@@ -112,52 +102,7 @@ class UpstreamHTTP:
             if response.status >= 300:
                 payload = await response.read()
                 response.release()
-                raise _StatusFailure(response.status, payload, response.headers)
+                raise StatusFailure(response.status, payload, response.headers)
             return UpstreamStream(response, number)
 
-        return await self._with_retries(attempt)
-
-    async def _with_retries(self, attempt: Callable[[int], Awaitable[T]]) -> T:
-        """Exponential backoff with jitter; a long `retry-after` is the client's to honour."""
-        retries = self.settings.upstream_max_retries
-        for number in range(1, retries + 2):
-            try:
-                return await attempt(number)
-            except _StatusFailure as failure:
-                error = error_from_status(failure.status, failure.body, failure.headers)
-                delay = retry_after_seconds(failure.headers)
-                retryable = failure.status in RETRYABLE_STATUSES and (
-                    delay is None or delay <= self.settings.upstream_max_retry_after
-                )
-            except aiohttp.ConnectionTimeoutError:
-                error, delay, retryable = (
-                    UpstreamTimeout("Could not connect to the upstream in time."),
-                    None,
-                    True,
-                )
-            except TimeoutError as failure:
-                # A read timeout: the upstream took the request; trying again would double the wait.
-                raise UpstreamTimeout("The upstream did not answer in time.") from failure
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as failure:
-                error, delay, retryable = (
-                    UpstreamError(f"Could not reach the upstream: {failure}"),
-                    None,
-                    True,
-                )
-            if not retryable or number > retries:
-                raise error
-            pause = delay if delay is not None else self._backoff(number)
-            log.info("upstream attempt %d failed (%s), retrying in %.2fs", number, error.message, pause)
-            await asyncio.sleep(pause)
-        raise AssertionError("unreachable")
-
-    def _backoff(self, number: int) -> float:
-        base = self.settings.upstream_retry_base_delay * 2 ** (number - 1)
-        return base / 2 + random.uniform(0, base / 2)
-
-
-class _StatusFailure(Exception):
-    def __init__(self, status: int, body: bytes, headers: CIMultiDictProxy[str]) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers
+        return await self.retry.run(attempt)

@@ -11,6 +11,9 @@ from openai import AsyncOpenAI
 from app.auth.principal import Principal
 from app.config import Settings
 from app.upstream.http import UpstreamHTTP, UpstreamReply
+from app.upstream.images import ImageBackend, OpenAIImages, SimulatedImages
+from app.upstream.realtime import OpenAIRealtimeSecrets, RealtimeSecrets, SimulatedRealtimeSecrets
+from app.upstream.retry import RetryPolicy
 from app.upstream.simulated import SimulatedChat
 
 
@@ -53,6 +56,10 @@ class Upstream:
         self.http: UpstreamHTTP | None = None
         self.sdk: AsyncOpenAI | None = None
         self.chat: ChatBackend = self.simulated_chat
+        self.simulated_realtime = SimulatedRealtimeSecrets()
+        self.realtime: RealtimeSecrets = self.simulated_realtime
+        self.simulated_images = SimulatedImages()
+        self.images: ImageBackend = self.simulated_images
         if not settings.simulated:
             self.http = UpstreamHTTP(settings)
             self.chat = OpenAIChat(self.http)
@@ -60,12 +67,20 @@ class Upstream:
                 api_key=settings.openai_api_key,
                 base_url=settings.openai_base_url,
                 timeout=settings.upstream_read_timeout,
-                max_retries=settings.upstream_max_retries,
+                max_retries=0,  # retried by our policy (app/upstream/retry.py), as the pass-through is
             )
+            self.realtime = OpenAIRealtimeSecrets(self.sdk, RetryPolicy(settings))
+            self.images = OpenAIImages(self.sdk, settings)
 
     def chat_for(self, principal: Principal) -> ChatBackend:
         """The rollout switch: a user turned off the upstream gets simulated replies."""
         return self.chat if principal.use_upstream else self.simulated_chat
+
+    def realtime_for(self, principal: Principal) -> RealtimeSecrets:
+        return self.realtime if principal.use_upstream else self.simulated_realtime
+
+    def images_for(self, principal: Principal) -> ImageBackend:
+        return self.images if principal.use_upstream else self.simulated_images
 
     async def close(self) -> None:
         if self.http is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
+
+import orjson
 
 from app.ratelimit.limiter import Bucket, Decision
 
@@ -32,7 +34,20 @@ COLUMNS = (
     "upstream_request_id",
     "error_code",
     "thread_id",
+    "detail",
 )
+
+
+def usage_fields(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens of an OpenAI `usage` object."""
+    if not usage:
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details") or {}
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        int(details.get("cached_tokens") or 0),
+    )
 
 
 @dataclass(slots=True)
@@ -56,12 +71,15 @@ class UsageRecord:
     upstream_request_id: str | None = None
     error_code: str | None = None
     thread_id: uuid.UUID | None = None
+    detail: dict[str, Any] | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # The limits this call reserved, settled against its real usage when written.
     decision: Decision | None = None
 
     def row(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in COLUMNS)
+        values = [getattr(self, name) for name in COLUMNS]
+        values[-1] = orjson.dumps(self.detail).decode() if self.detail is not None else None  # jsonb as text
+        return tuple(values)
 
     def used(self, bucket: Bucket) -> float:
         """How much of a bucket this call really used."""

@@ -1,0 +1,1 @@
+"""Image generation with stored results, signed URLs, history, batches and idempotency."""

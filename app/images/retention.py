@@ -1,0 +1,87 @@
+"""Retention: images older than IMAGE_RETENTION_DAYS (bytes and rows), finished batches as old,
+and expired idempotency keys. Runs periodically in every process (slices are locked with
+SKIP LOCKED, so replicas do not collide) and as `python -m app prune-images`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.images import repository
+from app.images.idempotency import IdempotencyStore
+from app.images.storage import ImageStorage
+
+log = logging.getLogger("app.images.retention")
+
+SLICE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    images: int
+    batches: int
+    idempotency_keys: int
+
+
+class ImageRetention:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        storage: ImageStorage,
+        idempotency: IdempotencyStore,
+        *,
+        days: int,
+        interval: float,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.storage = storage
+        self.idempotency = idempotency
+        self.days = days
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def prune(self, days: int | None = None) -> Pruned:
+        """Delete what is older than `days` (default: the setting; 0 keeps images, prunes keys only)."""
+        days = self.days if days is None else days
+        images = batches = 0
+        if days > 0:
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+            while True:
+                # Bytes first, then rows, in one transaction holding the slice: a failed delete
+                # leaves the rows for the next run rather than rows without bytes.
+                async with self.sessionmaker() as session, session.begin():
+                    expired = await repository.expired_images(session, cutoff, SLICE)
+                    if not expired:
+                        break
+                    await asyncio.gather(*(self.storage.delete(key) for _, key in expired))
+                    await repository.delete_images(session, [image_id for image_id, _ in expired])
+                images += len(expired)
+            async with self.sessionmaker() as session, session.begin():
+                batches = await repository.delete_finished_batches(session, cutoff)
+        keys = await self.idempotency.prune()
+        return Pruned(images, batches, keys)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="image-retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                pruned = await self.prune()
+            except Exception as error:
+                log.warning("image retention failed, will retry: %s", error)
+                continue
+            if pruned.images or pruned.batches:
+                log.info("image retention: %s", pruned)

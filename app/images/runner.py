@@ -1,0 +1,188 @@
+"""The batch runner: a task in every process that takes due items with `FOR UPDATE SKIP LOCKED`.
+
+Replicas share the work and a restart resumes it: an item is `running` under a lease
+while a process works on it; a clean shutdown puts it back to `pending` at once, and a
+process that died lets its lease run out. Each batch is paced by its own interval (fixed
+at creation). A refusal by the user's limits pauses the batch until the limit allows and
+is not a failure; transient upstream failures are retried with backoff, up to
+IMAGE_BATCH_MAX_ATTEMPTS; one item's failure never fails the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from app.auth.principal import Principal
+from app.config import Settings
+from app.db import Database
+from app.errors import GatewayError, RateLimited, Unavailable, UpstreamError
+from app.images import repository
+from app.images.batches import BatchEvents
+from app.images.options import resolve_options
+from app.images.repository import ClaimedItem
+from app.images.service import ImageService
+
+log = logging.getLogger("app.images.runner")
+
+MAX_BACKOFF = 300.0
+
+
+def _transient(error: GatewayError) -> bool:
+    return isinstance(error, UpstreamError | Unavailable) or error.code == "upstream_rate_limited"
+
+
+def _retry_after(error: GatewayError, default: float) -> float:
+    try:
+        return max(float(error.headers.get("retry-after", default)), 0.0)
+    except ValueError:
+        return default
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        images: ImageService,
+        database: Database,
+        events: BatchEvents,
+    ) -> None:
+        self.settings = settings
+        self.images = images
+        self.pool = database.pool
+        self.sessionmaker = database.sessionmaker
+        self.events = events
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._active: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """Look for work now (a batch was created, an item finished) instead of at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="image-batch-runner")
+
+    async def stop(self) -> None:
+        """Stop taking work; items under way are cancelled and handed back as pending."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        active = list(self._active)
+        for task in active:
+            task.cancel()
+        await asyncio.gather(*active, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            while len(self._active) >= self.settings.image_batch_concurrency:
+                await asyncio.wait(self._active, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                item = await self._claim()
+            except Exception as error:
+                log.warning("could not look for batch work: %s", error)
+                item = None
+            if item is not None:
+                task = asyncio.create_task(self._run(item), name=f"image-batch-item-{item.id}")
+                self._active.add(task)
+                task.add_done_callback(self._active.discard)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.image_batch_poll_seconds)
+            self._wake.clear()
+
+    async def _claim(self) -> ClaimedItem | None:
+        return await repository.claim_item(self.pool, self.settings.image_batch_lease_seconds)
+
+    async def _run(self, item: ClaimedItem) -> None:
+        try:
+            await self._attempt(item)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._hand_back(item))
+            raise
+        except Exception as error:
+            log.exception("batch item %s failed unexpectedly", item.id)
+            try:
+                await self._retry_or_fail(
+                    item, "internal_error", f"The item failed unexpectedly: {error}", transient=True
+                )
+            except Exception as failure:  # the database too: the item's lease frees it later
+                log.warning("could not record batch item %s's failure: %s", item.id, failure)
+        finally:
+            self.events.notify(item.batch_id)
+            self.wake()
+
+    async def _attempt(self, item: ClaimedItem) -> None:
+        principal = await self._principal(item)
+        if principal is None:
+            await self._end(
+                item, "failed", error_code="api_key_revoked", error_message="The batch's API key was revoked."
+            )
+            return
+        try:
+            options = resolve_options(self.images.catalog, principal.tier, {**item.options, "model": item.model})
+            request_id = f"{item.request_id[:50]}:{item.index}"
+            produced = await self.images.produce(principal, request_id, item.prompt, options, batch_id=item.batch_id)
+        except RateLimited as error:
+            if error.code == "upstream_rate_limited":
+                await self._retry_or_fail(item, error.code, error.message, transient=True, delay=_retry_after(error, 5))
+                return
+            # The user's own limits: the batch waits until they allow the next image. Not a failure.
+            async with self.sessionmaker() as session, session.begin():
+                await repository.pause_batch(session, item.batch_id, _retry_after(error, 1))
+                await repository.requeue_item(
+                    session, item.id, delay=0, failed_attempt=False, error_code=error.code, error_message=error.message
+                )
+            return
+        except GatewayError as error:
+            await self._retry_or_fail(item, error.code or "error", error.message, transient=_transient(error))
+            return
+        cost = float(sum(image.cost_usd for image in produced.images))
+        async with self.sessionmaker() as session, session.begin():
+            session.add_all(produced.images)
+            await session.flush()
+            await repository.end_item(
+                session, item.id, status="completed", image_ids=[str(image.id) for image in produced.images], cost=cost
+            )
+            await repository.finish_batch_if_done(session, item.batch_id)
+
+    async def _principal(self, item: ClaimedItem) -> Principal | None:
+        """The batch owner as they are now (tier, switches, overrides); None if its key was revoked."""
+        async with self.sessionmaker() as session:
+            user, revoked = await repository.user_of(session, item.user_id, item.api_key_id)
+        if revoked:
+            return None
+        return Principal(
+            user_id=item.user_id,
+            tier=user.tier if user else self.settings.jwt_default_tier,
+            use_upstream=user.use_upstream if user else True,
+            limit_overrides=dict(user.limit_overrides or {}) if user else {},
+            api_key_id=item.api_key_id,
+            via="key" if item.api_key_id else "jwt",
+        )
+
+    async def _retry_or_fail(
+        self, item: ClaimedItem, code: str, message: str, *, transient: bool, delay: float | None = None
+    ) -> None:
+        if transient and item.attempts + 1 < self.settings.image_batch_max_attempts:
+            backoff = delay if delay is not None else min(5.0 * 2**item.attempts, MAX_BACKOFF)
+            async with self.sessionmaker() as session, session.begin():
+                await repository.requeue_item(
+                    session, item.id, delay=backoff, failed_attempt=True, error_code=code, error_message=message
+                )
+            return
+        await self._end(item, "failed", error_code=code, error_message=message, failed_attempt=True)
+
+    async def _end(self, item: ClaimedItem, status: str, **values: object) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            await repository.end_item(session, item.id, status=status, **values)  # type: ignore[arg-type]
+            await repository.finish_batch_if_done(session, item.batch_id)
+
+    async def _hand_back(self, item: ClaimedItem) -> None:
+        try:
+            async with self.sessionmaker() as session, session.begin():
+                await repository.requeue_item(session, item.id, delay=0, failed_attempt=False)
+        except Exception as error:  # its lease frees it later
+            log.warning("could not hand back batch item %s: %s", item.id, error)

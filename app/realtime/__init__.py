@@ -1,0 +1,1 @@
+"""Short-lived realtime (voice) client secrets, minted from server-side presets."""

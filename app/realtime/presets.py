@@ -1,0 +1,71 @@
+"""Voice presets: what a client may ask for when it wants a realtime secret.
+
+They live in the assistants file beside the assistant profiles, as `[voice_preset.NAME]`
+tables, and are validated at start-up: a client picks a preset by role and language and
+may only choose what the preset leaves open.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.registry import Catalog
+
+# OpenAI's realtime voices as of late 2026.
+Voice = Literal["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
+MIN_TTL, MAX_TTL = 10, 7200
+
+
+class VoicePreset(BaseModel):
+    """One role's realtime session, with instructions per language."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: str
+    model: str = "default-realtime"
+    instructions: dict[str, str] = Field(min_length=1, description="language code -> instructions")
+    voice: Voice = "marin"
+    allowed_voices: list[Voice] = []
+    ttl_seconds: int = Field(600, ge=MIN_TTL, le=MAX_TTL)
+    min_ttl_seconds: int = Field(60, ge=MIN_TTL, le=MAX_TTL)
+    max_ttl_seconds: int = Field(1800, ge=MIN_TTL, le=MAX_TTL)
+    allow_instructions_append: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VoicePreset:
+        if not self.min_ttl_seconds <= self.ttl_seconds <= self.max_ttl_seconds:
+            raise ValueError("ttl_seconds must lie within min_ttl_seconds..max_ttl_seconds")
+        if self.allowed_voices and self.voice not in self.allowed_voices:
+            raise ValueError(f"voice {self.voice!r} is not among allowed_voices")
+        return self
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self.allowed_voices or [self.voice])
+
+
+class VoicePresets(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    presets: dict[str, VoicePreset] = Field(default_factory=dict, alias="voice_preset")
+
+    def find(self, role: str) -> VoicePreset | None:
+        return next((preset for preset in self.presets.values() if preset.role == role), None)
+
+
+def load_voice_presets(path: Path, catalog: Catalog) -> VoicePresets:
+    """Parse the `[voice_preset.*]` tables; a bad file or an unknown model stops start-up."""
+    try:
+        with path.open("rb") as handle:
+            presets = VoicePresets.model_validate(tomllib.load(handle))
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
+        raise SystemExit(f"invalid ASSISTANTS_FILE {path}: {error}") from error
+    for name, preset in presets.presets.items():
+        spec = catalog.by_name.get(preset.model)
+        if spec is None or spec.kind != "realtime":
+            raise SystemExit(f"invalid ASSISTANTS_FILE {path}: voice_preset.{name} names no realtime model")
+    return presets

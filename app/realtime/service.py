@@ -1,0 +1,126 @@
+"""Minting a realtime secret: the preset decides the session, the client picks within it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from app.auth.principal import Principal
+from app.errors import GatewayError, InvalidRequest
+from app.ratelimit.limiter import Limiter
+from app.realtime.presets import VoicePreset, VoicePresets
+from app.realtime.schemas import ClientSecretCreate
+from app.registry import Catalog, ModelSpec
+from app.upstream.provider import Upstream
+from app.usage.record import UsageRecord
+from app.usage.writer import UsageWriter
+
+ROUTE = "realtime.client_secrets"
+MAX_APPENDED_INSTRUCTIONS = 4000
+
+
+class RealtimeService:
+    def __init__(
+        self, catalog: Catalog, presets: VoicePresets, limiter: Limiter, upstream: Upstream, usage: UsageWriter
+    ) -> None:
+        self.catalog = catalog
+        self.presets = presets
+        self.limiter = limiter
+        self.upstream = upstream
+        self.usage = usage
+
+    async def create_secret(
+        self, principal: Principal, body: ClientSecretCreate, request_id: str
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The upstream's `{value, expires_at, session}` and the rate-limit headers."""
+        preset = self.presets.find(body.role)
+        if preset is None:
+            roles = ", ".join(sorted(p.role for p in self.presets.presets.values()))
+            raise InvalidRequest(f"Unknown role '{body.role}'; known: {roles}.", param="role")
+        instructions = preset.instructions.get(body.language)
+        if instructions is None:
+            languages = ", ".join(sorted(preset.instructions))
+            raise InvalidRequest(f"Role '{body.role}' has no '{body.language}'; known: {languages}.", param="language")
+        spec = self.catalog.resolve(preset.model, principal.tier, "realtime")
+        ttl = body.expires_after.seconds if body.expires_after else preset.ttl_seconds
+        if not preset.min_ttl_seconds <= ttl <= preset.max_ttl_seconds:
+            raise InvalidRequest(
+                f"expires_after.seconds must be {preset.min_ttl_seconds}..{preset.max_ttl_seconds} for this role.",
+                param="expires_after.seconds",
+            )
+        session = self._session(preset, spec, instructions, body.session or {})
+        decision = await self.limiter.take(
+            self.limiter.rate(principal, "requests", "realtime_requests_per_minute", 60.0, 1)
+        )
+        backend = self.upstream.realtime_for(principal)
+        started = time.perf_counter()
+        record = UsageRecord(
+            request_id=request_id,
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            route=ROUTE,
+            model=spec.id,
+            status="simulated" if backend.simulated else "ok",
+            http_status=200,
+            decision=decision,
+        )
+        try:
+            secret, record.upstream_request_id = await backend.create(
+                {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
+            )
+            record.detail = {"role": preset.role, "language": body.language, "expires_at": secret.get("expires_at")}
+        except GatewayError as error:
+            record.status, record.http_status, record.error_code = "error", error.status_code, error.code
+            raise
+        finally:
+            record.latency_ms = (time.perf_counter() - started) * 1000
+            self.usage.record(record)
+        headers = dict(decision.headers)
+        if backend.simulated:
+            headers["x-gateway-simulated"] = "true"
+        return secret, headers
+
+    def _session(
+        self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The session sent upstream; anything the client may not choose is a 400 naming it."""
+        unknown = set(asked) - {"type", "model", "instructions", "audio"}
+        if unknown:
+            field = sorted(unknown)[0]
+            raise InvalidRequest(f"session.{field} is set by the server for this role.", param=f"session.{field}")
+        if asked.get("type", "realtime") != "realtime":
+            raise InvalidRequest("Only realtime sessions can be created here.", param="session.type")
+        if "model" in asked and self.catalog.by_name.get(asked["model"]) != spec:
+            raise InvalidRequest(f"This role uses the model '{spec.id}'.", param="session.model")
+        if "instructions" in asked:
+            extra = asked["instructions"]
+            if not preset.allow_instructions_append:
+                raise InvalidRequest("This role's instructions cannot be changed.", param="session.instructions")
+            if not isinstance(extra, str) or len(extra) > MAX_APPENDED_INSTRUCTIONS:
+                raise InvalidRequest(
+                    f"session.instructions must be text of at most {MAX_APPENDED_INSTRUCTIONS} characters.",
+                    param="session.instructions",
+                )
+            instructions = f"{instructions}\n\n{extra}"
+        voice = self._voice(preset, asked.get("audio"))
+        return {
+            "type": "realtime",
+            "model": spec.id,
+            "instructions": instructions,
+            "audio": {"output": {"voice": voice}},
+        }
+
+    @staticmethod
+    def _voice(preset: VoicePreset, audio: Any) -> str:
+        if audio is None:
+            return preset.voice
+        output = audio.get("output") if isinstance(audio, dict) else None
+        if not isinstance(output, dict) or set(audio) != {"output"} or set(output) - {"voice"}:
+            raise InvalidRequest("Only session.audio.output.voice may be chosen.", param="session.audio")
+        voice = output.get("voice", preset.voice)
+        if voice not in preset.voices:
+            raise InvalidRequest(
+                f"Voice '{voice}' is not allowed for this role; allowed: {', '.join(preset.voices)}.",
+                param="session.audio.output.voice",
+            )
+        return str(voice)

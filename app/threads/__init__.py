@@ -1,0 +1,1 @@
+"""Conversation threads: assistant profiles, turns answered through the upstream, context, retention."""

@@ -1,0 +1,150 @@
+"""Building the messages a turn sends upstream: instructions, context, history window, new message.
+
+Pure functions, no I/O: what goes upstream is decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from app.errors import InvalidRequest
+from app.threads.profiles import PLACEHOLDER, Profile, placeholders
+from app.upstream.simulated import estimate_tokens
+
+CONTEXT_HEADING = "Context about the user, from the app:"
+
+
+@dataclass(frozen=True, slots=True)
+class PromptValues:
+    """What templates may use."""
+
+    user_id: str
+    profile: str
+    chat_type: str | None = None
+    goal_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: datetime.now(UTC).date().isoformat())
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryItem:
+    """A stored message as the window sees it: the text that was (or would be) sent upstream."""
+
+    role: str
+    text: str
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def format_context(context: dict[str, Any]) -> str:
+    """`key: value` lines, sorted so the same context always reads the same."""
+    return "\n".join(f"{key}: {_text(context[key])}" for key in sorted(context))
+
+
+def _context_value(context: dict[str, Any], path: list[str]) -> Any:
+    value: Any = context
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def render(template: str, values: PromptValues, args: str = "") -> str:
+    """Fill `{{name}}` placeholders; a value the app did not send renders as nothing."""
+
+    def fill(match: Any) -> str:
+        name: str = match.group(1)
+        if name == "context":
+            return format_context(values.context)
+        if name.startswith("context."):
+            return _text(_context_value(values.context, name.split(".")[1:]))
+        if name == "args":
+            return args
+        return _text(getattr(values, name, None))
+
+    return PLACEHOLDER.sub(fill, template)
+
+
+def expand_shortcut(profile: Profile, content: str, values: PromptValues) -> str | None:
+    """The full prompt a `/command args` message stands for, or None when it is not a shortcut.
+
+    What follows the command fills `{{args}}`, or is appended when the template has no slot.
+    """
+    if not content.startswith("/"):
+        return None
+    command, _, rest = content.strip().partition(" ")
+    template = profile.shortcuts.get(command.lower())
+    if template is None:
+        return None
+    args = rest.strip()
+    expanded = render(template, values, args)
+    if args and "args" not in placeholders(template):
+        expanded = f"{expanded}\n\n{args}"
+    return expanded
+
+
+def system_messages(profile: Profile, values: PromptValues) -> list[dict[str, str]]:
+    """The rendered instructions, then the context when the instructions do not place it themselves."""
+    messages = [{"role": "system", "content": render(profile.instructions, values)}]
+    if values.context and not profile.uses_context_inline:
+        messages.append({"role": "system", "content": f"{CONTEXT_HEADING}\n{format_context(values.context)}"})
+    return messages
+
+
+def window(
+    profile: Profile, history: list[HistoryItem], *, chars_left: float | None, count_left: float | None
+) -> list[HistoryItem]:
+    """The newest messages that fit the profile's count and token budget and the tier's prompt caps.
+
+    `history` is newest first; the result is oldest first, as it is sent.
+    """
+    count = profile.history_messages if count_left is None else min(profile.history_messages, int(count_left))
+    kept: list[HistoryItem] = []
+    tokens = chars = 0
+    for item in history[: max(count, 0)]:
+        tokens += estimate_tokens(item.text)
+        chars += len(item.text)
+        if profile.history_tokens is not None and tokens > profile.history_tokens:
+            break
+        if chars_left is not None and chars > chars_left:
+            break
+        kept.append(item)
+    kept.reverse()
+    return kept
+
+
+def build_messages(
+    profile: Profile,
+    values: PromptValues,
+    history: list[HistoryItem],
+    new_prompt: str,
+    *,
+    max_prompt_chars: float | None,
+    max_messages: float | None,
+) -> list[dict[str, str]]:
+    """Instructions + context + history window + the new message; refuses a prompt the tier cannot send.
+
+    The window shrinks to fit the tier's caps: a long thread is never the user's fault.
+    """
+    head = system_messages(profile, values)
+    fixed = sum(len(message["content"]) for message in head) + len(new_prompt)
+    if max_prompt_chars is not None and fixed > max_prompt_chars:
+        raise InvalidRequest(
+            f"The message with its instructions and context has {fixed} characters;"
+            f" your tier allows at most {max_prompt_chars:g}.",
+            param="content",
+        )
+    chars_left = None if max_prompt_chars is None else max_prompt_chars - fixed
+    count_left = None if max_messages is None else max_messages - len(head) - 1
+    kept = window(profile, history, chars_left=chars_left, count_left=count_left)
+    past = [{"role": item.role, "content": item.text} for item in kept]
+    return [*head, *past, {"role": "user", "content": new_prompt}]

@@ -1,0 +1,876 @@
+"""Image generation, storage, signed URLs, history, batches, idempotency and moderation, end to end.
+
+These tests run on a database of their own (migrated by Alembic like the main one) so that
+no other gateway's batch runner takes their batch items, with images stored in a temporary
+folder and the fake upstream over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from conftest import Gateway, bearer, make_settings, serve, usage_rows, wait_for
+from fake_upstream import FakeUpstream, Reply, _png
+from images_support import fresh_database, moto_s3, narrow_catalog, png_size, png_text
+from test_foundation import assert_error
+
+from app.config import Settings
+from app.images.storage import S3Storage, StoredImageMissing
+
+GENERATIONS = "/v1/images/generations"
+BATCHES = "/v1/images/batches"
+UPSTREAM_IMAGES = "/v1/images/generations"
+UPSTREAM_MODERATIONS = "/v1/moderations"
+IMAGE_TABLES = (
+    "image_batch_item, image_batch, image, idempotency_key, usage_event, api_key, app_user, rate_limit_bucket"
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mini_cost(images: int) -> Decimal:
+    """gpt-image-1-mini at the fake's usage: 50 input tokens, 1056 output tokens per image."""
+    return Decimal(str(round((50 * 2.00 + 1056 * images * 8.00) / 1_000_000, 8)))
+
+
+def image_settings(
+    url: str, upstream: FakeUpstream | None, image_dir: Path, catalog: Path, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "image_dir": image_dir,
+        "catalog_file": catalog,
+        "image_batch_items_per_minute": 6000,
+        "image_batch_poll_seconds": 0.05,
+        "stream_heartbeat_seconds": 0.5,
+    }
+    values.update(overrides)
+    return make_settings(url, upstream, **values)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def images_db_url(database_url: str) -> AsyncIterator[str]:
+    async with fresh_database(database_url) as url:
+        yield url
+
+
+@pytest_asyncio.fixture(scope="module")
+async def images_db(images_db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(images_db_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return narrow_catalog(tmp_path_factory.mktemp("catalog"))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def images_gateway(
+    images_db_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path
+) -> AsyncIterator[Gateway]:
+    async with serve(image_settings(images_db_url, upstream, image_dir, catalog)) as gateway:
+        yield gateway
+
+
+@pytest_asyncio.fixture
+async def gw(images_gateway: Gateway, upstream: FakeUpstream, images_db: asyncpg.Pool) -> AsyncIterator[Gateway]:
+    upstream.reset()
+    await images_db.execute(f"TRUNCATE {IMAGE_TABLES} CASCADE")
+    yield images_gateway
+
+
+@pytest.fixture
+def start(images_db_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path) -> Callable[..., Any]:
+    """Another gateway on the images database: `async with start(image_moderation=True) as other:`."""
+
+    def starter(simulated: bool = False, **overrides: Any) -> Any:
+        return serve(image_settings(images_db_url, None if simulated else upstream, image_dir, catalog, **overrides))
+
+    return starter
+
+
+async def generate(gateway: Gateway, key: str, **body: Any) -> httpx.Response:
+    payload = {"model": "default-image", "prompt": "a red fox in the snow", **body}
+    return await gateway.client.post(GENERATIONS, json=payload, headers=bearer(key))
+
+
+async def read_events(gateway: Gateway, key: str, batch_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every SSE event of a batch's stream until the server ends it."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    name = ""
+    async with gateway.client.stream(
+        "GET", f"{BATCHES}/{batch_id}/events", headers=bearer(key), timeout=20
+    ) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+def image_requests(upstream: FakeUpstream) -> list[dict[str, Any]]:
+    return [r.json or {} for r in upstream.requests if r.path == UPSTREAM_IMAGES]
+
+
+# Generation.
+
+
+async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream, images_db, image_dir: Path) -> None:
+    key, user = await gw.key("free")
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key)
+    raw = await client.images.with_raw_response.generate(
+        model="default-image", prompt="a red fox in the snow", size="1024x1024", quality="low"
+    )
+    result = raw.parse()
+    await client.close()
+    assert raw.headers["x-ratelimit-limit-requests"] == "5"  # the free tier's images per minute
+    assert raw.headers["x-upstream-request-id"].startswith("req_fake_")
+    assert "x-gateway-simulated" not in raw.headers
+    [image] = result.data
+    assert image.b64_json is None and image.url.startswith(gw.url + "/v1/images/")
+    assert result.size == "1024x1024" and result.output_format == "png" and result.usage.output_tokens == 1056
+    # What went upstream: the model resolved, our options, no response_format (GPT image models answer base64).
+    [sent] = image_requests(upstream)
+    assert sent == {
+        "model": "gpt-image-1-mini",
+        "prompt": "a red fox in the snow",
+        "n": 1,
+        "size": "1024x1024",
+        "quality": "low",
+    }
+    # The URL serves the stored PNG without a bearer token.
+    content = await httpx.AsyncClient().get(image.url)
+    assert content.status_code == 200 and content.headers["content-type"] == "image/png"
+    assert content.content == _png("a red fox in the snow") and png_size(content.content) == (8, 8)
+    assert "max-age=" in content.headers["cache-control"]
+    # The row, the stored bytes, the usage row.
+    row = await images_db.fetchrow("SELECT * FROM image")
+    assert (row["user_id"], row["prompt"], row["model"]) == (user, "a red fox in the snow", "gpt-image-1-mini")
+    assert (row["size"], row["quality"], row["output_format"], row["content_type"]) == (
+        "1024x1024",
+        "low",
+        "png",
+        "image/png",
+    )
+    assert row["bytes"] == len(content.content) and row["cost_usd"] == mini_cost(1) and row["simulated"] is False
+    assert str(row["id"]) == image.model_extra["id"]
+    assert (image_dir / row["storage_key"]).read_bytes() == content.content
+    [usage] = await usage_rows(images_db, user_id=user)
+    assert (usage["route"], usage["model"], usage["status"], usage["http_status"]) == (
+        "images.generations",
+        "gpt-image-1-mini",
+        "ok",
+        200,
+    )
+    assert (usage["images"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 50, 1056)
+    assert usage["cost_usd"] == mini_cost(1) and usage["upstream_request_id"] == raw.headers["x-upstream-request-id"]
+    assert usage["request_id"] == raw.headers["x-request-id"] and usage["api_key_id"] is not None
+
+
+async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, user = await gw.key("free")
+    response = await generate(gw, key, n=3, response_format="b64_json")
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert len(data) == 3 and len({item["id"] for item in data}) == 3
+    for item in data:
+        inline = base64.b64decode(item["b64_json"])
+        assert png_size(inline) == (8, 8)
+        assert (await gw.client.get(item["url"])).content == inline
+    assert "response_format" not in image_requests(upstream)[0]
+    [usage] = await usage_rows(images_db, user_id=user)
+    assert usage["images"] == 3 and usage["cost_usd"] == mini_cost(3)
+    rows = await images_db.fetch("SELECT generation_id, cost_usd FROM image")
+    assert len(rows) == 3 and len({r["generation_id"] for r in rows}) == 1
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(mini_cost(3), abs=Decimal("0.00000003"))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "no-such-model"}, "model"),
+        ({"model": "default-chat"}, "model"),  # a chat model is not an image model
+        ({"model": "hd-image"}, "model"),  # not in the free tier
+        ({"size": "512x512"}, "size"),
+        ({"quality": "ultra"}, "quality"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"n": 0}, "n"),
+        ({"n": 11}, "n"),
+        ({"background": "neon"}, "background"),
+        ({"background": "transparent", "output_format": "jpeg"}, "background"),
+        ({"output_compression": 50}, "output_compression"),  # png has no compression level
+        ({"output_compression": 101, "output_format": "jpeg"}, "output_compression"),
+        ({"style": "vivid"}, "style"),  # a dall-e-3 parameter GPT image models do not take
+        ({"stream": True}, "stream"),
+        ({"prompt": ""}, "prompt"),
+        ({"response_format": "png"}, "response_format"),
+    ],
+)
+async def test_invalid_parameters_are_400_before_any_upstream_call(
+    gw: Gateway, upstream: FakeUpstream, images_db, body: dict[str, Any], param: str
+) -> None:
+    key, _ = await gw.key("free")
+    assert_error(await generate(gw, key, **body), 400, param=param)
+    assert upstream.requests == []
+    await asyncio.sleep(0.1)
+    assert await images_db.fetchval("SELECT count(*) FROM usage_event") == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        ("narrow-image", {"size": "1536x1024"}, "size"),
+        ("narrow-image", {"quality": "high"}, "quality"),
+        ("narrow-image", {"output_format": "webp"}, "output_format"),
+        ("narrow-image", {"n": 3}, "n"),
+        ("default-image", {"size": "1536x1024", "quality": "high", "output_format": "webp", "n": 3}, None),
+        ("narrow-image", {"size": "1024x1024", "quality": "medium", "output_format": "png", "n": 2}, None),
+    ],
+)
+async def test_each_model_accepts_what_the_registry_says(
+    gw: Gateway, upstream: FakeUpstream, model: str, body: dict[str, Any], param: str | None
+) -> None:
+    key, _ = await gw.key("pro")
+    response = await generate(gw, key, model=model, **body)
+    if param is None:
+        assert response.status_code == 200, response.text
+        assert image_requests(upstream)[0]["size"] == body["size"]
+    else:
+        error = assert_error(response, 400, param=param, code="unsupported_value")
+        assert "gpt-image-narrow" in error["message"]
+        assert upstream.requests == []
+
+
+async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, user = await gw.key("free")
+    estimate = await gw.client.post(
+        "/v1/images/estimate",
+        json={"model": "default-image", "size": "1536x1024", "quality": "high", "n": 2},
+        headers=bearer(key),
+    )
+    assert estimate.status_code == 200, estimate.text
+    assert estimate.json() == {
+        "object": "image.estimate",
+        "model": "gpt-image-1-mini",
+        "n": 2,
+        "count": 1,
+        "size": "1536x1024",
+        "quality": "high",
+        "unit_price_usd": 0.054,  # 0.036 at 1024x1024, x1.5 for the larger size
+        "estimated_cost_usd": 0.108,
+        "currency": "usd",
+    }
+    auto = await gw.client.post("/v1/images/estimate", json={"quality": "low", "count": 10}, headers=bearer(key))
+    assert auto.json()["size"] == "auto" and auto.json()["estimated_cost_usd"] == pytest.approx(0.075)
+    assert_error(
+        await gw.client.post("/v1/images/estimate", json={"quality": "ultra"}, headers=bearer(key)),
+        400,
+        param="quality",
+    )
+    # While the call is in flight, the monthly budget holds exactly the estimate; afterwards, the real cost.
+    upstream.script(UPSTREAM_IMAGES, Reply(delay=0.6))
+    budget_key = f"monthly_budget_usd:{user}:{time.strftime('%Y-%m', time.gmtime())}"
+    call = asyncio.create_task(generate(gw, key, size="1536x1024", quality="high", n=2))
+
+    async def reserved() -> float | None:
+        return await images_db.fetchval("SELECT value FROM rate_limit_bucket WHERE key = $1", budget_key)
+
+    assert await wait_for(reserved) == pytest.approx(0.108)
+    assert (await call).status_code == 200
+    await usage_rows(images_db, user_id=user)
+
+    async def settled() -> bool:
+        return await reserved() == pytest.approx(float(mini_cost(2)))
+
+    assert await wait_for(settled)
+
+
+async def test_simulated_mode_makes_real_pngs_offline(start, upstream: FakeUpstream, images_db) -> None:
+    upstream.reset()
+    async with start(simulated=True) as sim:
+        key, user = await sim.key("free")
+        first = await generate(sim, key, size="1536x1024", response_format="b64_json")
+        again = await generate(sim, key, size="1536x1024", response_format="b64_json")
+        other = await generate(sim, key, prompt="a blue whale", response_format="b64_json")
+    assert first.status_code == 200 and first.headers["x-gateway-simulated"] == "true"
+    png = base64.b64decode(first.json()["data"][0]["b64_json"])
+    assert png_size(png) == (1536, 1024)
+    assert "simulated" in png_text(png)["Software"]
+    assert base64.b64decode(again.json()["data"][0]["b64_json"]) == png  # deterministic per prompt
+    assert base64.b64decode(other.json()["data"][0]["b64_json"]) != png
+    assert upstream.requests == []
+    rows = await usage_rows(images_db, 3, user_id=user)
+    assert {(r["status"], r["cost_usd"], r["images"]) for r in rows} == {("simulated", Decimal("0E-8"), 1)}
+    assert await images_db.fetchval("SELECT bool_and(simulated) FROM image WHERE user_id = $1", user)
+
+
+async def test_users_switched_off_the_upstream_get_simulated_images(gw: Gateway, upstream: FakeUpstream) -> None:
+    key, user = await gw.key("free")
+    await gw.admin("PATCH", f"/admin/users/{user}", json={"use_upstream": False})
+    response = await generate(gw, key)
+    assert response.status_code == 200 and response.headers["x-gateway-simulated"] == "true"
+    assert image_requests(upstream) == []
+
+
+# Upstream failures.
+
+
+@pytest.mark.parametrize(
+    ("replies", "status", "code", "attempts"),
+    [
+        ([Reply(status=429, headers={"retry-after": "30"})], 429, "upstream_rate_limited", 1),
+        ([Reply(status=500)] * 3, 502, "upstream_error", 3),
+        ([Reply(status=401)], 502, "upstream_auth_error", 1),
+        (
+            [
+                Reply(
+                    status=400,
+                    body={
+                        "error": {"message": "bad size", "type": "invalid_request_error", "param": "size", "code": None}
+                    },
+                )
+            ],
+            400,
+            None,
+            1,
+        ),
+    ],
+)
+async def test_upstream_errors_map_to_ours(
+    gw: Gateway, upstream: FakeUpstream, images_db, replies: list[Reply], status: int, code: str | None, attempts: int
+) -> None:
+    upstream.script(UPSTREAM_IMAGES, *replies)
+    key, user = await gw.key("free")
+    response = await generate(gw, key)
+    error = assert_error(response, status, code=code)
+    if status == 429:
+        assert response.headers["retry-after"] == "30"
+    if status == 400:
+        assert error["param"] == "size" and error["message"] == "bad size"
+    assert len(image_requests(upstream)) == attempts
+    [row] = await usage_rows(images_db, user_id=user)
+    assert (row["status"], row["http_status"], row["images"], row["cost_usd"]) == ("error", status, 0, 0)
+    assert await images_db.fetchval("SELECT count(*) FROM image") == 0
+
+
+async def test_upstream_timeout_is_504(start, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    upstream.script(UPSTREAM_IMAGES, Reply(hang=True))
+    async with start(upstream_read_timeout=0.3) as slow:
+        key, _ = await slow.key("free")
+        assert_error(await generate(slow, key), 504, code="upstream_timeout")
+
+
+async def test_fallback_to_simulated_images(start, upstream: FakeUpstream, images_db) -> None:
+    upstream.reset()
+    upstream.script(UPSTREAM_IMAGES, *[Reply(status=503)] * 3)
+    async with start(fallback_to_simulated=True) as fallback:
+        key, user = await fallback.key("free")
+        response = await generate(fallback, key)
+    assert response.status_code == 200
+    assert response.headers["x-gateway-fallback"] == "true" and response.headers["x-gateway-simulated"] == "true"
+    [row] = await usage_rows(images_db, user_id=user)
+    assert (row["status"], row["images"], row["cost_usd"]) == ("fallback", 1, 0)
+
+
+# Storage and signed URLs.
+
+
+async def test_s3_storage_backend(start, upstream: FakeUpstream, images_db) -> None:
+    from aiobotocore.session import get_session
+
+    upstream.reset()
+    with moto_s3() as endpoint:
+        options = {
+            "endpoint_url": endpoint,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "test",
+            "aws_secret_access_key": "test",
+        }
+        async with get_session().create_client("s3", **options) as s3:
+            await s3.create_bucket(Bucket="portraits")
+            async with start(
+                image_storage="s3",
+                image_s3_bucket="portraits",
+                image_s3_endpoint_url=endpoint,
+                image_s3_access_key_id="test",
+                image_s3_secret_access_key="test",
+            ) as gateway:
+                key, _ = await gateway.key("free")
+                response = await generate(gateway, key, prompt="a portrait in S3")
+                assert response.status_code == 200, response.text
+                [item] = response.json()["data"]
+                storage_key = await images_db.fetchval(
+                    "SELECT storage_key FROM image WHERE id = $1", uuid.UUID(item["id"])
+                )
+                stored = await s3.get_object(Bucket="portraits", Key=storage_key)
+                assert stored["ContentType"] == "image/png"
+                async with stored["Body"] as body:
+                    assert await body.read() == _png("a portrait in S3")
+                served = await gateway.client.get(item["url"])
+                assert served.status_code == 200 and served.content == _png("a portrait in S3")
+                deleted = await gateway.client.delete(f"/v1/images/{item['id']}", headers=bearer(key))
+                assert deleted.json() == {"id": item["id"], "object": "image.deleted", "deleted": True}
+                listing = await s3.list_objects_v2(Bucket="portraits")
+                assert listing.get("KeyCount", 0) == 0
+        # The backend on its own: a missing key is "missing", not an outage.
+        settings = make_settings("postgresql://unused/db", None, image_storage="s3", image_s3_bucket="portraits",
+                                 image_s3_endpoint_url=endpoint, image_s3_access_key_id="test",
+                                 image_s3_secret_access_key="test")  # fmt: skip
+        storage = await S3Storage.connect(settings)
+        try:
+            await storage.put("a/b.png", b"bytes", "image/png")
+            assert await storage.get("a/b.png") == b"bytes"
+            await storage.delete("a/b.png")
+            with pytest.raises(StoredImageMissing):
+                await storage.get("a/b.png")
+        finally:
+            await storage.close()
+
+
+async def test_signed_urls_refuse_tampering_and_expiry(gw: Gateway, start, images_db) -> None:
+    key, _ = await gw.key("free")
+    first, second = [(await generate(gw, key, prompt=p)).json()["data"][0] for p in ("one", "two")]
+    url = httpx.URL(first["url"])
+    params = dict(url.params)
+    assert int(params["expires"]) == first["url_expires_at"] > time.time() + 3000
+    content = f"/v1/images/{first['id']}/content"
+
+    async def get(**changes: str) -> httpx.Response:
+        return await gw.client.get(content, params={**params, **changes})
+
+    assert (await get()).status_code == 200
+    assert_error(await get(signature=params["signature"][:-2] + "AA"), 403, code="invalid_signature")
+    assert_error(await get(expires=str(int(params["expires"]) + 60)), 403, code="invalid_signature")
+    other = dict(httpx.URL(second["url"]).params)
+    assert_error(await get(signature=other["signature"]), 403, code="invalid_signature")  # another image's signature
+    assert_error(await gw.client.get(content), 400, param="expires")
+    # A URL signed an hour ago with a one-hour TTL has expired (the signature itself is valid).
+    signer = gw.app.state.images.service.signer
+    expired_url, expired_at = signer.sign(gw.url + "/v1", uuid.UUID(first["id"]), now=time.time() - 3700)
+    assert expired_at < time.time()
+    assert_error(await gw.client.get(expired_url), 403, code="url_expired")
+    # The secret lives in Postgres: another replica (or a restart) verifies the same URLs.
+    assert await images_db.fetchval("SELECT count(*) FROM image_signing_key") == 1
+    async with start() as replica:
+        assert (await replica.client.get(content, params=params)).status_code == 200
+    # With IMAGE_URL_SECRET set, that secret signs instead.
+    async with start(image_url_secret="x" * 40) as configured:
+        assert_error(await configured.client.get(content, params=params), 403, code="invalid_signature")
+
+
+# History, regeneration, deletion.
+
+
+async def test_history_is_per_user_and_paginated(gw: Gateway) -> None:
+    alice, _ = await gw.key("free")
+    bob, _ = await gw.key("free")
+    ids = [(await generate(gw, alice, prompt=f"alice {i}")).json()["data"][0]["id"] for i in range(3)]
+    [bob_id] = [item["id"] for item in (await generate(gw, bob, prompt="bob")).json()["data"]]
+    page = (await gw.client.get("/v1/images", params={"limit": 2}, headers=bearer(alice))).json()
+    assert [item["id"] for item in page["data"]] == ids[::-1][:2] and page["has_more"] is True
+    rest = (
+        await gw.client.get("/v1/images", params={"limit": 2, "after": page["next_cursor"]}, headers=bearer(alice))
+    ).json()
+    assert (
+        [item["id"] for item in rest["data"]] == [ids[0]] and rest["has_more"] is False and rest["next_cursor"] is None
+    )
+    item = rest["data"][0]
+    assert item["object"] == "image" and item["prompt"] == "alice 0" and item["model"] == "gpt-image-1-mini"
+    assert item["url"].startswith(gw.url) and item["cost_usd"] == float(mini_cost(1))
+    assert [i["id"] for i in (await gw.client.get("/v1/images", headers=bearer(bob))).json()["data"]] == [bob_id]
+    # Another user's image does not exist for them.
+    assert_error(await gw.client.get(f"/v1/images/{ids[0]}", headers=bearer(bob)), 404)
+    assert_error(await gw.client.delete(f"/v1/images/{ids[0]}", headers=bearer(bob)), 404)
+    assert_error(await gw.client.post(f"/v1/images/{ids[0]}/regenerate", headers=bearer(bob)), 404)
+    assert (await gw.client.get(f"/v1/images/{ids[0]}", headers=bearer(alice))).json()["id"] == ids[0]
+    assert_error(
+        await gw.client.get("/v1/images", params={"after": "garbage"}, headers=bearer(alice)), 400, param="after"
+    )
+    assert_error(await gw.client.get("/v1/images"), 401)
+
+
+async def test_regenerate_keeps_or_changes_the_options(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, user = await gw.key("free")
+    original = (await generate(gw, key, prompt="a lighthouse", size="1024x1536", quality="low")).json()["data"][0]
+    same = await gw.client.post(f"/v1/images/{original['id']}/regenerate", headers=bearer(key))
+    changed = await gw.client.post(
+        f"/v1/images/{original['id']}/regenerate", json={"prompt": "a lighthouse at dusk", "n": 2}, headers=bearer(key)
+    )
+    assert same.status_code == 200 and changed.status_code == 200, changed.text
+    first, second, third = image_requests(upstream)
+    # Same prompt, model, size and quality, plus what the upstream reported it used for the original.
+    assert second == {**first, "background": "opaque", "output_format": "png"}
+    assert third["prompt"] == "a lighthouse at dusk" and third["n"] == 2 and third["size"] == "1024x1536"
+    regenerated = (await gw.client.get(f"/v1/images/{changed.json()['data'][1]['id']}", headers=bearer(key))).json()
+    assert regenerated["regenerated_from"] == original["id"] and regenerated["prompt"] == "a lighthouse at dusk"
+    assert_error(
+        await gw.client.post(f"/v1/images/{original['id']}/regenerate", json={"size": "7x7"}, headers=bearer(key)),
+        400,
+        param="size",
+    )
+    assert_error(await gw.client.post(f"/v1/images/{uuid.uuid4()}/regenerate", headers=bearer(key)), 404)
+    rows = await usage_rows(images_db, 3, user_id=user)
+    assert [r["images"] for r in rows] == [1, 1, 2]
+
+
+async def test_delete_removes_row_and_bytes(gw: Gateway, images_db, image_dir: Path) -> None:
+    key, _ = await gw.key("free")
+    item = (await generate(gw, key)).json()["data"][0]
+    storage_key = await images_db.fetchval("SELECT storage_key FROM image")
+    assert (image_dir / storage_key).exists()
+    deleted = await gw.client.delete(f"/v1/images/{item['id']}", headers=bearer(key))
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert not (image_dir / storage_key).exists()
+    assert_error(await gw.client.get(f"/v1/images/{item['id']}", headers=bearer(key)), 404)
+    assert_error(await gw.client.get(item["url"]), 404)  # a valid signature for an image that is gone
+    assert_error(await gw.client.delete(f"/v1/images/{item['id']}", headers=bearer(key)), 404)
+
+
+async def test_retention_prunes_old_images_and_expired_keys(gw: Gateway, images_db, image_dir: Path) -> None:
+    key, _ = await gw.key("free")
+    old, new = [(await generate(gw, key, prompt=p)).json()["data"][0]["id"] for p in ("old", "new")]
+    old_key = await images_db.fetchval("SELECT storage_key FROM image WHERE id = $1", uuid.UUID(old))
+    await images_db.execute("UPDATE image SET created_at = now() - interval '31 days' WHERE id = $1", uuid.UUID(old))
+    await generate(gw, key, prompt="kept")
+    await images_db.execute(
+        "INSERT INTO idempotency_key (user_id, key, request_hash, state, expires_at)"
+        " VALUES ('u', 'stale', 'h', 'done', now() - interval '1 second')"
+    )
+    pruned = await gw.app.state.images.retention.prune()
+    assert (pruned.images, pruned.idempotency_keys) == (1, 1)
+    assert not (image_dir / old_key).exists()
+    remaining = {str(r["id"]) for r in await images_db.fetch("SELECT id FROM image")}
+    assert old not in remaining and new in remaining
+
+
+def test_prune_images_cli(images_db_url: str, image_dir: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": images_db_url, "IMAGE_DIR": str(image_dir), "OPENAI_API_KEY": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "prune-images", "--days", "30"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pruned ") and "images" in done.stdout
+
+
+# Moderation.
+
+
+async def test_moderation_refuses_flagged_prompts(start, upstream: FakeUpstream, images_db) -> None:
+    upstream.reset()
+    async with start(image_moderation=True) as moderated:
+        key, user = await moderated.key("free")
+        refused = await generate(moderated, key, prompt="something forbidden")
+        allowed = await generate(moderated, key, prompt="a friendly dog")
+        batch = await moderated.client.post(
+            BATCHES, json={"items": [{"prompt": "fine"}, {"prompt": "FORBIDDEN art"}]}, headers=bearer(key)
+        )
+    error = assert_error(refused, 400, code="content_policy_violation", param="prompt")
+    assert "violence" in error["message"]
+    assert allowed.status_code == 200
+    assert_error(batch, 400, code="content_policy_violation", param="items.1.prompt")
+    assert [(r.path, (r.json or {}).get("input")) for r in upstream.requests] == [
+        (UPSTREAM_MODERATIONS, ["something forbidden"]),
+        (UPSTREAM_MODERATIONS, ["a friendly dog"]),
+        (UPSTREAM_IMAGES, None),
+        (UPSTREAM_MODERATIONS, ["fine", "FORBIDDEN art"]),
+    ]
+    assert upstream.requests[0].json["model"] == "omni-moderation-latest"
+    assert await images_db.fetchval("SELECT count(*) FROM image WHERE user_id = $1", user) == 1
+    assert await images_db.fetchval("SELECT count(*) FROM image_batch WHERE user_id = $1", user) == 0
+    rows = await usage_rows(images_db, 4, user_id=user)
+    assert [(r["route"], r["error_code"]) for r in rows if r["route"] == "images.moderation"] == [
+        ("images.moderation", "content_policy_violation"),
+        ("images.moderation", None),
+        ("images.moderation", "content_policy_violation"),
+    ]
+    # The refused request's reservation was given back: only the allowed image counts today.
+    daily = await wait_for(
+        lambda: images_db.fetchval("SELECT value FROM rate_limit_bucket WHERE key LIKE $1", f"images_per_day:{user}:%")
+    )
+    assert daily == 1
+
+
+async def test_simulated_moderation_is_local(start, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    async with start(simulated=True, image_moderation=True) as sim:
+        key, _ = await sim.key("free")
+        assert_error(await generate(sim, key, prompt="forbidden"), 400, code="content_policy_violation")
+        assert (await generate(sim, key, prompt="a cat")).status_code == 200
+    assert upstream.requests == []
+
+
+# Idempotency.
+
+
+async def test_idempotent_retry_returns_the_first_result(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, user = await gw.key("free")
+    headers = {**bearer(key), "Idempotency-Key": "retry-1"}
+    body = {"model": "default-image", "prompt": "a mountain", "response_format": "b64_json"}
+    first = await gw.client.post(GENERATIONS, json=body, headers=headers)
+    again = await gw.client.post(GENERATIONS, json=dict(reversed(body.items())), headers=headers)  # same, reordered
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert [d["id"] for d in again.json()["data"]] == [d["id"] for d in first.json()["data"]]
+    assert again.json()["data"][0]["b64_json"] == first.json()["data"][0]["b64_json"]  # read back from storage
+    assert len(image_requests(upstream)) == 1
+    assert len(await usage_rows(images_db, user_id=user)) == 1
+    # The same key with another body is a conflict the SDKs must not retry.
+    conflict = await gw.client.post(GENERATIONS, json={**body, "prompt": "a valley"}, headers=headers)
+    assert_error(conflict, 409, code="idempotency_key_reused")
+    assert conflict.headers["x-should-retry"] == "false"
+    # Keys are per user.
+    other, _ = await gw.key("free")
+    assert (
+        await gw.client.post(GENERATIONS, json=body, headers={**bearer(other), "Idempotency-Key": "retry-1"})
+    ).status_code == 200
+    assert len(image_requests(upstream)) == 2
+    # After a day the key is free again.
+    await images_db.execute(
+        "UPDATE idempotency_key SET expires_at = now() - interval '1 second' WHERE user_id = $1", user
+    )
+    reused = await gw.client.post(GENERATIONS, json={**body, "prompt": "a valley"}, headers=headers)
+    assert reused.status_code == 200 and "idempotent-replayed" not in reused.headers
+    assert_error(
+        await gw.client.post(GENERATIONS, json=body, headers={**bearer(key), "Idempotency-Key": "x" * 300}),
+        400,
+        param="Idempotency-Key",
+    )
+
+
+async def test_concurrent_duplicates_call_the_upstream_once(gw: Gateway, upstream: FakeUpstream) -> None:
+    upstream.script(UPSTREAM_IMAGES, Reply(delay=0.5))
+    key, _ = await gw.key("free")
+    headers = {**bearer(key), "Idempotency-Key": "tap-tap"}
+    body = {"model": "default-image", "prompt": "twice"}
+    raw = await asyncio.gather(*(gw.client.post(GENERATIONS, json=body, headers=headers) for _ in range(2)))
+    assert sorted(r.status_code for r in raw) == [200, 409]
+    busy = next(r for r in raw if r.status_code == 409)
+    assert_error(busy, 409, code="idempotency_key_in_use")
+    assert busy.headers["retry-after"] == "1"
+    assert len(image_requests(upstream)) == 1
+    # The official SDK retries that 409 and gets the first result.
+    upstream.script(UPSTREAM_IMAGES, Reply(delay=0.5))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key)
+    results = await asyncio.gather(
+        *(
+            client.images.generate(model="default-image", prompt="thrice", extra_headers={"Idempotency-Key": "sdk"})
+            for _ in range(2)
+        )
+    )
+    await client.close()
+    assert results[0].data[0].url.split("?")[0] == results[1].data[0].url.split("?")[0]
+    assert len(image_requests(upstream)) == 2
+
+
+async def test_a_failed_request_releases_its_key(gw: Gateway, upstream: FakeUpstream) -> None:
+    upstream.script(UPSTREAM_IMAGES, *[Reply(status=500)] * 3)
+    key, _ = await gw.key("free")
+    headers = {**bearer(key), "Idempotency-Key": "flaky"}
+    body = {"model": "default-image", "prompt": "retry me"}
+    assert_error(await gw.client.post(GENERATIONS, json=body, headers=headers), 502)
+    retried = await gw.client.post(GENERATIONS, json=body, headers=headers)
+    assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
+    assert len(image_requests(upstream)) == 4
+
+
+# Batches.
+
+
+async def create_batch(gateway: Gateway, key: str, prompts: list[str], **options: Any) -> httpx.Response:
+    items = [{"prompt": prompt, "custom_id": f"student-{i}"} for i, prompt in enumerate(prompts)]
+    return await gateway.client.post(
+        BATCHES, json={"model": "default-image", "items": items, **options}, headers=bearer(key)
+    )
+
+
+async def test_batch_progress_events_and_one_failure(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    upstream.script(UPSTREAM_IMAGES, Reply(), Reply(status=400))
+    key, user = await gw.key("free")
+    created = await create_batch(gw, key, ["Ada", "Grace", "Linus"], quality="low")
+    assert created.status_code == 202, created.text
+    batch = created.json()
+    assert batch["object"] == "image.batch" and batch["counts"]["total"] == 3
+    assert batch["estimated_cost_usd"] == pytest.approx(0.005 * 1.5 * 3)
+    events = await read_events(gw, key, batch["id"])
+    kinds = [name for name, _ in events]
+    assert sorted(kinds[:-1]) == ["item.completed", "item.completed", "item.failed"]
+    assert kinds[-1] == "batch.completed"
+    assert events[-1][1]["counts"] == {
+        "total": 3,
+        "pending": 0,
+        "running": 0,
+        "completed": 2,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    for name, data in events[:-1]:
+        assert data["type"] == name and data["batch_id"] == batch["id"]
+        assert data["item"]["custom_id"] == f"student-{data['item']['index']}"
+    failed = next(data["item"] for name, data in events if name == "item.failed")
+    assert failed["error"]["code"] is None or failed["error"]["message"]
+    assert failed["images"] == [] and failed["attempts"] == 1
+    done = (await gw.client.get(f"{BATCHES}/{batch['id']}", headers=bearer(key))).json()
+    assert done["status"] == "completed" and done["finished_at"] is not None
+    completed = [item for item in done["items"] if item["status"] == "completed"]
+    assert len(completed) == 2 and all(len(item["images"]) == 1 for item in completed)
+    served = await gw.client.get(completed[0]["images"][0]["url"])
+    assert png_size(served.content) == (8, 8)
+    rows = await usage_rows(images_db, 3, user_id=user)
+    assert sorted((r["route"], r["status"], r["images"]) for r in rows) == [
+        ("images.batches", "error", 0),
+        ("images.batches", "ok", 1),
+        ("images.batches", "ok", 1),
+    ]
+    assert await images_db.fetchval("SELECT count(*) FROM image WHERE batch_id = $1", uuid.UUID(batch["id"])) == 2
+    # Batch images count against the per-hour batch limit, not the per-minute request limit.
+    keys = {r["key"].split(":")[0] for r in await images_db.fetch("SELECT key FROM rate_limit_bucket")}
+    assert "batch_images_per_hour" in keys and "image_requests_per_minute" not in keys
+    # Others cannot see it.
+    stranger, _ = await gw.key("free")
+    assert_error(await gw.client.get(f"{BATCHES}/{batch['id']}", headers=bearer(stranger)), 404)
+    assert_error(await gw.client.get(f"{BATCHES}/{batch['id']}/events", headers=bearer(stranger)), 404)
+
+
+async def test_a_batch_waits_for_the_users_limits(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, user = await gw.key("free")
+    await gw.admin("PATCH", f"/admin/users/{user}", json={"limit_overrides": {"batch_images_per_hour": 1}})
+    created = (await create_batch(gw, key, ["first", "second"])).json()
+
+    async def waiting() -> dict[str, Any] | None:
+        batch = (await gw.client.get(f"{BATCHES}/{created['id']}", headers=bearer(key))).json()
+        second = batch["items"][1]
+        return batch if second["error"] and second["error"]["code"] == "rate_limit_exceeded" else None
+
+    batch = await wait_for(waiting)
+    assert batch is not None and batch["status"] == "running"
+    first, second = batch["items"]
+    assert first["status"] == "completed" and second["status"] == "pending" and second["attempts"] == 0
+    assert len(image_requests(upstream)) == 1
+    cancelled = await gw.client.post(f"{BATCHES}/{created['id']}/cancel", headers=bearer(key))
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["items"][1]["status"] == "cancelled"
+    events = await read_events(gw, key, created["id"])
+    assert [name for name, _ in events] == ["item.completed", "item.cancelled", "batch.cancelled"]
+
+
+async def test_event_streams_beat_and_end_by_their_cap(start, upstream: FakeUpstream) -> None:
+    upstream.reset()
+    async with start(stream_max_seconds=1.0, stream_heartbeat_seconds=0.2) as capped:
+        key, user = await capped.key("free")
+        await capped.admin("PATCH", f"/admin/users/{user}", json={"limit_overrides": {"batch_images_per_hour": 0}})
+        batch = (await create_batch(capped, key, ["never allowed"])).json()
+        started = time.monotonic()
+        async with capped.client.stream("GET", f"{BATCHES}/{batch['id']}/events", headers=bearer(key)) as response:
+            body = (await response.aread()).decode()
+        assert 0.9 < time.monotonic() - started < 5
+        assert body.count(": keep-alive") >= 2
+        assert body.rstrip().splitlines()[-1].startswith("data: ") and "event: stream.timeout" in body
+        await capped.client.post(f"{BATCHES}/{batch['id']}/cancel", headers=bearer(key))
+    assert image_requests(upstream) == []
+
+
+async def test_transient_item_failures_are_retried(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    upstream.script(UPSTREAM_IMAGES, *[Reply(status=500)] * 3)  # one generation call, after its own retries
+    key, _ = await gw.key("free")
+    created = (await create_batch(gw, key, ["retry"])).json()
+
+    async def requeued() -> bool:
+        row = await images_db.fetchrow("SELECT status, attempts, error_code FROM image_batch_item")
+        return row is not None and tuple(row) == ("pending", 1, "upstream_error")
+
+    assert await wait_for(requeued)
+    await images_db.execute("UPDATE image_batch_item SET not_before = now()")  # skip the backoff
+    events = await read_events(gw, key, created["id"])
+    assert [name for name, _ in events] == ["item.completed", "batch.completed"]
+    assert events[0][1]["item"]["attempts"] == 1
+
+
+async def test_batch_creation_is_validated_and_idempotent(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+    key, _ = await gw.key("free")
+    assert_error(await create_batch(gw, key, ["a"], size="9x9"), 400, param="size")
+    assert_error(await create_batch(gw, key, []), 400, param="items")
+    too_many = await create_batch(gw, key, ["p"] * 101)
+    assert_error(too_many, 400, param="items")
+    headers = {**bearer(key), "Idempotency-Key": "class-photos"}
+    body = {"model": "default-image", "items": [{"prompt": "one"}, {"prompt": "two"}]}
+    first = await gw.client.post(BATCHES, json=body, headers=headers)
+    again = await gw.client.post(BATCHES, json=body, headers=headers)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert await images_db.fetchval("SELECT count(*) FROM image_batch") == 1
+    other = {**body, "items": [{"prompt": "three"}]}
+    assert_error(await gw.client.post(BATCHES, json=other, headers=headers), 409, code="idempotency_key_reused")
+    await read_events(gw, key, first.json()["id"])
+    assert len(image_requests(upstream)) == 2
+
+
+async def test_a_batch_survives_a_restart(
+    database_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path
+) -> None:
+    upstream.reset()
+    upstream.script(UPSTREAM_IMAGES, Reply(), Reply(delay=10))  # the second item is under way at shutdown
+    async with fresh_database(database_url) as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+
+            async def statuses() -> list[str]:
+                return [r["status"] for r in await pool.fetch("SELECT status FROM image_batch_item ORDER BY index")]
+
+            paced = {"image_batch_items_per_minute": 600, "image_batch_concurrency": 1}
+            async with serve(image_settings(url, upstream, image_dir, catalog, **paced)) as first:
+                key, user = await first.key("free")
+                batch = (await create_batch(first, key, [f"portrait {i}" for i in range(4)])).json()
+
+                async def midway() -> bool:
+                    return await statuses() == ["completed", "running", "pending", "pending"]
+
+                assert await wait_for(midway), await statuses()
+            assert await statuses() == ["completed", "pending", "pending", "pending"]  # handed back at shutdown
+            async with serve(image_settings(url, upstream, image_dir, catalog)) as second:
+                events = await read_events(second, key, batch["id"])
+                final = (await second.client.get(f"{BATCHES}/{batch['id']}", headers=bearer(key))).json()
+            assert [name for name, _ in events].count("item.completed") == 4 and events[-1][0] == "batch.completed"
+            assert final["status"] == "completed" and [i["status"] for i in final["items"]] == ["completed"] * 4
+            assert await pool.fetchval("SELECT count(*) FROM image") == 4
+            assert len(image_requests(upstream)) == 5  # 4 items + the one interrupted call
+            rows = await usage_rows(pool, 4, user_id=user, status="ok")
+            assert sum(r["images"] for r in rows) == 4
+        finally:
+            await pool.close()
+
+
+async def test_batch_routes_need_a_key_and_a_real_batch(gw: Gateway) -> None:
+    key, _ = await gw.key("free")
+    assert_error(await gw.client.post(BATCHES, json={"items": [{"prompt": "x"}]}), 401)
+    assert_error(await gw.client.get(f"{BATCHES}/{uuid.uuid4()}", headers=bearer(key)), 404)
+    assert_error(await gw.client.post(f"{BATCHES}/{uuid.uuid4()}/cancel", headers=bearer(key)), 404)
