@@ -7,7 +7,7 @@ is what the official SDKs decode, so every client gets the same body whatever fa
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -129,6 +129,12 @@ class Unavailable(GatewayError):
     code = "service_unavailable"
 
 
+# The refusals of a caller's own limits (not the upstream's), which operators count.
+LIMIT_CODES = frozenset({"rate_limit_exceeded", "daily_quota_exceeded", "budget_exceeded"})
+# Called as listener(request, error) for each such refusal; lifespan registers them
+# (app.state.refusal_listeners). They must not block: they run on the response path.
+RefusalListener = Callable[[Request, "GatewayError"], None]
+
 STATUS_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidRequest,
     401: Unauthenticated,
@@ -181,6 +187,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> Response:
+        if error.code in LIMIT_CODES:
+            for listener in getattr(request.app.state, "refusal_listeners", ()):
+                listener(request, error)
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)

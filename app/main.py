@@ -100,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.db, state.catalog, state.upstream, state.limiter = db, catalog, upstream, limiter
     state.usage, state.authenticator = usage, authenticator
     state.auth_guard = FailedAuthGuard(settings.auth_failures_per_minute)
+    state.refusal_listeners = []  # see app.errors.RefusalListener
     state.chat = ChatService(settings, catalog, limiter, upstream, usage)
     state.threads = ThreadService(settings, catalog, limiter, upstream, usage, db)
     presets = load_voice_presets(settings.assistants_file, catalog)

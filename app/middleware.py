@@ -47,6 +47,11 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
+        if declared_length >= 0:
+            # The HTTP parser reads exactly the declared length: nothing more to count.
+            await self.app(scope, receive, send_with_id)
+            return
+
         received = 0
 
         async def receive_capped() -> Message:
