@@ -12,8 +12,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -22,12 +22,13 @@ from app.auth.principal import Principal
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings
 from app.errors import GatewayError, InvalidRequest, UpstreamError
-from app.ratelimit.limiter import Decision, Limiter
-from app.registry import Catalog, ModelSpec
+from app.ratelimit.limiter import Limiter
+from app.registry import Catalog
 from app.upstream.errors import upstream_failed
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
-from app.usage.record import Status, UsageRecord, usage_fields
+from app.usage.call import UpstreamCall
+from app.usage.record import Status, usage_fields
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.chat")
@@ -40,40 +41,14 @@ HEARTBEAT = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
-@dataclass(slots=True)
-class Call:
-    """One request's state from the limit check to its usage row."""
+@dataclass(slots=True, kw_only=True)
+class Call(UpstreamCall):
+    """One chat completion's state from the limit check to its usage row."""
 
-    principal: Principal
-    request_id: str
-    spec: ModelSpec
+    route: ClassVar[str] = ROUTE
+
     payload: dict[str, Any]
-    decision: Decision
     prompt_estimate: int
-    started: float = field(default_factory=time.perf_counter)
-    status: Status = "ok"
-
-    def record(self, **values: Any) -> UsageRecord:
-        return UsageRecord(
-            request_id=self.request_id,
-            user_id=self.principal.user_id,
-            api_key_id=self.principal.api_key_id,
-            route=ROUTE,
-            model=self.spec.id,
-            latency_ms=(time.perf_counter() - self.started) * 1000,
-            decision=self.decision,
-            **values,
-        )
-
-    def headers(self, upstream_request_id: str | None) -> dict[str, str]:
-        headers = dict(self.decision.headers)
-        if self.status in ("simulated", "fallback"):
-            headers["x-gateway-simulated"] = "true"
-        if self.status == "fallback":
-            headers["x-gateway-fallback"] = "true"
-        if upstream_request_id:
-            headers["x-upstream-request-id"] = upstream_request_id
-        return headers
 
 
 class ChatService:
@@ -105,7 +80,14 @@ class ChatService:
                 spec.token_cost(prompt_estimate, completion_cap),
             )
         )
-        call = Call(principal, request_id, spec, payload, decision, prompt_estimate)
+        call = Call(
+            principal=principal,
+            request_id=request_id,
+            spec=spec,
+            decision=decision,
+            payload=payload,
+            prompt_estimate=prompt_estimate,
+        )
         backend = self.upstream.chat_for(principal)
         if body.stream:
             return await self._stream(call, backend, body)
@@ -161,7 +143,7 @@ class ChatService:
 
     def _cost(self, call: Call, prompt: int, completion: int, cached: int) -> float:
         """Simulated answers cost nothing: no upstream was paid for them."""
-        if call.status in ("simulated", "fallback"):
+        if call.simulated:
             return 0.0
         return call.spec.token_cost(prompt, completion, cached)
 

@@ -171,7 +171,16 @@ class TurnRunner:
                     goal_id=body.goal_id,
                 ),
             )
-        turn = Turn(principal, request_id, thread_id, profile, spec, opened.lock, user_message, started)
+        turn = Turn(
+            principal=principal,
+            request_id=request_id,
+            spec=spec,
+            started=started,
+            thread_id=thread_id,
+            profile=profile,
+            lock=opened.lock,
+            user_message=user_message,
+        )
         return turn, opened
 
     async def _prepare(

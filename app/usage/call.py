@@ -1,0 +1,55 @@
+"""One upstream call's bookkeeping, from its limit check to its usage row and response headers.
+
+Chat completions and thread turns both answer through the chat backends; this is what
+they share: who asked, which model, what the limits reserved, who answered.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from app.auth.principal import Principal
+from app.ratelimit.limiter import Decision
+from app.registry import ModelSpec
+from app.usage.record import Status, UsageRecord
+
+
+@dataclass(slots=True, kw_only=True)
+class UpstreamCall:
+    route: ClassVar[str]
+
+    principal: Principal
+    request_id: str
+    spec: ModelSpec
+    decision: Decision | None = None
+    started: float = field(default_factory=time.perf_counter)
+    status: Status = "ok"  # ok, simulated or fallback: who answered
+
+    @property
+    def simulated(self) -> bool:
+        return self.status in ("simulated", "fallback")
+
+    def record(self, **values: Any) -> UsageRecord:
+        return UsageRecord(
+            request_id=self.request_id,
+            user_id=self.principal.user_id,
+            api_key_id=self.principal.api_key_id,
+            route=self.route,
+            model=self.spec.id,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            decision=self.decision,
+            **values,
+        )
+
+    def headers(self, upstream_request_id: str | None) -> dict[str, str]:
+        """The limits' headers, and whether a simulated provider answered."""
+        headers = dict(self.decision.headers) if self.decision else {}
+        if self.simulated:
+            headers["x-gateway-simulated"] = "true"
+        if self.status == "fallback":
+            headers["x-gateway-fallback"] = "true"
+        if upstream_request_id:
+            headers["x-upstream-request-id"] = upstream_request_id
+        return headers
