@@ -28,7 +28,7 @@ from app.upstream.errors import upstream_failed
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
 from app.usage.call import UpstreamCall
-from app.usage.record import Status, usage_fields
+from app.usage.record import Status
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.chat")
@@ -48,7 +48,11 @@ class Call(UpstreamCall):
     route: ClassVar[str] = ROUTE
 
     payload: dict[str, Any]
-    prompt_estimate: int
+
+
+def _reply_chars(answer: dict[str, Any]) -> int:
+    """The characters of a completion's replies, to estimate its tokens when the upstream sent no usage."""
+    return sum(len((choice.get("message") or {}).get("content") or "") for choice in answer.get("choices") or ())
 
 
 class ChatService:
@@ -127,25 +131,18 @@ class ChatService:
             log.warning("upstream failed, answering simulated: %s", error.message)
             call.status = "fallback"
             reply = await self.upstream.simulated_chat.complete(call.payload)
-        prompt, completion, cached = usage_fields(orjson.loads(reply.body).get("usage"))
+        answer = orjson.loads(reply.body)
+        usage = answer.get("usage")
         self.usage.record(
-            call.record(
+            call.finished(
+                usage,
+                0 if usage else _reply_chars(answer),
                 status=call.status,
                 http_status=200,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
-                cost_usd=self._cost(call, prompt, completion, cached),
                 upstream_request_id=reply.request_id,
             )
         )
         return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
-
-    def _cost(self, call: Call, prompt: int, completion: int, cached: int) -> float:
-        """Simulated answers cost nothing: no upstream was paid for them."""
-        if call.simulated:
-            return 0.0
-        return call.spec.token_cost(prompt, completion, cached)
 
     def _record_error(self, call: Call, error: GatewayError, *, stream: bool) -> None:
         self.usage.record(
@@ -243,22 +240,13 @@ class ChatService:
         stream: EventStream,
     ) -> None:
         """One row however the stream ended; an abandoned one counts what it had sent."""
-        estimated = usage is None
-        if estimated:
-            prompt, completion, cached = call.prompt_estimate, chars_to_tokens(completion_chars), 0
-        else:
-            prompt, completion, cached = usage_fields(usage)
-        status: Status = outcome or "cancelled"
         self.usage.record(
-            call.record(
-                status=status,
+            call.finished(
+                usage,
+                completion_chars,
+                status=outcome or "cancelled",
                 http_status=200,
                 stream=True,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
-                tokens_estimated=estimated,
-                cost_usd=self._cost(call, prompt, completion, cached),
                 ttft_ms=(first_token_at - call.started) * 1000 if first_token_at else None,
                 upstream_request_id=stream.request_id,
                 error_code=error.code if error else None,

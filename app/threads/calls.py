@@ -26,7 +26,6 @@ class Turn(UpstreamCall):
     lock: datetime
     user_message: ThreadMessage
     payload: dict[str, Any] = field(default_factory=dict)
-    prompt_estimate: int = 0
 
     def record(self, **values: Any) -> UsageRecord:
         # Not super(): dataclasses with slots=True are new classes, which breaks its zero-argument form.

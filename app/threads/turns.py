@@ -42,7 +42,7 @@ from app.upstream.errors import upstream_failed
 from app.upstream.http import UpstreamReply
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
-from app.usage.record import Status, usage_fields
+from app.usage.record import Status
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.threads")
@@ -282,27 +282,18 @@ class TurnRunner:
         message_id: uuid.UUID | None = None,
     ) -> TurnResult:
         """Record the call's usage and store the reply, releasing the lock; raises when it cannot be stored."""
-        estimated = usage is None
-        if estimated:
-            prompt, completion, cached = turn.prompt_estimate, chars_to_tokens(len(text)), 0
-        else:
-            prompt, completion, cached = usage_fields(usage)
-        cost = 0.0 if turn.simulated else turn.spec.token_cost(prompt, completion, cached)
-        self.usage.record(
-            turn.record(
-                status=usage_status,
-                http_status=200,
-                stream=stream,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
-                tokens_estimated=estimated,
-                cost_usd=cost,
-                ttft_ms=ttft_ms,
-                upstream_request_id=upstream_request_id,
-                error_code=error.code if error else None,
-            )
+        record = turn.finished(
+            usage,
+            len(text),
+            status=usage_status,
+            http_status=200,
+            stream=stream,
+            ttft_ms=ttft_ms,
+            upstream_request_id=upstream_request_id,
+            error_code=error.code if error else None,
         )
+        self.usage.record(record)
+        prompt, completion, cost = record.prompt_tokens, record.completion_tokens, record.cost_usd
         reply = ThreadMessage(
             id=message_id or uuid.uuid4(),
             thread_id=turn.thread_id,

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 from app.auth.principal import Principal
 from app.ratelimit.limiter import Decision
 from app.registry import ModelSpec
-from app.usage.record import Status, UsageRecord
+from app.upstream.simulated import chars_to_tokens
+from app.usage.record import Status, UsageRecord, usage_fields
 
 
 @dataclass(slots=True, kw_only=True)
@@ -24,6 +25,7 @@ class UpstreamCall:
     request_id: str
     spec: ModelSpec
     decision: Decision | None = None
+    prompt_estimate: int = 0
     started: float = field(default_factory=time.perf_counter)
     status: Status = "ok"  # ok, simulated or fallback: who answered
 
@@ -40,6 +42,25 @@ class UpstreamCall:
             model=self.spec.id,
             latency_ms=(time.perf_counter() - self.started) * 1000,
             decision=self.decision,
+            **values,
+        )
+
+    def finished(self, usage: dict[str, Any] | None, completion_chars: int, **values: Any) -> UsageRecord:
+        """The row of a call that got an answer: the upstream's `usage`, else our estimate, marked.
+
+        Simulated answers cost nothing: no upstream was paid for them.
+        """
+        estimated = usage is None
+        if estimated:
+            prompt, completion, cached = self.prompt_estimate, chars_to_tokens(completion_chars), 0
+        else:
+            prompt, completion, cached = usage_fields(usage)
+        return self.record(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            tokens_estimated=estimated,
+            cost_usd=0.0 if self.simulated else self.spec.token_cost(prompt, completion, cached),
             **values,
         )
 
