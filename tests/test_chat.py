@@ -367,3 +367,23 @@ async def test_usage_is_not_lost_on_shutdown(gateway_with: GatewayFactory, db) -
         await client.close()
         assert await db.fetchval("SELECT count(*) FROM usage_event WHERE user_id = $1", user) == 0
     assert await db.fetchval("SELECT count(*) FROM usage_event WHERE user_id = $1", user) == 20
+
+
+async def test_completion_without_usage_is_estimated(gateway: Gateway, upstream: FakeUpstream, db) -> None:
+    body = {
+        "id": "chatcmpl-nousage",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-5-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 40}, "finish_reason": "stop"}],
+    }
+    upstream.script(CHAT, Reply(body=body))
+    key, user = await gateway.key("free")
+    response = await gateway.client.post(
+        CHAT, json={"model": "default-chat", "messages": MESSAGES}, headers=bearer(key)
+    )
+    assert response.status_code == 200 and response.json()["id"] == "chatcmpl-nousage"
+    [row] = await usage_rows(db, user_id=user)
+    assert row["tokens_estimated"] is True
+    assert row["completion_tokens"] == 10 and row["prompt_tokens"] >= 1
+    assert row["cost_usd"] > 0
