@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -31,12 +30,23 @@ def prepare_database(settings: Settings) -> str:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import logging.config
+
     import uvicorn
 
+    from app.observability.logs import logging_config
+    from app.observability.multiprocess import prepare_multiprocess_dir
+
     settings = get_settings()
+    log_level = (args.log_level or settings.log_level).lower()
+    # This process and every worker (uvicorn applies log_config in each) log alike: JSON lines by default.
+    log_config = logging_config(settings.log_format, log_level)
+    logging.config.dictConfig(log_config)
     prepare_database(settings)
+    if settings.metrics_enabled:  # before any worker starts (or, with one, before prometheus_client loads)
+        prepare_multiprocess_dir(settings.prometheus_multiproc_dir, args.workers)
     mode = "SIMULATED (no OPENAI_API_KEY)" if settings.simulated else settings.openai_base_url
-    print(f"gateway on http://{args.host}:{args.port} upstream: {mode}", file=sys.stderr)
+    log.info("gateway on http://%s:%s upstream: %s", args.host, args.port, mode)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -45,8 +55,9 @@ def serve(args: argparse.Namespace) -> None:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
-        log_level=args.log_level,
-        access_log=False,
+        log_level=log_level,
+        log_config=log_config,
+        access_log=False,  # the middleware writes the access lines (app.access)
         proxy_headers=True,
         timeout_graceful_shutdown=30,
     )
@@ -137,6 +148,30 @@ def prune_images(args: argparse.Namespace) -> None:
     print(f"pruned {pruned.images} images, {pruned.batches} batches, {pruned.idempotency_keys} idempotency keys")
 
 
+def rotate_byok(_: argparse.Namespace) -> None:
+    from app.byok.service import rotate
+    from app.db import Database
+
+    settings = get_settings()
+    url = prepare_database(settings)
+
+    async def run():  # type: ignore[no-untyped-def]
+        database = await Database.connect(url, 1)
+        try:
+            return await rotate(settings, database.sessionmaker)
+        finally:
+            await database.close()
+
+    try:
+        result = asyncio.run(run())
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    print(f"re-encrypted {result.resealed} stored OpenAI keys under key {result.key_id}")
+    if result.unreadable:
+        users = ", ".join(result.unreadable[:20]) + (" ..." if len(result.unreadable) > 20 else "")
+        raise SystemExit(f"{len(result.unreadable)} keys cannot be decrypted with BYOK_ENCRYPTION_KEYS: {users}")
+
+
 def render_openapi() -> str:
     """The OpenAPI document the app serves, as committed in openapi.json."""
     import json
@@ -166,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--workers", type=int, default=1)
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", default=None, help="default: LOG_LEVEL (info)")
     run.set_defaults(handler=serve)
 
     verbs.add_parser("migrate", help="bring the database schema to head").set_defaults(handler=migrate)
@@ -188,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     prune = verbs.add_parser("prune-images", help="delete images and batches past retention, expired idempotency keys")
     prune.add_argument("--days", type=int, default=None, help="age limit (default IMAGE_RETENTION_DAYS)")
     prune.set_defaults(handler=prune_images)
+
+    rotate = verbs.add_parser("rotate-byok", help="re-encrypt users' stored OpenAI keys under the first BYOK key")
+    rotate.set_defaults(handler=rotate_byok)
 
     spec = verbs.add_parser("openapi", help="write the OpenAPI document (or --check it)")
     spec.add_argument("--output", type=Path, default=Path("openapi.json"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CATALOG = PACKAGE_DIR / "catalog.toml"
@@ -52,6 +54,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     stream_heartbeat_seconds: float = Field(15.0, gt=0)
     stream_max_seconds: float = Field(600.0, gt=0)
+
+    # Logs and metrics. `serve` logs JSON lines (LOG_FORMAT=text for a terminal) at LOG_LEVEL;
+    # prompt text is logged only with LOG_PROMPTS=true. GET /metrics (Prometheus; keep it off
+    # the public network, or set METRICS_TOKEN and scrape with it as bearer) sums all workers
+    # through PROMETHEUS_MULTIPROC_DIR, a temporary directory `serve --workers N` makes when unset.
+    log_format: str = Field("json", pattern="^(json|text)$")
+    log_level: str = Field("info", pattern="(?i)^(critical|error|warning|info|debug|trace)$")
+    log_prompts: bool = False
+    metrics_enabled: bool = True
+    metrics_token: str | None = Field(None, min_length=16)
+    prometheus_multiproc_dir: str | None = None
 
     # Limits: what to do when Postgres cannot be reached for a check.
     ratelimit_fail_open_rates: bool = True
@@ -101,6 +114,40 @@ class Settings(BaseSettings):
     image_retention_days: int = Field(30, ge=0)  # 0 keeps images forever
     image_retention_interval: float = Field(3600.0, gt=0)
     idempotency_ttl_seconds: int = Field(86400, ge=60)
+
+    # Bring your own key: users' OpenAI keys are sealed (AES-GCM) under the first of
+    # BYOK_ENCRYPTION_KEYS (urlsafe base64 of 32 bytes; a JSON list or comma-separated);
+    # every listed key still decrypts, so rotation is: prepend a new key, restart, run
+    # `python -m app rotate-byok`, then drop the old one. Empty: BYOK is off.
+    byok_encryption_keys: Annotated[list[SecretStr], NoDecode] = []
+    byok_max_clients: int = Field(256, ge=1)  # per-user upstream clients kept open per process
+    byok_check_timeout: float = Field(10.0, gt=0)  # the upstream check of a key before it is stored
+
+    @field_validator("byok_encryption_keys", mode="before")
+    @classmethod
+    def _byok_keys_as_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("byok_encryption_keys")
+    @classmethod
+    def _byok_keys_are_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        from app.byok.crypto import NEW_KEY_HINT, decode_key
+
+        seen: dict[bytes, int] = {}
+        for number, key in enumerate(value, 1):
+            try:
+                raw = decode_key(key.get_secret_value())
+            except ValueError as error:  # the message never echoes the key
+                raise ValueError(f"entry {number} {error}; each key is 32 random bytes, e.g. {NEW_KEY_HINT}") from None
+            if raw in seen:
+                raise ValueError(f"entry {number} repeats entry {seen[raw]}")
+            seen[raw] = number
+        return value
 
     @field_validator(
         "image_url_secret", "image_s3_bucket", "image_s3_endpoint_url", "image_public_base_url", mode="before"

@@ -14,9 +14,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app import migrations
+from app.admin.dashboard import router as dashboard_router
+from app.admin.refusals import start_refusal_recorder
+from app.admin.reports import router as reports_router
 from app.admin.router import router as admin_router
 from app.auth.guard import FailedAuthGuard
 from app.auth.service import Authenticator
+from app.byok.router import router as byok_router
+from app.byok.service import start_byok
 from app.chat.router import router as chat_router
 from app.chat.schemas import ChatCompletionRequest
 from app.chat.service import ChatService
@@ -27,6 +32,8 @@ from app.health.router import router as health_router
 from app.images.router import router as images_router
 from app.images.runtime import start_images
 from app.middleware import RequestContextMiddleware
+from app.observability.router import router as observability_router
+from app.observability.runtime import start_observability, stop_observability
 from app.ratelimit.limiter import Limiter
 from app.realtime.presets import load_voice_presets
 from app.realtime.router import router as realtime_router
@@ -101,13 +108,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.usage, state.authenticator = usage, authenticator
     state.auth_guard = FailedAuthGuard(settings.auth_failures_per_minute)
     state.refusal_listeners = []  # see app.errors.RefusalListener
+    state.metrics = start_observability(settings, state.refusal_listeners, usage)
     state.chat = ChatService(settings, catalog, limiter, upstream, usage)
     state.threads = ThreadService(settings, catalog, limiter, upstream, usage, db)
     presets = load_voice_presets(settings.assistants_file, catalog)
     state.realtime = RealtimeService(catalog, presets, limiter, upstream, usage)
     state.migration_head = migrations.head()
+    state.byok = await start_byok(settings, db, upstream, authenticator)
     await authenticator.start()
     await usage.start()
+    state.refusals = await start_refusal_recorder(db.pool, state.refusal_listeners, settings.usage_flush_interval)
     state.images = await start_images(settings, db, catalog, limiter, upstream, usage)
     await state.threads.start()
     pruner = asyncio.create_task(_prune_periodically(limiter, settings.ratelimit_prune_interval))
@@ -120,7 +130,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await pruner
         await state.threads.stop()
         await state.images.stop()
+        await state.refusals.stop()
         await usage.stop()
+        await stop_observability(state.metrics)
         await authenticator.stop()
         await upstream.close()
         await db.close()
@@ -144,11 +156,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(chat_router, prefix="/v1")  # first: routes are matched in order, this one is the hottest
     app.include_router(health_router)
+    if settings.metrics_enabled:
+        app.include_router(observability_router)  # /metrics, tag "operations"
     app.include_router(usage_router, prefix="/v1")
     app.include_router(images_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
+    app.include_router(byok_router, prefix="/v1")
     app.include_router(admin_router, prefix="/admin")
+    app.include_router(reports_router, prefix="/admin")
+    app.include_router(dashboard_router, prefix="/admin")
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

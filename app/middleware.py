@@ -2,31 +2,69 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
+from time import perf_counter
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLarge, error_response
+from app.observability.logs import prompt_excerpt, request_state
+from app.observability.metrics import Metrics
+from app.observability.routes import route_of, templates_of
 
 REQUEST_ID_PATTERN = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 
+ACCESS = "app.access"
+access_log = logging.getLogger(ACCESS)
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False
+
 
 class RequestContextMiddleware:
-    """Gives every request an id (echoed as `x-request-id`) and refuses oversized bodies.
+    """Gives every request an id (echoed as `x-request-id`), refuses oversized bodies, and
+    accounts for each request: the request metrics, the open-streams gauge, one access line.
 
     A client-sent `x-request-id` is kept when it is short and plain, so one id can
     follow a call from the app through the gateway to the logs.
+
+    The access line (`app.access`, INFO) names the route by its template, never the raw
+    path (no ids or signed query strings in logs); `user_id` is the principal auth put in
+    `scope["state"]`, `model` what the usage records of the request named (see
+    `app.observability.logs.note_model`). No header or body is logged, except the prompt
+    excerpt when LOG_PROMPTS=true.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics: Metrics | None = None
+        self.log_prompts = False
+        self.templates: dict[int, str] = {}
+        self._bound = False
+
+    def _bind(self, app: Any) -> None:
+        """At the first request, after lifespan: what it built (metrics, when enabled) and the settings."""
+        self.metrics = getattr(app.state, "metrics", None)
+        settings = getattr(app.state, "settings", None)
+        self.log_prompts = bool(settings is not None and settings.log_prompts)
+        self.templates = templates_of(app)
+        self._bound = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = perf_counter()
+        if not self._bound:
+            self._bind(scope["app"])
         request_id = b""
         declared_length = -1
         for name, value in scope["headers"]:
@@ -36,22 +74,73 @@ class RequestContextMiddleware:
                 declared_length = int(value)
         if not request_id:
             request_id = b"req_" + secrets.token_hex(12).encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
+        context = request_state.set(state)  # this request's task and its children see it: log lines, usage records
 
-        if declared_length > self.max_body_bytes:
-            await self._too_large(request_id.decode())(scope, receive, send)
-            return
+        status = 500  # unless a response starts: an exception escaped to Starlette's error middleware
+        stream_gauge: Any = None
+        metrics = self.metrics
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status, stream_gauge
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                status = message["status"]
+                headers = message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                if metrics is not None and _is_event_stream(headers):
+                    stream_gauge = metrics.stream_gauge(route_of(scope, self.templates))
+                    stream_gauge.inc()
             await send(message)
 
-        if declared_length >= 0:
-            # The HTTP parser reads exactly the declared length: nothing more to count.
-            await self.app(scope, receive, send_with_id)
-            return
+        captured: bytearray | None = None
+        if self.log_prompts and scope["method"] == "POST":
+            captured = bytearray()
+            receive = self._capturing(receive, captured)
+        try:
+            if declared_length > self.max_body_bytes:
+                status = 413
+                await self._too_large(state["request_id"])(scope, receive, send)
+            elif declared_length >= 0:
+                # The HTTP parser reads exactly the declared length: nothing more to count.
+                await self.app(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._capped(receive), send_with_id)
+        finally:
+            if stream_gauge is not None:
+                stream_gauge.dec()
+            self._account(scope, state, status, perf_counter() - started, captured)
+            request_state.reset(context)
 
+    def _account(
+        self, scope: Scope, state: dict[str, Any], status: int, seconds: float, captured: bytearray | None
+    ) -> None:
+        route = route_of(scope, self.templates)
+        if self.metrics is not None:
+            self.metrics.observe_request(scope["method"], route, status, seconds)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+        }
+        principal = state.get("principal")
+        if principal is not None:
+            fields["user_id"] = principal.user_id
+        model = state.get("model")
+        if model is not None:
+            fields["model"] = model
+        if captured:
+            prompt = prompt_excerpt(bytes(captured))
+            if prompt is not None:
+                fields["prompt"] = prompt
+        # makeRecord + handle is what .info() does, minus walking the stack for a caller nobody reads.
+        args = (scope["method"], route, status)
+        access_log.handle(access_log.makeRecord(ACCESS, logging.INFO, "", 0, "%s %s %s", args, None, None, fields))
+
+    def _capped(self, receive: Receive) -> Receive:
         received = 0
 
         async def receive_capped() -> Message:
@@ -63,7 +152,18 @@ class RequestContextMiddleware:
                     raise self._error()
             return message
 
-        await self.app(scope, receive_capped, send_with_id)
+        return receive_capped
+
+    def _capturing(self, receive: Receive, captured: bytearray) -> Receive:
+        """LOG_PROMPTS=true only: keep a copy of the body (at most MAX_BODY_BYTES) for the prompt excerpt."""
+
+        async def receive_copy() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and len(captured) <= self.max_body_bytes:
+                captured.extend(message.get("body", b""))
+            return message
+
+        return receive_copy
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")

@@ -44,6 +44,8 @@ TABLES = (
     "image_batch",
     "image",
     "idempotency_key",
+    "user_openai_key",
+    "limit_refusal",
 )
 
 

@@ -15,3 +15,5 @@ class Principal:
     limit_overrides: dict[str, Any] = field(default_factory=dict)
     api_key_id: uuid.UUID | None = None
     via: Literal["key", "jwt"] = "key"
+    # A key of their own is stored (app/byok): their upstream calls use it, not the operator's.
+    has_own_key: bool = False

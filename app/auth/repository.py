@@ -16,12 +16,19 @@ from app.models import ApiKey, AppUser
 
 AUTH_CHANNEL = "gateway_auth"
 
+# `has_own_key` (app/byok) comes in the same statement: no extra round trip per request.
 KEY_LOOKUP = """
-SELECT k.id, k.user_id, k.revoked_at, u.tier, u.use_upstream, u.limit_overrides
+SELECT k.id, k.user_id, k.revoked_at, u.tier, u.use_upstream, u.limit_overrides,
+       EXISTS (SELECT 1 FROM user_openai_key o WHERE o.user_id = k.user_id) AS has_own_key
 FROM api_key k JOIN app_user u ON u.id = k.user_id
 WHERE k.key_hash = $1
 """
-USER_LOOKUP = "SELECT tier, use_upstream, limit_overrides FROM app_user WHERE id = $1"
+# Always one row: a JWT user may have stored a key without having an `app_user` row (tier NULL then).
+USER_LOOKUP = """
+SELECT u.tier, u.use_upstream, u.limit_overrides,
+       EXISTS (SELECT 1 FROM user_openai_key o WHERE o.user_id = $1) AS has_own_key
+FROM (VALUES (1)) AS one (n) LEFT JOIN app_user u ON u.id = $1
+"""
 TOUCH_KEYS = """
 UPDATE api_key SET last_used_at = t.used_at
 FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, used_at)

@@ -13,6 +13,7 @@ import importlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +53,8 @@ class Authenticator:
         self._users: dict[str, tuple[float, Principal]] = {}
         self._touched: dict[uuid.UUID, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Called with each NOTIFY payload too, for caches beside ours (app/byok's per-user clients).
+        self.forget_listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         self._tasks = [
@@ -101,6 +104,7 @@ class Authenticator:
             limit_overrides=_overrides(row["limit_overrides"]),
             api_key_id=row["id"],
             via="key",
+            has_own_key=row["has_own_key"],
         )
         self._remember(self._by_key, digest, principal, time.monotonic())
         self._touched[row["id"]] = datetime.now(UTC)
@@ -133,13 +137,15 @@ class Authenticator:
         cached = self._users.get(user_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        row = await self._lookup(repository.find_user, user_id)
+        found = await self._lookup(repository.find_user, user_id)
+        row = found if found is not None and found["tier"] is not None else None  # no app_user row
         principal = Principal(
             user_id=user_id,
             tier=row["tier"] if row else self.settings.jwt_default_tier,
             use_upstream=row["use_upstream"] if row else True,
             limit_overrides=_overrides(row["limit_overrides"]) if row else {},
             via="jwt",
+            has_own_key=bool(found and found["has_own_key"]),
         )
         self._remember(self._users, user_id, principal, now)
         return principal
@@ -173,6 +179,8 @@ class Authenticator:
         else:
             self._by_key.clear()
             self._users.clear()
+        for listener in self.forget_listeners:
+            listener(what)
 
     async def _listen(self) -> None:
         """Hold a LISTEN connection; on each (re)connect, drop what may have been missed.

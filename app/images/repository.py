@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import case, delete, func, select, tuple_, update
+from sqlalchemy import case, delete, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem
+from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserOpenAIKey
 
 ACTIVE_BATCH = ("queued", "running")
 OPEN_ITEM = ("pending", "running")
@@ -250,11 +250,13 @@ async def end_item(
     return result.first() is not None
 
 
-async def user_of(session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None) -> tuple[Any, bool] | None:
-    """The user's tier row (None if never stored) and whether their batch's key is still valid."""
+async def user_of(session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None) -> tuple[Any, bool, bool]:
+    """The user's tier row (None if never stored), whether their batch's key is still valid,
+    and whether they brought their own OpenAI key (their batch items use it)."""
     user = await session.scalar(select(AppUser).where(AppUser.id == user_id))
     revoked = False
     if api_key_id is not None:
         revoked_at = await session.scalar(select(ApiKey.revoked_at).where(ApiKey.id == api_key_id))
         revoked = revoked_at is not None
-    return user, revoked
+    own_key = bool(await session.scalar(select(exists().where(UserOpenAIKey.user_id == user_id))))
+    return user, revoked, own_key

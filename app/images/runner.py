@@ -151,7 +151,7 @@ class BatchRunner:
     async def _principal(self, item: ClaimedItem) -> Principal | None:
         """The batch owner as they are now (tier, switches, overrides); None if its key was revoked."""
         async with self.sessionmaker() as session:
-            user, revoked = await repository.user_of(session, item.user_id, item.api_key_id)
+            user, revoked, own_key = await repository.user_of(session, item.user_id, item.api_key_id)
         if revoked:
             return None
         return Principal(
@@ -161,6 +161,7 @@ class BatchRunner:
             limit_overrides=dict(user.limit_overrides or {}) if user else {},
             api_key_id=item.api_key_id,
             via="key" if item.api_key_id else "jwt",
+            has_own_key=own_key,
         )
 
     async def _retry_or_fail(

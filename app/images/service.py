@@ -298,10 +298,9 @@ class ImageService:
         **values: Any,
     ) -> None:
         self.usage.record(
-            UsageRecord(
+            UsageRecord.of(
+                principal,
                 request_id=request_id,
-                user_id=principal.user_id,
-                api_key_id=principal.api_key_id,
                 route=route,
                 model=model,
                 status=status,

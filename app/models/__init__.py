@@ -1,9 +1,11 @@
 """SQLAlchemy ORM models, all on one MetaData so Alembic sees every table."""
 
 from app.models.base import Base
+from app.models.byok import UserOpenAIKey
 from app.models.identity import ApiKey, AppUser
 from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem, ImageSigningKey
 from app.models.ratelimit import RateLimitBucket
+from app.models.refusals import LimitRefusal
 from app.models.threads import Thread, ThreadMessage, UserContextCache
 from app.models.usage import UsageEvent
 
@@ -16,9 +18,11 @@ __all__ = [
     "ImageBatch",
     "ImageBatchItem",
     "ImageSigningKey",
+    "LimitRefusal",
     "RateLimitBucket",
     "Thread",
     "ThreadMessage",
     "UsageEvent",
     "UserContextCache",
+    "UserOpenAIKey",
 ]

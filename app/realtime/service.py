@@ -54,10 +54,9 @@ class RealtimeService:
         )
         backend = self.upstream.realtime_for(principal)
         started = time.perf_counter()
-        record = UsageRecord(
+        record = UsageRecord.of(
+            principal,
             request_id=request_id,
-            user_id=principal.user_id,
-            api_key_id=principal.api_key_id,
             route=ROUTE,
             model=spec.id,
             status="simulated" if backend.simulated else "ok",
@@ -68,7 +67,8 @@ class RealtimeService:
             secret, record.upstream_request_id = await backend.create(
                 {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
             )
-            record.detail = {"role": preset.role, "language": body.language, "expires_at": secret.get("expires_at")}
+            minted = {"role": preset.role, "language": body.language, "expires_at": secret.get("expires_at")}
+            record.detail = {**(record.detail or {}), **minted}
         except GatewayError as error:
             record.status, record.http_status, record.error_code = "error", error.status_code, error.code
             raise

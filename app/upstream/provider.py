@@ -15,6 +15,7 @@ from app.upstream.images import ImageBackend, OpenAIImages, SimulatedImages
 from app.upstream.realtime import OpenAIRealtimeSecrets, RealtimeSecrets, SimulatedRealtimeSecrets
 from app.upstream.retry import RetryPolicy
 from app.upstream.simulated import SimulatedChat
+from app.upstream.user_clients import KeyCheck, UserChat, UserClients, UserImages, UserRealtime, check_key
 
 
 class EventStream(Protocol):
@@ -71,18 +72,33 @@ class Upstream:
             )
             self.realtime = OpenAIRealtimeSecrets(self.sdk, RetryPolicy(settings))
             self.images = OpenAIImages(self.sdk, settings)
+        # Users' own keys (app/byok), even in simulated mode: they are sent to OPENAI_BASE_URL.
+        self.user_clients = UserClients(settings)
 
     def chat_for(self, principal: Principal) -> ChatBackend:
-        """The rollout switch: a user turned off the upstream gets simulated replies."""
-        return self.chat if principal.use_upstream else self.simulated_chat
+        """The rollout switch first (simulated replies), then the user's own key, else ours."""
+        if not principal.use_upstream:
+            return self.simulated_chat
+        return UserChat(self.user_clients, principal.user_id, self.chat) if principal.has_own_key else self.chat
 
     def realtime_for(self, principal: Principal) -> RealtimeSecrets:
-        return self.realtime if principal.use_upstream else self.simulated_realtime
+        if not principal.use_upstream:
+            return self.simulated_realtime
+        if principal.has_own_key:
+            return UserRealtime(self.user_clients, principal.user_id, self.realtime)
+        return self.realtime
 
     def images_for(self, principal: Principal) -> ImageBackend:
-        return self.images if principal.use_upstream else self.simulated_images
+        if not principal.use_upstream:
+            return self.simulated_images
+        return UserImages(self.user_clients, principal.user_id, self.images) if principal.has_own_key else self.images
+
+    async def check_key(self, api_key: str) -> KeyCheck:
+        """Whether the upstream accepts a user's key, before it is stored."""
+        return await check_key(self.settings, api_key)
 
     async def close(self) -> None:
+        await self.user_clients.close()
         if self.http is not None:
             await self.http.close()
         if self.sdk is not None:

@@ -34,10 +34,9 @@ class UpstreamCall:
         return self.status in ("simulated", "fallback")
 
     def record(self, **values: Any) -> UsageRecord:
-        return UsageRecord(
+        return UsageRecord.of(
+            self.principal,
             request_id=self.request_id,
-            user_id=self.principal.user_id,
-            api_key_id=self.principal.api_key_id,
             route=self.route,
             model=self.spec.id,
             latency_ms=(time.perf_counter() - self.started) * 1000,

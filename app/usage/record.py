@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import orjson
 
+from app.auth.principal import Principal
 from app.ratelimit.limiter import Bucket, Decision
 
 Status = Literal["ok", "error", "cancelled", "simulated", "fallback"]
@@ -75,6 +76,14 @@ class UsageRecord:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # The limits this call reserved, settled against its real usage when written.
     decision: Decision | None = None
+
+    @classmethod
+    def of(cls, principal: Principal, **values: Any) -> UsageRecord:
+        """A row for `principal`'s call; one paid with the user's own OpenAI key says so in `detail`."""
+        record = cls(user_id=principal.user_id, api_key_id=principal.api_key_id, **values)
+        if principal.has_own_key and record.status in ("ok", "error", "cancelled"):
+            record.detail = {**(record.detail or {}), "key": "user"}
+        return record
 
     def row(self) -> tuple[object, ...]:
         values = [getattr(self, name) for name in COLUMNS]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -41,9 +42,14 @@ class UsageWriter:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    # Told of each record as it is queued (metrics, the access line's model); must not block or raise.
+    observer: Callable[[UsageRecord], None] | None = None
+
     def record(self, record: UsageRecord) -> None:
         """Queue a row; returns at once."""
         self._pending.append(record)
+        if self.observer is not None:
+            self.observer(record)
         if len(self._pending) >= self.batch_size:
             self._wake.set()
 

@@ -1,0 +1,158 @@
+"""Admin reports: usage aggregates, top users by cost and limit refusals, as JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, get_args
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from app.admin import reports_repository as repository
+from app.admin.reports_repository import DIMENSIONS, MAX_GROUPS, METRICS, Period, TooManyGroups
+from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageReport
+from app.auth.dependencies import AdminGuard
+from app.db import SessionDep
+from app.errors import InvalidRequest, error_responses
+
+MAX_DAYS = 366
+DEFAULT_DAYS = 30
+NO_STORE = {"cache-control": "no-store", "vary": "accept"}
+
+router = APIRouter(
+    prefix="/reports", tags=["admin"], dependencies=[AdminGuard], responses=error_responses(400, 401, 403)
+)
+
+
+def csv_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """The 200 entry: JSON by default, CSV with a header row when the request sends `Accept: text/csv`."""
+    return {
+        200: {
+            "description": f"JSON, or with `Accept: text/csv` a CSV file: {description}",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    }
+
+
+def wants_csv(request: Request) -> bool:
+    """True when `text/csv` is acceptable and preferred to JSON (ties go to JSON)."""
+    quality: dict[str, float] = {}
+    for item in request.headers.get("accept", "").split(","):
+        media_type, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media_type.lower()] = max(q, quality.get(media_type.lower(), 0.0))
+    return quality.get("text/csv", 0.0) > quality.get("application/json", 0.0)
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, float):
+        return format(Decimal(repr(value)), "f")  # 1e-05 -> 0.00001: what spreadsheets expect
+    return "" if value is None else value
+
+
+def to_csv(name: str, period: Period, header: Sequence[str], rows: Iterable[BaseModel]) -> Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_cell(getattr(row, column)) for column in header])
+    filename = f"{name}_{period.start.isoformat()}_{period.end.isoformat()}.csv"
+    headers = {**NO_STORE, "content-disposition": f'attachment; filename="{filename}"'}
+    return Response(out.getvalue(), media_type="text/csv", headers=headers)
+
+
+async def report_period(
+    start: Annotated[
+        date | None,
+        Query(description=f"First UTC day, included (YYYY-MM-DD); default {DEFAULT_DAYS - 1} days before `end`."),
+    ] = None,
+    end: Annotated[date | None, Query(description="Last UTC day, included (YYYY-MM-DD); default today.")] = None,
+) -> Period:
+    end = end or datetime.now(UTC).date()
+    start = start or end - timedelta(days=DEFAULT_DAYS - 1)
+    if end < start:
+        raise InvalidRequest(f"'end' ({end}) is before 'start' ({start}).", param="end")
+    period = Period(start, end)
+    if period.days > MAX_DAYS:
+        raise InvalidRequest(
+            f"A report covers at most {MAX_DAYS} days from 'start' to 'end'; this range has {period.days}.", param="end"
+        )
+    return period
+
+
+PeriodDep = Annotated[Period, Depends(report_period)]
+
+
+def parse_group_by(value: str) -> list[Dimension]:
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    allowed = get_args(Dimension)
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise InvalidRequest(
+            f"Invalid 'group_by' {value!r}: a comma-separated list of {', '.join(allowed)}.", param="group_by"
+        )
+    return list(dict.fromkeys(names))  # type: ignore[arg-type]
+
+
+@router.get("/usage", response_model=UsageReport, responses=csv_response("one row per group, then the metrics."))
+async def usage_report(
+    request: Request,
+    session: SessionDep,
+    period: PeriodDep,
+    group_by: Annotated[str, Query(description="Comma-separated dimensions: day, model, user, route.")] = "day",
+    user_id: Annotated[str | None, Query(max_length=200, description="Only this user's calls.")] = None,
+) -> Response:
+    """Requests, tokens, images and cost over a range of UTC days, grouped by day, model, user and/or route."""
+    dimensions = parse_group_by(group_by)
+    try:
+        report = await repository.usage(session, period, dimensions, user_id)
+    except TooManyGroups:
+        raise InvalidRequest(
+            f"More than {MAX_GROUPS} groups: narrow the range or group by fewer dimensions.", param="group_by"
+        ) from None
+    if wants_csv(request):
+        header = [DIMENSIONS[name][0] for name in dimensions] + list(METRICS)
+        return to_csv("usage", period, header, report.data)
+    return _json(report)
+
+
+@router.get(
+    "/top-users", response_model=TopUsersReport, responses=csv_response("one row per user, most expensive first.")
+)
+async def top_users_report(
+    request: Request,
+    session: SessionDep,
+    period: PeriodDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="How many users.")] = 10,
+) -> Response:
+    """The users with the highest cost over a range of UTC days."""
+    report = await repository.top_users(session, period, limit)
+    if wants_csv(request):
+        header = ["user_id", "requests", "prompt_tokens", "completion_tokens", "images", "cost_usd"]
+        return to_csv("top_users", period, header, report.data)
+    return _json(report)
+
+
+@router.get("/refusals", response_model=RefusalReport, responses=csv_response("columns day, code, refusals."))
+async def refusals_report(request: Request, session: SessionDep, period: PeriodDep) -> Response:
+    """Requests refused by the callers' own rate limits, quotas and budgets, by limit and by day."""
+    report = await repository.refusals(session, period)
+    if wants_csv(request):
+        return to_csv("refusals", period, ["day", "code", "refusals"], report.by_day)
+    return _json(report)
+
+
+def _json(report: BaseModel) -> Response:
+    return Response(report.model_dump_json(), media_type="application/json", headers=NO_STORE)

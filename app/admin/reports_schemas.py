@@ -1,0 +1,75 @@
+"""Admin report bodies: usage aggregates, top users by cost, limit refusals."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Dimension = Literal["day", "model", "user", "route"]
+
+
+class UsageMetrics(BaseModel):
+    requests: int
+    errors: int = Field(description="Calls whose status is `error`.")
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    images: int
+    cost_usd: float
+
+
+class UsageReportRow(UsageMetrics):
+    """One group; the dimensions not grouped by are null."""
+
+    day: date | None = Field(None, description="UTC day.")
+    model: str | None = None
+    user_id: str | None = None
+    route: str | None = None
+
+
+class UsageReport(BaseModel):
+    """Usage over a range of UTC days, grouped by the chosen dimensions."""
+
+    start: date
+    end: date
+    group_by: list[Dimension]
+    data: list[UsageReportRow]
+    totals: UsageMetrics
+
+
+class TopUser(BaseModel):
+    user_id: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    images: int
+    cost_usd: float
+
+
+class TopUsersReport(BaseModel):
+    """The users who cost the most over a range of UTC days, most expensive first."""
+
+    start: date
+    end: date
+    data: list[TopUser]
+
+
+class RefusalCount(BaseModel):
+    code: str = Field(description="The limit that refused: rate_limit_exceeded, daily_quota_exceeded, budget_exceeded.")
+    refusals: int
+
+
+class RefusalDay(RefusalCount):
+    day: date = Field(description="UTC day.")
+
+
+class RefusalReport(BaseModel):
+    """Requests refused by the callers' own limits, by limit and by day."""
+
+    start: date
+    end: date
+    total: int
+    by_code: list[RefusalCount]
+    by_day: list[RefusalDay]

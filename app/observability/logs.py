@@ -1,0 +1,165 @@
+"""Structured logs: one JSON object per line on stderr, the same shape for every logger.
+
+Every line has `ts`, `level`, `logger` and `message`; a line logged while a request is
+being handled also gets that request's `request_id` (and `user_id` once auth has run).
+Fields passed as `extra=` are added as they are: the access line (`app.access`) carries
+`method`, `route`, `status`, `latency_ms`, and `model` when an upstream call was made.
+
+Nothing here reads headers or bodies: keys and prompts never reach a log line, except the
+prompt excerpt the middleware adds when LOG_PROMPTS=true.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+# The `scope["state"]` of the request being handled in this task (set by the middleware).
+# Usage records add `model` to it; the formatters read the request id and user from it.
+request_state: ContextVar[dict[str, Any] | None] = ContextVar("request_state", default=None)
+
+# What every LogRecord has; anything else on a record came from `extra=`.
+# (uvicorn adds `color_message`, its message with terminal colour codes: not for a JSON line.)
+_PLAIN_RECORD = logging.makeLogRecord({}).__dict__
+_STANDARD_ATTRIBUTES = frozenset(_PLAIN_RECORD) | {"message", "asctime", "taskName", "color_message"}
+
+
+def note_model(request_id: str, model: str) -> None:
+    """Tell the current request's access line which model answered (called for each usage record)."""
+    state = request_state.get()
+    if state is not None and state.get("request_id") == request_id:
+        state["model"] = model
+
+
+def _context_fields(fields: dict[str, Any]) -> None:
+    state = request_state.get()
+    if state is None:
+        return
+    if "request_id" not in fields and "request_id" in state:
+        fields["request_id"] = state["request_id"]
+    principal = state.get("principal")
+    if "user_id" not in fields and principal is not None:
+        fields["user_id"] = principal.user_id
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    attributes = record.__dict__
+    if len(attributes) <= len(_PLAIN_RECORD):  # the common case, no `extra=`: skip the scan
+        return {}
+    return {key: value for key, value in attributes.items() if key not in _STANDARD_ATTRIBUTES}
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON object: no second pass over a formatted string."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        """ISO 8601 in UTC with milliseconds; the seconds part is formatted once per second."""
+        second = int(created)
+        if second != self._second:  # format() runs under the handler's lock: no race here
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self._timestamp(record.created, record.msecs),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(_extra_fields(record))
+        _context_fields(line)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """For people at a terminal: the usual line, then the structured fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = _extra_fields(record)
+        _context_fields(fields)
+        if not fields:
+            return text
+        first, newline, rest = text.partition("\n")  # keep a traceback below the fields
+        pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+        return f"{first} {pairs}{newline}{rest}"
+
+
+# uvicorn's names; "trace" is its level below DEBUG.
+LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
+
+
+def logging_config(log_format: str, level: str) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for the whole process, uvicorn's loggers included.
+
+    uvicorn applies it in each worker it starts (`log_config=`), so every worker logs alike.
+    uvicorn's own access log stays off: the middleware writes a richer one (`app.access`).
+    """
+    formatter = JsonFormatter if log_format == "json" else TextFormatter
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
+        },
+        "root": {"handlers": ["stderr"], "level": LEVELS[level.lower()]},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+            # Alembic announces each of its plugins at INFO whenever a worker reads the migration head.
+            "alembic.runtime.plugins": {"level": "WARNING"},
+        },
+    }
+
+
+PROMPT_LOG_CHARS = 1000
+
+
+def _text_of(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        texts = [part.get("text") for part in content if isinstance(part, dict)]
+        return " ".join(text for text in texts if isinstance(text, str)) or None
+    return None
+
+
+def prompt_excerpt(body: bytes) -> str | None:
+    """The prompt of a request body, truncated: a chat's last user message, an image's `prompt`,
+    a thread message's `content`. Only called when LOG_PROMPTS=true."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    text: str | None = None
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                text = _text_of(message.get("content"))
+                break
+    else:
+        text = _text_of(payload.get("prompt")) or _text_of(payload.get("content"))
+    if not text:
+        return None
+    return text if len(text) <= PROMPT_LOG_CHARS else text[:PROMPT_LOG_CHARS] + "…"
