@@ -823,7 +823,7 @@ def parse_args() -> argparse.Namespace:
         "--upstream-max-connections",
         type=int,
         default=None,
-        help="UPSTREAM_MAX_CONNECTIONS of the open-streams gateway (default: --streams; the app's default is 256)",
+        help="UPSTREAM_MAX_CONNECTIONS of the open-streams gateway (default: --streams; the app's default is 1024)",
     )
     return parser.parse_args()
 
