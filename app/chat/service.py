@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,14 +23,11 @@ from app.config import Settings
 from app.errors import GatewayError, InvalidRequest, UpstreamError
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog
-from app.upstream.errors import upstream_failed
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
 from app.usage.call import UpstreamCall
 from app.usage.record import Status
 from app.usage.writer import UsageWriter
-
-log = logging.getLogger("app.chat")
 
 ROUTE = "chat.completions"
 # Reserved against the token limit when a request sets no completion cap; settled after.
@@ -121,16 +117,14 @@ class ChatService:
         return chars_to_tokens(chars)
 
     async def _complete(self, call: Call, backend: ChatBackend) -> Response:
-        call.status = "simulated" if backend.simulated else "ok"
-        try:
-            reply = await backend.complete(call.payload)
-        except GatewayError as error:
-            if not (self.settings.fallback_to_simulated and upstream_failed(error)):
-                self._record_error(call, error, stream=False)
-                raise
-            log.warning("upstream failed, answering simulated: %s", error.message)
-            call.status = "fallback"
-            reply = await self.upstream.simulated_chat.complete(call.payload)
+        reply = await call.answer(
+            backend.simulated,
+            lambda: backend.complete(call.payload),
+            lambda: self.upstream.simulated_chat.complete(call.payload),
+            may_fall_back=self.settings.fallback_to_simulated,
+            record=self.usage.record,
+            stream=False,
+        )
         answer = orjson.loads(reply.body)
         usage = answer.get("usage")
         self.usage.record(
@@ -144,16 +138,6 @@ class ChatService:
         )
         return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
 
-    def _record_error(self, call: Call, error: GatewayError, *, stream: bool) -> None:
-        self.usage.record(
-            call.record(
-                status="error",
-                http_status=error.status_code,
-                stream=stream,
-                error_code=error.code,
-            )
-        )
-
     async def _stream(self, call: Call, backend: ChatBackend, body: ChatCompletionRequest) -> Response:
         client_wants_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Always ask for the usage chunk: it is how a stream's tokens get recorded.
@@ -161,16 +145,14 @@ class ChatService:
             **(call.payload.get("stream_options") or {}),
             "include_usage": True,
         }
-        call.status = "simulated" if backend.simulated else "ok"
-        try:
-            stream = await backend.open_stream(call.payload)
-        except GatewayError as error:
-            if not (self.settings.fallback_to_simulated and upstream_failed(error)):
-                self._record_error(call, error, stream=True)
-                raise
-            log.warning("upstream failed, streaming simulated: %s", error.message)
-            call.status = "fallback"
-            stream = await self.upstream.simulated_chat.open_stream(call.payload)
+        stream = await call.answer(
+            backend.simulated,
+            lambda: backend.open_stream(call.payload),
+            lambda: self.upstream.simulated_chat.open_stream(call.payload),
+            may_fall_back=self.settings.fallback_to_simulated,
+            record=self.usage.record,
+            stream=True,
+        )
         return StreamingResponse(
             self._relay(call, stream, client_wants_usage),
             media_type="text/event-stream",

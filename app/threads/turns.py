@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -38,12 +39,13 @@ from app.threads.profiles import Profile, Profiles
 from app.threads.prompt import HistoryItem, PromptValues, build_messages, expand_shortcut
 from app.threads.schemas import MessageCreate, MessagePublic, TurnResult
 from app.threads.stream import SSE_HEADERS, TurnEventsResponse, TurnRelay
-from app.upstream.errors import upstream_failed
 from app.upstream.http import UpstreamReply
 from app.upstream.provider import ChatBackend, EventStream, Upstream
 from app.upstream.simulated import chars_to_tokens, prompt_chars
 from app.usage.record import Status
 from app.usage.writer import UsageWriter
+
+T = TypeVar("T")
 
 log = logging.getLogger("app.threads")
 
@@ -220,51 +222,40 @@ class TurnRunner:
     def time_left(self, turn: Turn) -> float:
         return max(turn.started + self.settings.thread_turn_timeout - time.perf_counter(), 0.0)
 
-    def _may_fall_back(self, turn: Turn, error: GatewayError) -> bool:
+    def _may_fall_back(self, turn: Turn) -> bool:
         policy = turn.profile.fallback
-        allowed = self.settings.fallback_to_simulated if policy == "default" else policy == "simulated"
-        return allowed and upstream_failed(error)
+        return self.settings.fallback_to_simulated if policy == "default" else policy == "simulated"
+
+    async def _within_time(self, turn: Turn, call: Awaitable[T]) -> T:
+        try:
+            with anyio.fail_after(self.time_left(turn)):
+                return await call
+        except TimeoutError as timeout:
+            raise UpstreamTimeout("The turn exceeded its time limit.", code="turn_timeout") from timeout
 
     async def _complete(self, turn: Turn, backend: ChatBackend) -> UpstreamReply:
-        turn.status = "simulated" if backend.simulated else "ok"
-        try:
-            try:
-                with anyio.fail_after(self.time_left(turn)):
-                    return await backend.complete(turn.payload)
-            except TimeoutError as timeout:
-                raise UpstreamTimeout("The turn exceeded its time limit.", code="turn_timeout") from timeout
-        except GatewayError as error:
-            if not self._may_fall_back(turn, error):
-                self._record_error(turn, error, stream=False)
-                raise
-            log.warning("upstream failed, answering the turn simulated: %s", error.message)
-            turn.status = "fallback"
-            return await self.upstream.simulated_chat.complete(turn.payload)
+        return await turn.answer(
+            backend.simulated,
+            lambda: self._within_time(turn, backend.complete(turn.payload)),
+            lambda: self.upstream.simulated_chat.complete(turn.payload),
+            may_fall_back=self._may_fall_back(turn),
+            record=self.usage.record,
+            stream=False,
+        )
 
     async def _stream(self, turn: Turn, backend: ChatBackend) -> Response:
         turn.payload["stream"] = True
         turn.payload["stream_options"] = {"include_usage": True}
-        turn.status = "simulated" if backend.simulated else "ok"
-        try:
-            try:
-                with anyio.fail_after(self.time_left(turn)):
-                    stream: EventStream = await backend.open_stream(turn.payload)
-            except TimeoutError as timeout:
-                raise UpstreamTimeout("The turn exceeded its time limit.", code="turn_timeout") from timeout
-        except GatewayError as error:
-            if not self._may_fall_back(turn, error):
-                self._record_error(turn, error, stream=True)
-                raise
-            log.warning("upstream failed, streaming the turn simulated: %s", error.message)
-            turn.status = "fallback"
-            stream = await self.upstream.simulated_chat.open_stream(turn.payload)
+        stream: EventStream = await turn.answer(
+            backend.simulated,
+            lambda: self._within_time(turn, backend.open_stream(turn.payload)),
+            lambda: self.upstream.simulated_chat.open_stream(turn.payload),
+            may_fall_back=self._may_fall_back(turn),
+            record=self.usage.record,
+            stream=True,
+        )
         relay = TurnRelay(self, turn, stream)
         return TurnEventsResponse(relay, headers={**SSE_HEADERS, **turn.headers(stream.request_id)})
-
-    def _record_error(self, turn: Turn, error: GatewayError, *, stream: bool) -> None:
-        self.usage.record(
-            turn.record(status="error", http_status=error.status_code, stream=stream, error_code=error.code)
-        )
 
     async def conclude(
         self,

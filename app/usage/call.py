@@ -6,15 +6,23 @@ they share: who asked, which model, what the limits reserved, who answered.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from app.auth.principal import Principal
+from app.errors import GatewayError
 from app.ratelimit.limiter import Decision
 from app.registry import ModelSpec
+from app.upstream.errors import upstream_failed
 from app.upstream.simulated import chars_to_tokens
 from app.usage.record import Status, UsageRecord, usage_fields
+
+log = logging.getLogger("app.upstream")
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -62,6 +70,31 @@ class UpstreamCall:
             cost_usd=0.0 if self.simulated else self.spec.token_cost(prompt, completion, cached),
             **values,
         )
+
+    async def answer(
+        self,
+        backend_simulated: bool,
+        attempt: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]],
+        *,
+        may_fall_back: bool,
+        record: Callable[[UsageRecord], None],
+        stream: bool,
+    ) -> T:
+        """`attempt()`; when the upstream itself failed and falling back is allowed, `fallback()` instead.
+
+        A failure that is not answered simulated leaves its usage row (status error) and is raised.
+        """
+        self.status = "simulated" if backend_simulated else "ok"
+        try:
+            return await attempt()
+        except GatewayError as error:
+            if not (may_fall_back and upstream_failed(error)):
+                record(self.record(status="error", http_status=error.status_code, stream=stream, error_code=error.code))
+                raise
+            log.warning("upstream failed (%s), answering simulated: %s", self.route, error.message)
+            self.status = "fallback"
+            return await fallback()
 
     def headers(self, upstream_request_id: str | None) -> dict[str, str]:
         """The limits' headers, and whether a simulated provider answered."""
