@@ -219,7 +219,7 @@ def child_env(**values: str) -> dict[str, str]:
 def start_gateway(procs: Processes, name: str, database_url: str, upstream: str, key: str, **env: str) -> Target:
     """Start `python -m app serve` on a free port and wait for /healthz."""
     port = free_port()
-    command = [PYTHON, "-m", "app", "serve", "--port", str(port), "--workers", "1", "--log-level", "warning"]
+    command = [PYTHON, "-m", "app", "serve", "--port", str(port), "--workers", "1", "--log-level", "info"]
     values = {
         "DATABASE_URL": database_url,
         "OPENAI_API_KEY": "sk-bench",
