@@ -140,11 +140,23 @@ def prune_threads(args: argparse.Namespace) -> None:
 
 
 def prune_images(args: argparse.Namespace) -> None:
-    from app.images.runtime import prune_once
+    from app.db import Database
+    from app.images.storage import open_storage
+    from app.runtime import image_retention
 
     settings = get_settings()
     url = prepare_database(settings)
-    pruned = asyncio.run(prune_once(settings, url, args.days))
+
+    async def run():  # type: ignore[no-untyped-def]
+        database = await Database.connect(url, 2)
+        storage = await open_storage(settings)
+        try:
+            return await image_retention(settings, database, storage).prune(args.days)
+        finally:
+            await storage.close()
+            await database.close()
+
+    pruned = asyncio.run(run())
     print(f"pruned {pruned.images} images, {pruned.batches} batches, {pruned.idempotency_keys} idempotency keys")
 
 

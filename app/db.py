@@ -9,14 +9,11 @@ session would cost more than the query itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 from urllib.parse import urlsplit
 
 import asyncpg
-from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -66,10 +63,6 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
 
 
-async def _keep_session(connection: asyncpg.Connection) -> None:
-    """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
-
-
 @dataclass
 class Database:
     """The handles a process holds for its lifetime."""
@@ -91,21 +84,3 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
         await self.engine.dispose()
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: commit when the route returns, roll back when it raises."""
-    database: Database = request.app.state.db
-    async with database.sessionmaker() as session:
-        try:
-            yield session
-        except BaseException:
-            await session.rollback()
-            raise
-        else:
-            await session.commit()
-
-
-# scope="function": the commit happens before the response is sent, so a client never
-# reads back a write that is not yet committed.
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -2,12 +2,15 @@
 
 `{"error": {"message": str, "type": str, "param": str | null, "code": str | null}}`
 is what the official SDKs decode, so every client gets the same body whatever failed.
+`code` is always one of `ErrorCode`, which the OpenAPI document publishes as an enum a
+generated SDK can switch on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -21,13 +24,82 @@ from starlette.responses import Response
 log = logging.getLogger("app.errors")
 
 
+class ErrorCode(StrEnum):
+    """Every `code` an error body of this API can carry."""
+
+    # The request.
+    INVALID_REQUEST = "invalid_request"
+    UNSUPPORTED_VALUE = "unsupported_value"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTENT_POLICY_VIOLATION = "content_policy_violation"
+    CONTEXT_TOO_LARGE = "context_too_large"
+    UNKNOWN_PROFILE = "unknown_profile"
+    UNKNOWN_CHAT_TYPE = "unknown_chat_type"
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
+    INVALID_OPENAI_KEY = "invalid_openai_key"
+    OPENAI_KEY_REJECTED = "openai_key_rejected"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    # Who is calling.
+    MISSING_API_KEY = "missing_api_key"
+    INVALID_API_KEY = "invalid_api_key"
+    TOKEN_EXPIRED = "token_expired"
+    PERMISSION_DENIED = "permission_denied"
+    BYOK_DISABLED = "byok_disabled"
+    INVALID_SIGNATURE = "invalid_signature"
+    URL_EXPIRED = "url_expired"
+    INVALID_METRICS_TOKEN = "invalid_metrics_token"
+    # What was not found.
+    NOT_FOUND = "not_found"
+    THREAD_NOT_FOUND = "thread_not_found"
+    IMAGE_NOT_FOUND = "image_not_found"
+    IMAGE_CONTENT_MISSING = "image_content_missing"
+    BATCH_NOT_FOUND = "batch_not_found"
+    KEY_NOT_FOUND = "key_not_found"
+    OPENAI_KEY_NOT_FOUND = "openai_key_not_found"
+    # State.
+    CONFLICT = "conflict"
+    THREAD_BUSY = "thread_busy"
+    THREAD_DELETED = "thread_deleted"
+    # Limits.
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    DAILY_QUOTA_EXCEEDED = "daily_quota_exceeded"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"
+    TOO_MANY_KEY_CHECKS = "too_many_key_checks"
+    # The upstream.
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_AUTH_ERROR = "upstream_auth_error"
+    UPSTREAM_REJECTED = "upstream_rejected"
+    STREAM_TIMEOUT = "stream_timeout"
+    TURN_TIMEOUT = "turn_timeout"
+    # Batch items.
+    API_KEY_REVOKED = "api_key_revoked"
+    INTERNAL_ERROR = "internal_error"
+    # The gateway.
+    SERVER_ERROR = "server_error"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    AUTH_UNAVAILABLE = "auth_unavailable"
+    LIMITS_UNAVAILABLE = "limits_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    MIGRATIONS_PENDING = "migrations_pending"
+    OPENAI_KEY_UNAVAILABLE = "openai_key_unavailable"
+    OPENAI_KEY_UNREADABLE = "openai_key_unreadable"
+    REPLY_NOT_STORED = "reply_not_stored"
+
+
 class ErrorBody(BaseModel):
     """What went wrong, in OpenAI's fields."""
 
     message: str
     type: str
     param: str | None = None
-    code: str | None = None
+    code: ErrorCode | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -37,18 +109,18 @@ class ErrorResponse(BaseModel):
 
 
 class GatewayError(Exception):
-    """Base of every expected failure; subclasses fix the status and type."""
+    """Base of every expected failure; subclasses fix the status, type and default code."""
 
     status_code = 500
     type = "server_error"
-    code: str | None = None
+    code: ErrorCode | None = ErrorCode.SERVER_ERROR
 
     def __init__(
         self,
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: ErrorCode | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -59,55 +131,76 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        code = str(self.code) if self.code is not None else None
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": code}}
 
 
 class InvalidRequest(GatewayError):
     status_code = 400
     type = "invalid_request_error"
+    code = ErrorCode.INVALID_REQUEST
 
 
 class Unauthenticated(GatewayError):
     status_code = 401
     type = "invalid_request_error"
-    code = "invalid_api_key"
+    code = ErrorCode.INVALID_API_KEY
 
 
 class PermissionDenied(GatewayError):
     status_code = 403
     type = "invalid_request_error"
-    code = "permission_denied"
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class NotFound(GatewayError):
     status_code = 404
     type = "invalid_request_error"
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
+
+
+class ResourceNotFound(NotFound):
+    """A resource of the caller's that does not exist, or is another user's (never told apart)."""
+
+    resource = "resource"
+    param_name = "id"
+
+    def __init__(self, identifier: object) -> None:
+        super().__init__(f"No {self.resource} found with id '{identifier}'.", param=self.param_name)
+
+
+class ThreadNotFound(ResourceNotFound):
+    resource, param_name, code = "thread", "thread_id", ErrorCode.THREAD_NOT_FOUND
+
+
+class ImageNotFound(ResourceNotFound):
+    resource, param_name, code = "image", "image_id", ErrorCode.IMAGE_NOT_FOUND
+
+
+class BatchNotFound(ResourceNotFound):
+    resource, param_name, code = "image batch", "batch_id", ErrorCode.BATCH_NOT_FOUND
+
+
+class KeyNotFound(ResourceNotFound):
+    resource, param_name, code = "active key", "key_id", ErrorCode.KEY_NOT_FOUND
 
 
 class Conflict(GatewayError):
     status_code = 409
     type = "invalid_request_error"
-    code = "conflict"
+    code = ErrorCode.CONFLICT
 
 
 class PayloadTooLarge(GatewayError):
     status_code = 413
     type = "invalid_request_error"
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class RateLimited(GatewayError):
     status_code = 429
     type = "requests"
-    code = "rate_limit_exceeded"
+    code = ErrorCode.RATE_LIMIT_EXCEEDED
 
 
 class UpstreamError(GatewayError):
@@ -115,25 +208,22 @@ class UpstreamError(GatewayError):
 
     status_code = 502
     type = "upstream_error"
-    code = "upstream_error"
+    code = ErrorCode.UPSTREAM_ERROR
 
 
 class UpstreamTimeout(UpstreamError):
     status_code = 504
-    code = "upstream_timeout"
+    code = ErrorCode.UPSTREAM_TIMEOUT
 
 
 class Unavailable(GatewayError):
     status_code = 503
     type = "server_error"
-    code = "service_unavailable"
+    code = ErrorCode.SERVICE_UNAVAILABLE
 
 
 # The refusals of a caller's own limits (not the upstream's), which operators count.
-LIMIT_CODES = frozenset({"rate_limit_exceeded", "daily_quota_exceeded", "budget_exceeded"})
-# Called as listener(request, error) for each such refusal; lifespan registers them
-# (app.state.refusal_listeners). They must not block: they run on the response path.
-RefusalListener = Callable[[Request, "GatewayError"], None]
+LIMIT_CODES = frozenset({ErrorCode.RATE_LIMIT_EXCEEDED, ErrorCode.DAILY_QUOTA_EXCEEDED, ErrorCode.BUDGET_EXCEEDED})
 
 STATUS_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidRequest,
@@ -158,8 +248,9 @@ def error_response(error: GatewayError, request_id: str | None = None) -> Respon
     )
 
 
-def request_id_of(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+def request_id_of(request: Request) -> str:
+    state: dict[str, Any] = request.scope.get("state", {})
+    return str(state.get("request_id", ""))
 
 
 def param_of(location: tuple[Any, ...] | list[Any]) -> str | None:
@@ -184,12 +275,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": "Error"} for status in statuses}
 
 
-def install_error_handlers(app: FastAPI) -> None:
+RefusalHook = Callable[[Request, GatewayError], None]
+
+
+def install_error_handlers(app: FastAPI, on_refusal: RefusalHook) -> None:
+    """Every failure as our body; `on_refusal` is told of each refusal by the caller's own limits."""
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> Response:
         if error.code in LIMIT_CODES:
-            for listener in getattr(request.app.state, "refusal_listeners", ()):
-                listener(request, error)
+            on_refusal(request, error)
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)
@@ -208,18 +303,18 @@ def install_error_handlers(app: FastAPI) -> None:
         gateway_error = kind(message, headers=dict(error.headers or {}))
         gateway_error.status_code = error.status_code
         if error.status_code == 405:
-            gateway_error.code = "method_not_allowed"
+            gateway_error.code = ErrorCode.METHOD_NOT_ALLOWED
         return error_response(gateway_error)
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, error: DBAPIError) -> Response:
         if not error.connection_invalidated:
             return await _unexpected(request, error)
-        log.warning("database connection lost: %s", error.orig)
+        log.warning("database connection lost: %s", type(error.orig).__name__)
         return error_response(
             Unavailable(
                 "The database is unavailable; try again shortly.",
-                code="database_unavailable",
+                code=ErrorCode.DATABASE_UNAVAILABLE,
                 headers={"retry-after": "2"},
             )
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.deps import app_runtime
 from app.errors import PayloadTooLarge, error_response
 from app.observability.logs import prompt_excerpt, request_state
 from app.observability.metrics import Metrics
@@ -42,19 +43,17 @@ class RequestContextMiddleware:
     excerpt when LOG_PROMPTS=true.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, log_prompts: bool) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.log_prompts = log_prompts
         self.metrics: Metrics | None = None
-        self.log_prompts = False
         self.templates: dict[int, str] = {}
         self._bound = False
 
     def _bind(self, app: Any) -> None:
-        """At the first request, after lifespan: what it built (metrics, when enabled) and the settings."""
-        self.metrics = getattr(app.state, "metrics", None)
-        settings = getattr(app.state, "settings", None)
-        self.log_prompts = bool(settings is not None and settings.log_prompts)
+        """At the first request, after lifespan: the runtime's metrics (when enabled) and the route templates."""
+        self.metrics = app_runtime(app).metrics
         self.templates = templates_of(app)
         self._bound = True
 

@@ -164,7 +164,7 @@ async def test_a_key_the_upstream_rejects_is_refused_and_not_stored(
         assert_error(await store(gw, token, "sk-restricted-key"), 400, code="invalid_openai_key", param="api_key")
 
         assert await stored_row(db, user) is None
-        assert_error(await gw.client.get(ME, headers=bearer(token)), 404, code="not_found")
+        assert_error(await gw.client.get(ME, headers=bearer(token)), 404, code="openai_key_not_found")
         assert await chat_authorization(gw, token, operator) == f"Bearer {operator.api_key}"
     assert "sk-stolen" not in caplog.text and "sk-restricted" not in caplog.text
 
@@ -224,7 +224,7 @@ async def test_their_calls_use_their_key_and_everyone_else_ours(
         assert own.requests[-1].headers["authorization"] == f"Bearer {OWN_KEY}"
         await client.close()
 
-        clients = gw.app.state.upstream.user_clients
+        clients = gw.app.state.runtime.upstream.user_clients
         assert owner_id in clients and len(clients) == 1  # one client, reused by every call
 
         async def all_calls_gave_it_back() -> bool:  # the stream's too, when it ended
@@ -273,7 +273,7 @@ async def test_deleting_the_key_returns_them_to_ours(
         token, user = await gw.key()
         assert (await store(gw, token)).status_code == 200
         assert await chat_authorization(gw, token, own) == f"Bearer {OWN_KEY}"
-        clients = gw.app.state.upstream.user_clients
+        clients = gw.app.state.runtime.upstream.user_clients
         client = clients._entries[user]
 
         response = await gw.client.delete(ME, headers=bearer(token))
@@ -281,8 +281,8 @@ async def test_deleting_the_key_returns_them_to_ours(
         assert await stored_row(db, user) is None
         assert await chat_authorization(gw, token, operator) == f"Bearer {operator.api_key}"
         assert user not in clients and await wait_for(lambda: _closed(client))
-        assert_error(await gw.client.get(ME, headers=bearer(token)), 404, code="not_found")
-        assert_error(await gw.client.delete(ME, headers=bearer(token)), 404, code="not_found")
+        assert_error(await gw.client.get(ME, headers=bearer(token)), 404, code="openai_key_not_found")
+        assert_error(await gw.client.delete(ME, headers=bearer(token)), 404, code="openai_key_not_found")
 
 
 async def _closed(client: UserClient) -> bool:
@@ -296,7 +296,7 @@ async def test_a_change_reaches_every_process(
     async with byok_gateway(gateway_with, key_router) as first, byok_gateway(gateway_with, key_router) as second:
         token, user = await first.key()
         assert await chat_authorization(second, token, operator) == f"Bearer {operator.api_key}"  # cached there
-        authenticator = second.app.state.authenticator
+        authenticator = second.app.state.runtime.auth
 
         async def second_dropped_its_view() -> bool:  # the NOTIFY arrived
             return authenticator.cached(token) is None
@@ -304,11 +304,11 @@ async def test_a_change_reaches_every_process(
         assert (await store(first, token)).status_code == 200
         assert await wait_for(second_dropped_its_view)
         assert await chat_authorization(second, token, own) == f"Bearer {OWN_KEY}"
-        assert user in second.app.state.upstream.user_clients
+        assert user in second.app.state.runtime.upstream.user_clients
 
         assert (await first.client.delete(ME, headers=bearer(token))).status_code == 204
         assert await wait_for(second_dropped_its_view)
-        assert user not in second.app.state.upstream.user_clients
+        assert user not in second.app.state.runtime.upstream.user_clients
         assert await chat_authorization(second, token, operator) == f"Bearer {operator.api_key}"
 
 
@@ -438,7 +438,6 @@ async def test_rotation(
 
 async def test_the_client_cache_is_bounded_and_closes_what_it_drops() -> None:
     settings = Settings(_env_file=None, openai_base_url="http://127.0.0.1:9/v1")  # type: ignore[call-arg]
-    clients = UserClients(settings, max_clients=2)
     loads: list[str] = []
     release_load = asyncio.Event()
     release_load.set()
@@ -448,7 +447,7 @@ async def test_the_client_cache_is_bounded_and_closes_what_it_drops() -> None:
         await release_load.wait()
         return None if user_id == "nobody" else f"sk-key-of-{user_id}"
 
-    clients.loader = loader
+    clients = UserClients(settings, loader, max_clients=2)
     try:
         async with clients.lease("u1") as first:
             assert first is not None

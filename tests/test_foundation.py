@@ -236,7 +236,7 @@ async def test_last_used_at_is_written_in_batches(gateway: Gateway, db: asyncpg.
     for _ in range(3):
         await gateway.client.get("/v1/models", headers=bearer(key))
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is None
-    await gateway.app.state.authenticator.flush_touches()
+    await gateway.app.state.runtime.auth.flush_touches()
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is not None
     stored = await db.fetchval("SELECT key_hash FROM api_key WHERE user_id = $1", user)
     assert key not in stored and len(stored) == 64

@@ -470,7 +470,7 @@ async def test_signed_urls_refuse_tampering_and_expiry(gw: Gateway, start, image
     assert_error(await get(signature=other["signature"]), 403, code="invalid_signature")  # another image's signature
     assert_error(await gw.client.get(content), 400, param="expires")
     # A URL signed an hour ago with a one-hour TTL has expired (the signature itself is valid).
-    signer = gw.app.state.images.service.signer
+    signer = gw.app.state.runtime.images.signer
     expired_url, expired_at = signer.sign(gw.url + "/v1", uuid.UUID(first["id"]), now=time.time() - 3700)
     assert expired_at < time.time()
     assert_error(await gw.client.get(expired_url), 403, code="url_expired")
@@ -561,7 +561,7 @@ async def test_retention_prunes_old_images_and_expired_keys(gw: Gateway, images_
         "INSERT INTO idempotency_key (user_id, key, request_hash, state, expires_at)"
         " VALUES ('u', 'stale', 'h', 'done', now() - interval '1 second')"
     )
-    pruned = await gw.app.state.images.retention.prune()
+    pruned = await gw.app.state.runtime.image_retention.prune()
     assert (pruned.images, pruned.idempotency_keys) == (1, 1)
     assert not (image_dir / old_key).exists()
     remaining = {str(r["id"]) for r in await images_db.fetch("SELECT id FROM image")}

@@ -210,7 +210,7 @@ async def test_every_line_of_a_request_carries_its_id(gateway_with: GatewayFacto
     async with gateway_with(fallback_to_simulated=True, upstream_max_retries=0) as gw:
         key, user = await gw.key("free")
         upstream.script(CHAT_PATH, Reply(status=500))
-        with captured_lines("app.upstream") as lines:
+        with captured_lines("app.calls") as lines:
             response = await chat(gw.client, key)
     assert response.headers["x-gateway-fallback"] == "true"
     [warning] = json_lines(lines)

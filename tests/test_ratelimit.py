@@ -184,7 +184,7 @@ def bucket(key: str, kind: str, limit: float, period: float, cost: float = 1, na
 
 @pytest.fixture
 def limiter(shared_gateway: Gateway) -> Limiter:
-    return shared_gateway.app.state.limiter
+    return shared_gateway.app.state.runtime.limiter
 
 
 async def test_gcra_refills_steadily(limiter: Limiter) -> None:

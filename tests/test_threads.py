@@ -924,12 +924,15 @@ async def test_a_slow_context_url_never_fails_the_turn(
 
 
 async def test_statements_of_a_turn(gw: Gateway) -> None:
-    """Three statements a turn: one read (lock + history + cached context) and the two inserts it must make."""
+    """Three statements a turn: one read (lock + history + cached context) and the two inserts it must make.
+
+    Each runs alone on a short autocommit checkout: the user message is stored only after the
+    turn's limits were taken, and no connection is held across the upstream call."""
     _, headers = await user(gw)
     thread_id = (await new_thread(gw, headers))["id"]
     coach_id = (await new_thread(gw, headers, profile="coach"))["id"]
     await say(gw, headers, thread_id, "warm up")  # the key is now cached: no auth lookups below
-    engine = gw.app.state.db.engine.sync_engine
+    engine = gw.app.state.runtime.db.engine.sync_engine
     seen: list[str] = []
 
     def statement(conn, cursor, sql, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
@@ -953,12 +956,11 @@ async def test_statements_of_a_turn(gw: Gateway) -> None:
         for target, name, listener in listeners:
             event.remove(target, name, listener)
 
-    # Two connections, never one held across the upstream call.
-    turn = ["CHECKOUT", "WITH locked AS", "INSERT INTO thread_message", "CHECKOUT", "WITH touched AS"]
+    turn = ["CHECKOUT", "WITH locked AS", "CHECKOUT", "INSERT INTO thread_message", "CHECKOUT", "WITH touched AS"]
     assert plain == turn
     assert streamed == turn
-    # A context URL called on a cache miss adds the cache write.
-    assert with_fetch == [*turn[:3], "CHECKOUT", "INSERT INTO user_context_cache", *turn[3:]]
+    # A context URL called on a cache miss adds the cache write, before the user message is stored.
+    assert with_fetch == [*turn[:2], "CHECKOUT", "INSERT INTO user_context_cache", *turn[2:]]
 
 
 class CountingProxy:
@@ -1040,8 +1042,9 @@ async def test_wire_round_trips_of_a_turn(
             counts.append(proxy.tally())
     await proxy.stop()
     for total, pings in counts:
-        # BEGIN, lock + read, user message, COMMIT; the limiter's take; the reply (autocommit).
-        assert total - pings == 6, proxy.writes
+        # The request rate (before any write); lock + read; the tokens and budget; the user message;
+        # the reply. Each is one autocommit statement.
+        assert total - pings == 5, proxy.writes
         assert pings == 0  # no pool_pre_ping (app/db.py): it cost three round trips per checkout
     print(f"\nround trips of a turn: {counts[0][0]} ({counts[0][1]} of them pool pre-pings)")
 
@@ -1069,20 +1072,20 @@ async def test_retention_deletes_idle_threads_with_their_messages(gw: Gateway, d
     blocker = await db.acquire()
     try:
         await blocker.execute("SELECT pg_advisory_lock($1)", RETENTION_LOCK)  # another replica is at it
-        assert await prune_idle_threads(gw.app.state.db.sessionmaker, days=30) is None
+        assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30) is None
         assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", user_id) == 2
     finally:
         await blocker.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
         await db.release(blocker)
 
-    assert await prune_idle_threads(gw.app.state.db.sessionmaker, days=30, batch_size=1) == 1
+    assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30, batch_size=1) == 1
     assert await db.fetchval("SELECT count(*) FROM thread WHERE id = $1", uuid.UUID(idle)) == 0
     assert await stored(db, idle) == []
     assert len(await stored(db, fresh)) == 2
     assert await db.fetchval("SELECT array_agg(profile) FROM user_context_cache WHERE user_id = $1", user_id) == [
         "coach_health"
     ]
-    assert await prune_idle_threads(gw.app.state.db.sessionmaker, days=30) == 0
+    assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30) == 0
 
 
 def test_prune_threads_cli(database_url: str) -> None:

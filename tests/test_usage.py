@@ -21,7 +21,7 @@ def record(user: str, **values) -> UsageRecord:
 
 
 async def test_a_row_the_database_rejects_does_not_block_the_others(gateway: Gateway, db) -> None:
-    writer = gateway.app.state.usage
+    writer = gateway.app.state.runtime.usage
     writer.record(record("poison-user", error_code="x" * 500))  # longer than the column allows
     writer.record(record("healthy-user", prompt_tokens=3))
     [row] = await usage_rows(db, user_id="healthy-user")

@@ -16,8 +16,7 @@ from starlette.responses import Response
 from app.admin import reports_repository as repository
 from app.admin.reports_repository import DIMENSIONS, MAX_GROUPS, METRICS, Period, TooManyGroups
 from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageReport
-from app.auth.dependencies import AdminGuard
-from app.db import SessionDep
+from app.deps import AdminGuard, SessionDep
 from app.errors import InvalidRequest, error_responses
 
 MAX_DAYS = 366

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from app.admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, UserPublic, UserUpdate
 from app.auth import management, repository
-from app.auth.dependencies import AdminGuard
-from app.db import SessionDep
+from app.deps import AdminGuard, CatalogDep, SessionDep
 from app.errors import InvalidRequest, error_responses
 from app.registry import TierSpec
 
@@ -19,10 +18,10 @@ router = APIRouter(tags=["admin"], dependencies=[AdminGuard], responses=error_re
 
 
 @router.post("/keys", status_code=201, responses=error_responses(400))
-async def create_key(body: KeyCreate, session: SessionDep, request: Request) -> KeyCreated:
+async def create_key(body: KeyCreate, session: SessionDep, catalog: CatalogDep) -> KeyCreated:
     """Create a gateway key for a user; the response is the only time the key is shown."""
     key, raw = await management.create_key(
-        session, request.app.state.catalog, user_id=body.user_id, tier=body.tier, name=body.name
+        session, catalog, user_id=body.user_id, tier=body.tier, name=body.name
     )
     return KeyCreated(**KeyPublic.model_validate(key).model_dump(), key=raw)
 
@@ -41,7 +40,7 @@ async def revoke_key(key_id: uuid.UUID, session: SessionDep) -> KeyPublic:
 
 
 @router.patch("/users/{user_id}", responses=error_responses(400))
-async def update_user(user_id: str, body: UserUpdate, session: SessionDep, request: Request) -> UserPublic:
+async def update_user(user_id: str, body: UserUpdate, session: SessionDep, catalog: CatalogDep) -> UserPublic:
     """Set a user's tier, upstream switch or limit overrides (created on first sight)."""
     changes = {name: value for name, value in body.model_dump(exclude_unset=True).items() if value is not None}
     unknown = set(changes.get("limit_overrides") or {}) - LIMIT_NAMES
@@ -50,5 +49,5 @@ async def update_user(user_id: str, body: UserUpdate, session: SessionDep, reque
             f"Unknown limits {sorted(unknown)}; known: {sorted(LIMIT_NAMES)}.",
             param="limit_overrides",
         )
-    user = await management.update_user(session, request.app.state.catalog, user_id, changes)
+    user = await management.update_user(session, catalog, user_id, changes)
     return UserPublic.model_validate(user)

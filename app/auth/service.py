@@ -13,7 +13,6 @@ import importlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +20,13 @@ import asyncpg
 import orjson
 
 from app.auth import repository
+from app.auth.guard import FailedAuthGuard
 from app.auth.keys import hash_key, looks_like_key
 from app.auth.principal import Principal
 from app.config import Settings
 from app.db import DB_ERRORS
-from app.errors import Unauthenticated, Unavailable
+from app.errors import ErrorCode, RateLimited, Unauthenticated, Unavailable
+from app.events import EventHub, PrincipalChanged
 
 log = logging.getLogger("app.auth")
 
@@ -40,12 +41,18 @@ def _overrides(value: Any) -> dict[str, Any]:
 
 
 class Authenticator:
-    """Owns the principal cache, the NOTIFY listener and the `last_used_at` buffer."""
+    """Owns the principal cache, the failed-auth guard, the NOTIFY listener and the `last_used_at` buffer.
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, database_url: str) -> None:
+    Every change it hears of (a NOTIFY, or `forget` called in this process) is published as
+    `PrincipalChanged`, so caches beside this one (users' upstream clients) drop it too.
+    """
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, database_url: str, events: EventHub) -> None:
         self.settings = settings
         self.pool = pool
         self.database_url = database_url
+        self.events = events
+        self.guard = FailedAuthGuard(settings.auth_failures_per_minute)
         # Only when JWTs are configured: PyJWT loads `cryptography` when it is installed
         # (~9 MB resident per process), which a gateway without JWTs never needs.
         self._jwt = importlib.import_module("jwt") if settings.jwt_secret else None
@@ -53,8 +60,6 @@ class Authenticator:
         self._users: dict[str, tuple[float, Principal]] = {}
         self._touched: dict[uuid.UUID, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        # Called with each NOTIFY payload too, for caches beside ours (app/byok's per-user clients).
-        self.forget_listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         self._tasks = [
@@ -81,6 +86,23 @@ class Authenticator:
         assert principal.api_key_id is not None
         self._touched[principal.api_key_id] = datetime.now(UTC)
         return principal
+
+    async def principal(self, token: str, client: str) -> Principal:
+        """The caller behind a token: from the cache, or looked up behind the failed-auth guard of `client`."""
+        principal = self.cached(token)
+        if principal is not None:
+            return principal
+        if self.guard.blocked(client):
+            raise RateLimited(
+                "Too many failed authentication attempts from this address.",
+                code=ErrorCode.TOO_MANY_AUTH_FAILURES,
+                headers={"retry-after": str(self.guard.retry_after)},
+            )
+        try:
+            return await self.authenticate(token)
+        except Unauthenticated:
+            self.guard.failed(client)
+            raise
 
     async def authenticate(self, token: str) -> Principal:
         if looks_like_key(token):
@@ -127,7 +149,7 @@ class Authenticator:
                 },
             )
         except jwt.ExpiredSignatureError as error:
-            raise Unauthenticated("The token has expired.", code="token_expired") from error
+            raise Unauthenticated("The token has expired.", code=ErrorCode.TOKEN_EXPIRED) from error
         except jwt.PyJWTError as error:
             raise Unauthenticated("Invalid API key or token.") from error
         user_id = claims["sub"]
@@ -158,7 +180,7 @@ class Authenticator:
             log.error("auth lookup failed, database unreachable: %s", error)
             raise Unavailable(
                 "Authentication is unavailable right now; try again shortly.",
-                code="auth_unavailable",
+                code=ErrorCode.AUTH_UNAVAILABLE,
                 headers={"retry-after": "5"},
             ) from error
 
@@ -179,8 +201,7 @@ class Authenticator:
         else:
             self._by_key.clear()
             self._users.clear()
-        for listener in self.forget_listeners:
-            listener(what)
+        self.events.principals.publish(PrincipalChanged(what))
 
     async def _listen(self) -> None:
         """Hold a LISTEN connection; on each (re)connect, drop what may have been missed.

@@ -17,7 +17,6 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -29,10 +28,10 @@ from app.auth.service import Authenticator
 from app.byok import repository
 from app.byok.crypto import KeyCipher, UnreadableKey
 from app.byok.schemas import OpenAIKeyPublic
+from app.byok.vault import KeyVault
 from app.config import Settings
-from app.db import DB_ERRORS, Database
-from app.errors import InvalidRequest, NotFound, PermissionDenied, RateLimited, Unavailable
-from app.upstream.provider import Upstream
+from app.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, RateLimited
+from app.upstream.hub import Upstream
 
 log = logging.getLogger("app.byok")
 
@@ -46,11 +45,8 @@ def _public(row: object) -> OpenAIKeyPublic:
 
 
 class BYOKService:
-    def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, upstream: Upstream, authenticator: Authenticator
-    ) -> None:
-        self.cipher = KeyCipher.from_texts([key.get_secret_value() for key in settings.byok_encryption_keys])
-        self.pool = pool
+    def __init__(self, vault: KeyVault, upstream: Upstream, authenticator: Authenticator) -> None:
+        self.cipher = vault.cipher
         self.upstream = upstream
         self.authenticator = authenticator
         self.checks = parse(f"{CHECKS_PER_MINUTE}/minute")
@@ -59,18 +55,22 @@ class BYOKService:
     async def store(self, session: AsyncSession, principal: Principal, api_key: str) -> OpenAIKeyPublic:
         """Check the key with the upstream, then store it sealed; replaces any key stored before."""
         if not self.cipher.enabled:
-            raise PermissionDenied("Storing your own OpenAI key is not enabled on this gateway.", code="byok_disabled")
+            raise PermissionDenied(
+                "Storing your own OpenAI key is not enabled on this gateway.", code=ErrorCode.BYOK_DISABLED
+            )
         if not self.check_limiter.hit(self.checks, principal.user_id):
             raise RateLimited(
                 f"At most {CHECKS_PER_MINUTE} key checks a minute; try again shortly.",
-                code="too_many_key_checks",
+                code=ErrorCode.TOO_MANY_KEY_CHECKS,
                 headers={"retry-after": "60"},
             )
         verdict = await self.upstream.check_key(api_key)  # unreachable: 502/504, nothing stored
         if verdict != "valid":
             reason = "rejected" if verdict == "rejected" else "refused access to the model list for"
             raise InvalidRequest(
-                f"The upstream {reason} this key; nothing was stored.", param="api_key", code="invalid_openai_key"
+                f"The upstream {reason} this key; nothing was stored.",
+                param="api_key",
+                code=ErrorCode.INVALID_OPENAI_KEY,
             )
         key_id, ciphertext = self.cipher.encrypt(principal.user_id, api_key)
         row = await repository.put(
@@ -88,67 +88,22 @@ class BYOKService:
     async def show(self, session: AsyncSession, principal: Principal) -> OpenAIKeyPublic:
         row = await repository.get(session, principal.user_id)
         if row is None:
-            raise NotFound("You have not stored an OpenAI key; your calls use the gateway's.")
+            raise NotFound(
+                "You have not stored an OpenAI key; your calls use the gateway's.", code=ErrorCode.OPENAI_KEY_NOT_FOUND
+            )
         return _public(row)
 
     async def delete(self, session: AsyncSession, principal: Principal) -> None:
         if not await repository.remove(session, principal.user_id):
-            raise NotFound("You have not stored an OpenAI key; your calls use the gateway's.")
+            raise NotFound(
+                "You have not stored an OpenAI key; your calls use the gateway's.", code=ErrorCode.OPENAI_KEY_NOT_FOUND
+            )
         await self._changed(session, principal.user_id)
         log.info("deleted an own OpenAI key", extra={"user_id": principal.user_id})
 
     async def _changed(self, session: AsyncSession, user_id: str) -> None:
         await auth_repository.notify_changed(session, f"user:{user_id}")  # every process, at commit
         self.authenticator.forget(f"user:{user_id}")  # this one, now
-
-    async def load_key(self, user_id: str) -> str | None:
-        """The user's key in clear, for their upstream client (a cache miss): one query, one decryption."""
-        try:
-            row = await repository.sealed_key(self.pool, user_id)
-        except DB_ERRORS as error:
-            log.error("could not read a user's own key, database unreachable: %s", error)
-            raise Unavailable(
-                "Your OpenAI key cannot be read right now; try again shortly.",
-                code="openai_key_unavailable",
-                headers={"retry-after": "5"},
-            ) from error
-        if row is None:
-            return None
-        try:
-            return self.cipher.decrypt(user_id, row["key_id"], row["ciphertext"])
-        except UnreadableKey as error:
-            log.error("a user's own key cannot be decrypted: %s", error, extra={"user_id": user_id})
-            raise Unavailable(
-                "Your stored OpenAI key cannot be read by this gateway (its encryption key is not configured). "
-                "Store it again, or delete it to use the gateway's key.",
-                code="openai_key_unreadable",
-            ) from error
-
-    def on_auth_change(self, what: str) -> None:
-        """An auth NOTIFY payload: `user:<id>` drops that user's client; a reconnect drops them all."""
-        kind, _, value = what.partition(":")
-        if kind == "user":
-            self.upstream.user_clients.forget(value)
-        elif kind != "key":
-            self.upstream.user_clients.forget_all()
-
-
-async def start_byok(settings: Settings, db: Database, upstream: Upstream, authenticator: Authenticator) -> BYOKService:
-    """Wire the service into the upstream's per-user clients and the auth invalidations."""
-    service = BYOKService(settings, db.pool, upstream, authenticator)
-    upstream.user_clients.loader = service.load_key
-    authenticator.forget_listeners.append(service.on_auth_change)
-    try:
-        unreadable = await repository.count_unreadable(db.pool, service.cipher.key_ids)
-    except DB_ERRORS as error:
-        log.warning("could not check the stored OpenAI keys: %s", error)
-    else:
-        if unreadable:
-            log.warning(
-                "%d stored OpenAI keys are sealed under keys not in BYOK_ENCRYPTION_KEYS; those users get 503s",
-                unreadable,
-            )
-    return service
 
 
 @dataclass

@@ -10,8 +10,8 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.auth.dependencies import bearer_token, principal_for
 from app.chat.schemas import ChatCompletion, ChatCompletionRequest
+from app.deps import bearer_token, principal_for, runtime_of
 from app.errors import error_responses, invalid_request, request_id_of
 
 
@@ -64,4 +64,4 @@ async def create_chat_completion(request: Request) -> Response:
     principal = await principal_for(request, bearer_token(request))
     raw = await request.body()
     body = parse_chat_request(raw)
-    return await request.app.state.chat.create(principal, body, raw, request_id_of(request) or "")
+    return await runtime_of(request).chat.create(principal, body, raw, request_id_of(request))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from app.auth.dependencies import CurrentPrincipal
-from app.errors import Unavailable, error_responses
+from app.deps import CatalogDep, PrincipalDep, RuntimeDep
+from app.errors import ErrorCode, Unavailable, error_responses
 from app.registry import ModelKind
 
 router = APIRouter()
@@ -60,25 +60,25 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", tags=["health"], responses=error_responses(503))
-async def readyz(request: Request) -> Readiness:
+async def readyz(runtime: RuntimeDep) -> Readiness:
     """Database reachable and migrations at head; 503 otherwise."""
-    state = request.app.state
     try:
-        current = await state.db.pool.fetchval("SELECT version_num FROM alembic_version", timeout=2)
+        current = await runtime.db.pool.fetchval("SELECT version_num FROM alembic_version", timeout=2)
     except Exception as error:
-        raise Unavailable(f"Database unreachable: {type(error).__name__}.", code="database_unavailable") from error
-    if current != state.migration_head:
         raise Unavailable(
-            f"Database schema is at {current}, expected {state.migration_head}: run `python -m app migrate`.",
-            code="migrations_pending",
+            f"Database unreachable: {type(error).__name__}.", code=ErrorCode.DATABASE_UNAVAILABLE
+        ) from error
+    if current != runtime.migration_head:
+        raise Unavailable(
+            f"Database schema is at {current}, expected {runtime.migration_head}: run `python -m app migrate`.",
+            code=ErrorCode.MIGRATIONS_PENDING,
         )
-    return Readiness(status="ok", database="ok", migrations=current, simulated=state.settings.simulated)
+    return Readiness(status="ok", database="ok", migrations=current, simulated=runtime.settings.simulated)
 
 
 @router.get("/v1/models", tags=["models"], responses=error_responses(401))
-async def list_models(principal: CurrentPrincipal, request: Request) -> ModelList:
+async def list_models(principal: PrincipalDep, catalog: CatalogDep) -> ModelList:
     """The models the caller's tier may use, with aliases and prices."""
-    catalog = request.app.state.catalog
     return ModelList(
         data=[
             ModelInfo(

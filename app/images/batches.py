@@ -16,16 +16,18 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
+from sse_starlette import ServerSentEvent
 from starlette.background import BackgroundTask
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from app.auth.principal import Principal
 from app.config import Settings
-from app.errors import ErrorBody, InvalidRequest, NotFound
+from app.db import Database
+from app.errors import ErrorBody, InvalidRequest
 from app.images import repository
-from app.images.idempotency import Stored, request_hash
+from app.images.generation import ImageGenerator
+from app.images.idempotency import Claim, IdempotencyStore, Stored, request_hash
 from app.images.options import resolve_options
 from app.images.schemas import (
     BatchCounts,
@@ -34,11 +36,12 @@ from app.images.schemas import (
     ImageBatchCreate,
     ImageBatchPublic,
 )
-from app.images.service import CallContext, ImageService
+from app.images.service import CallContext
 from app.images.signing import Links
 from app.models import ImageBatch, ImageBatchItem
+from app.registry import Catalog
+from app.sse import EventSource, server_event
 
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 FINAL_ITEM = ("completed", "failed", "cancelled")
 
 
@@ -114,43 +117,38 @@ def batch_public(batch: ImageBatch, items: list[ImageBatchItem], links: Links) -
     )
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps({"type": event, **data}) + b"\n\n"
-
-
 class BatchService:
     def __init__(
         self,
         settings: Settings,
-        images: ImageService,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        catalog: Catalog,
+        database: Database,
+        generator: ImageGenerator,
+        idempotency: IdempotencyStore,
         events: BatchEvents,
         wake_runner: Callable[[], None],
     ) -> None:
         self.settings = settings
-        self.images = images
-        self.sessionmaker = sessionmaker
+        self.catalog = catalog
+        self.database = database
+        self.generator = generator
+        self.idempotency = idempotency
         self.events = events
         self.wake_runner = wake_runner
 
-    async def create(
-        self, session: AsyncSession, principal: Principal, body: ImageBatchCreate, ctx: CallContext
-    ) -> Response:
+    async def create(self, principal: Principal, body: ImageBatchCreate, ctx: CallContext) -> Response:
+        """Moderated (an upstream call, no session open), then stored with its items in one transaction."""
         values = body.model_dump(exclude_unset=True, exclude={"items"})
-        options = resolve_options(self.images.catalog, principal.tier, {**values, "model": body.model})
+        options = resolve_options(self.catalog, principal.tier, {**values, "model": body.model})
         limit = self.settings.image_batch_max_items
         if len(body.items) > limit:
             raise InvalidRequest(f"A batch takes at most {limit} items; this one has {len(body.items)}.", param="items")
         prompts = [item.prompt for item in body.items]
 
-        async def run() -> tuple[int, dict[str, Any], Response]:
+        async def run(claim: Claim) -> Response:
             if self.settings.image_moderation:
-                await self.images.moderate(
-                    principal,
-                    ctx.request_id,
-                    prompts,
-                    self.images.upstream.images_for(principal),
-                    param=lambda index: f"items.{index}.prompt",
+                await self.generator.moderate(
+                    principal, ctx.request_id, prompts, param=lambda index: f"items.{index}.prompt"
                 )
             now = datetime.now(UTC)
             batch = ImageBatch(
@@ -166,79 +164,68 @@ class BatchService:
                 next_run_at=now,
                 created_at=now,
             )
-            session.add(batch)
-            await session.flush()
-            session.add_all(
-                ImageBatchItem(
-                    id=uuid.uuid4(),
-                    batch_id=batch.id,
-                    index=index,
-                    custom_id=item.custom_id,
-                    prompt=item.prompt,
-                    status="pending",
-                    attempts=0,
-                    not_before=now,
-                    image_ids=[],
-                    updated_at=now,
+            async with self.database.sessionmaker.begin() as session:
+                session.add(batch)
+                await session.flush()
+                session.add_all(
+                    ImageBatchItem(
+                        id=uuid.uuid4(),
+                        batch_id=batch.id,
+                        index=index,
+                        custom_id=item.custom_id,
+                        prompt=item.prompt,
+                        status="pending",
+                        attempts=0,
+                        not_before=now,
+                        image_ids=[],
+                        updated_at=now,
+                    )
+                    for index, item in enumerate(body.items)
                 )
-                for index, item in enumerate(body.items)
-            )
-            await session.flush()
-            response = await self._response(session, batch.id, principal, ctx.links)
-            return 202, {"batch_id": str(batch.id)}, response
+                await claim.complete(session, 202, {"batch_id": str(batch.id)})
+            return await self._response(batch.id, ctx.links)
 
         async def replay(stored: Stored) -> Response:
-            return await self._response(session, uuid.UUID(stored.result["batch_id"]), principal, ctx.links)
+            return await self._response(uuid.UUID(stored.result["batch_id"]), ctx.links)
 
         fingerprint = request_hash(ctx.method, ctx.path, body.model_dump(exclude_unset=True, mode="json"))
-        response = await self.images.idempotency.once(
-            session, principal.user_id, ctx.idempotency_key, fingerprint, run, replay
-        )
-        # After the response: the session has committed by then, so the runner sees the batch.
+        response = await self.idempotency.once(principal.user_id, ctx.idempotency_key, fingerprint, run, replay)
+        # After the response: the batch is committed by then, so the runner sees it.
         response.background = BackgroundTask(self.wake_runner)
         return response
 
-    async def _response(
-        self, session: AsyncSession, batch_id: uuid.UUID, principal: Principal, links: Links
-    ) -> Response:
-        batch = await self.get(session, principal, batch_id, links)
-        return Response(batch.model_dump_json().encode(), status_code=202, media_type="application/json")
+    async def _response(self, batch_id: uuid.UUID, links: Links) -> Response:
+        async with self.database.sessionmaker() as session:
+            batch = await session.get(ImageBatch, batch_id)
+            assert batch is not None
+            public = await self.public(session, batch, links)
+        return Response(public.model_dump_json().encode(), status_code=202, media_type="application/json")
 
-    async def get(
-        self, session: AsyncSession, principal: Principal, batch_id: uuid.UUID, links: Links
-    ) -> ImageBatchPublic:
-        batch = await repository.get_batch(session, batch_id, principal.user_id)
-        if batch is None:
-            raise NotFound(f"No image batch {batch_id}.")
-        return batch_public(batch, await repository.batch_items(session, batch_id), links)
+    async def public(self, session: AsyncSession, batch: ImageBatch, links: Links) -> ImageBatchPublic:
+        return batch_public(batch, await repository.batch_items(session, batch.id), links)
 
-    async def cancel(
-        self, session: AsyncSession, principal: Principal, batch_id: uuid.UUID, links: Links
-    ) -> ImageBatchPublic:
-        batch = await repository.get_batch(session, batch_id, principal.user_id)
-        if batch is None:
-            raise NotFound(f"No image batch {batch_id}.")
+    async def cancel(self, session: AsyncSession, batch: ImageBatch, links: Links) -> ImageBatchPublic:
+        batch_id = batch.id
         await repository.cancel_batch(session, batch_id)
         session.expire_all()
         self.events.notify(batch_id)
-        return await self.get(session, principal, batch_id, links)
+        refreshed = await session.get(ImageBatch, batch_id)
+        assert refreshed is not None
+        return await self.public(session, refreshed, links)
 
-    async def stream(self, session: AsyncSession, principal: Principal, batch_id: uuid.UUID, links: Links) -> Response:
-        """Checks ownership now; the stream then reads with its own short sessions (this one is released)."""
-        if await repository.get_batch(session, batch_id, principal.user_id) is None:
-            raise NotFound(f"No image batch {batch_id}.")
-        return StreamingResponse(self._events(batch_id, links), media_type="text/event-stream", headers=SSE_HEADERS)
+    def stream(self, batch: ImageBatch, links: Links) -> Response:
+        """The caller's batch, already checked; the stream reads with its own short sessions."""
+        return EventSource(self._events(batch.id, links), heartbeat=self.settings.stream_heartbeat_seconds)
 
-    async def _events(self, batch_id: uuid.UUID, links: Links) -> AsyncIterator[bytes]:
+    async def _events(self, batch_id: uuid.UUID, links: Links) -> AsyncIterator[ServerSentEvent]:
         """Each item's end as `item.completed` / `item.failed` / `item.cancelled` (those already ended
         first), then `batch.completed` (or `batch.cancelled`), and the stream ends; it is capped at
-        STREAM_MAX_SECONDS, with heartbeats while nothing happens."""
+        STREAM_MAX_SECONDS (`stream.timeout`). The event source pings while nothing happens."""
         sent: set[uuid.UUID] = set()
         deadline = time.monotonic() + self.settings.stream_max_seconds
-        heartbeat_at = time.monotonic() + self.settings.stream_heartbeat_seconds
         poll = self.settings.image_batch_poll_seconds
         while True:
-            async with self.sessionmaker() as session:
+            async with self.database.sessionmaker() as session:
                 state = await repository.batch_state(session, batch_id)
                 items = await repository.batch_items(session, batch_id)
             if state is None:  # deleted under us (retention)
@@ -246,22 +233,23 @@ class BatchService:
             counts = counts_of(items).model_dump()
             for item in sorted((i for i in items if i.status in FINAL_ITEM and i.id not in sent), key=_finished):
                 sent.add(item.id)
-                yield _sse(
+                yield _event(
                     f"item.{item.status}", {"batch_id": str(batch_id), "item": _dump(item, links), "counts": counts}
                 )
             status, finished_at = state
             if finished_at is not None:
                 kind = "batch.cancelled" if status == "cancelled" else "batch.completed"
-                yield _sse(kind, {"batch_id": str(batch_id), "status": status, "counts": counts})
+                yield _event(kind, {"batch_id": str(batch_id), "status": status, "counts": counts})
                 return
-            now = time.monotonic()
-            if now >= deadline:
-                yield _sse("stream.timeout", {"batch_id": str(batch_id), "counts": counts})
+            left = deadline - time.monotonic()
+            if left <= 0:
+                yield _event("stream.timeout", {"batch_id": str(batch_id), "counts": counts})
                 return
-            if now >= heartbeat_at:
-                heartbeat_at = now + self.settings.stream_heartbeat_seconds
-                yield b": keep-alive\n\n"
-            await self.events.wait(batch_id, min(poll, max(heartbeat_at - now, 0.0), max(deadline - now, 0.0)))
+            await self.events.wait(batch_id, min(poll, left))
+
+
+def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
+    return server_event(name, {"type": name, **data})
 
 
 def _finished(item: ImageBatchItem) -> tuple[datetime, int]:

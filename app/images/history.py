@@ -14,15 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from app.auth.principal import Principal
-from app.errors import InvalidRequest, NotFound
+from app.errors import ImageNotFound, InvalidRequest
 from app.images import repository
 from app.images.options import CONTENT_TYPES, ImageOptions
 from app.images.schemas import ImageDeleted, ImageList, ImagePublic
 from app.images.signing import Links, UrlSigner
 from app.images.storage import ImageStorage
 from app.models import Image
-from app.upstream.images import Generation
-from app.usage.record import Status
+from app.upstream.provider import Generation
 
 
 def public(image: Image, links: Links) -> ImagePublic:
@@ -73,7 +72,8 @@ class ImageHistory:
         prompt: str,
         options: ImageOptions,
         generation: Generation,
-        status: Status,
+        *,
+        simulated: bool,
         cost: float,
         batch_id: uuid.UUID | None,
         regenerated_from: uuid.UUID | None,
@@ -107,7 +107,7 @@ class ImageHistory:
                     storage_key=f"{now:%Y/%m/%d}/{image_id}.{extension}",
                     bytes=len(made.data),
                     cost_usd=unit_cost,
-                    simulated=status in ("simulated", "fallback"),
+                    simulated=simulated,
                     created_at=now,
                 )
             )
@@ -144,17 +144,8 @@ class ImageHistory:
             next_cursor=encode_cursor(page[-1]) if has_more else None,
         )
 
-    async def get(self, session: AsyncSession, principal: Principal, image_id: uuid.UUID, links: Links) -> ImagePublic:
-        image = await repository.get_image(session, image_id, principal.user_id)
-        if image is None:
-            raise NotFound(f"No image {image_id}.")
-        return public(image, links)
-
-    async def delete(self, session: AsyncSession, principal: Principal, image_id: uuid.UUID) -> ImageDeleted:
+    async def delete(self, session: AsyncSession, image: Image) -> ImageDeleted:
         """The row goes first (flushed, not committed): if the bytes cannot be deleted, the row stays too."""
-        image = await repository.get_image(session, image_id, principal.user_id)
-        if image is None:
-            raise NotFound(f"No image {image_id}.")
         await repository.delete_images(session, [image.id])
         await session.flush()
         await self.storage.delete(image.storage_key)
@@ -164,7 +155,7 @@ class ImageHistory:
         self.signer.verify(image_id, expires, signature)
         image = await repository.get_image(session, image_id)
         if image is None:
-            raise NotFound(f"No image {image_id}.")
+            raise ImageNotFound(image_id)
         data = await self.storage.get(image.storage_key)
         headers = {
             "cache-control": f"private, max-age={max(int(expires - time.time()), 0)}, immutable",

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from app.db import DB_ERRORS
-from app.errors import Conflict, InvalidRequest
+from app.errors import Conflict, ErrorCode, InvalidRequest
 from app.models import IdempotencyKey
 
 log = logging.getLogger("app.images.idempotency")
@@ -56,6 +56,24 @@ class Stored:
     result: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claimed key (or none: a request without `Idempotency-Key`), completed with the work it guards."""
+
+    user_id: str
+    key: str | None
+
+    async def complete(self, session: AsyncSession, status: int, result: dict[str, Any]) -> None:
+        """Store the outcome in the work's own transaction: committed with the rows it names, or not at all."""
+        if self.key is None:
+            return
+        await session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.user_id == self.user_id, IdempotencyKey.key == self.key)
+            .values(state="done", response_status=status, result=result)
+        )
+
+
 def request_hash(method: str, path: str, body: dict[str, Any]) -> str:
     """The same request whatever the JSON's key order or spacing."""
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
@@ -69,7 +87,7 @@ def checked_key(key: str | None) -> str | None:
         raise InvalidRequest(
             f"The {HEADER} header must be 1 to {MAX_KEY_LENGTH} printable characters.",
             param=HEADER,
-            code="invalid_idempotency_key",
+            code=ErrorCode.INVALID_IDEMPOTENCY_KEY,
         )
     return key
 
@@ -92,41 +110,37 @@ class IdempotencyStore:
                 raise Conflict(
                     f"This {HEADER} was already used with a different request; use a new key for a new request.",
                     param=HEADER,
-                    code="idempotency_key_reused",
+                    code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
                     headers={"x-should-retry": "false"},
                 )
             if row["state"] != "done":
                 raise Conflict(
                     f"A request with this {HEADER} is still in progress; retry shortly.",
                     param=HEADER,
-                    code="idempotency_key_in_use",
+                    code=ErrorCode.IDEMPOTENCY_KEY_IN_USE,
                     headers={"retry-after": "1", "x-should-retry": "true"},
                 )
             result = row["result"]
             return Stored(row["response_status"], orjson.loads(result) if isinstance(result, str) else result)
-        raise Conflict(f"The {HEADER} could not be claimed; retry.", param=HEADER, code="idempotency_key_in_use")
-
-    @staticmethod
-    async def complete(session: AsyncSession, user_id: str, key: str, status: int, result: dict[str, Any]) -> None:
-        """Store the result in the request's transaction: committed with the rows it names, or not at all."""
-        await session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)
-            .values(state="done", response_status=status, result=result)
+        raise Conflict(
+            f"The {HEADER} could not be claimed; retry.", param=HEADER, code=ErrorCode.IDEMPOTENCY_KEY_IN_USE
         )
 
     async def once(
         self,
-        session: AsyncSession,
         user_id: str,
         key: str | None,
         fingerprint: str,
-        run: Callable[[], Awaitable[tuple[int, dict[str, Any], Response]]],
+        run: Callable[[Claim], Awaitable[Response]],
         replay: Callable[[Stored], Awaitable[Response]],
     ) -> Response:
-        """Run `run` at most once per key; a repeat of the same request gets `replay` of what it stored."""
+        """Run `run` at most once per key; a repeat of the same request gets `replay` of what it stored.
+
+        `run` stores its outcome with `claim.complete(session, ...)` in the transaction that writes
+        its rows, so the key is done exactly when the work is.
+        """
         if key is None:
-            return (await run())[2]
+            return await run(Claim(user_id, None))
         stored = await self.claim(user_id, key, fingerprint)
         if stored is not None:
             response = await replay(stored)
@@ -134,12 +148,10 @@ class IdempotencyStore:
             response.headers["idempotent-replayed"] = "true"
             return response
         try:
-            status, result, response = await run()
-            await self.complete(session, user_id, key, status, result)
+            return await run(Claim(user_id, key))
         except BaseException:
             await asyncio.shield(self.release(user_id, key))
             raise
-        return response
 
     async def release(self, user_id: str, key: str) -> None:
         try:

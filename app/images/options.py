@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import InvalidRequest
+from app.errors import ErrorCode, InvalidRequest
 from app.registry import Catalog, ModelSpec
 
 TRANSPARENT_FORMATS = ("png", "webp")
@@ -82,7 +82,7 @@ def _one_of(name: str, value: str | None, allowed: list[str] | tuple[str, ...], 
         raise InvalidRequest(
             f"Invalid value for '{name}': '{value}' is not supported by model '{spec.id}'; supported: {choices}.",
             param=name,
-            code="unsupported_value",
+            code=ErrorCode.UNSUPPORTED_VALUE,
         )
 
 
@@ -95,7 +95,7 @@ def resolve_options(catalog: Catalog, tier: str, values: dict[str, Any]) -> Imag
         raise InvalidRequest(
             f"Invalid value for 'n': {n}; model '{spec.id}' makes 1 to {spec.max_n} images per request.",
             param="n",
-            code="unsupported_value",
+            code=ErrorCode.UNSUPPORTED_VALUE,
         )
     output_format = values.get("output_format")
     background = values.get("background")
@@ -108,13 +108,13 @@ def resolve_options(catalog: Catalog, tier: str, values: dict[str, Any]) -> Imag
         raise InvalidRequest(
             f"Invalid value for 'background': 'transparent' needs output_format png or webp, not '{output_format}'.",
             param="background",
-            code="unsupported_value",
+            code=ErrorCode.UNSUPPORTED_VALUE,
         )
     if compression is not None and output_format not in COMPRESSIBLE_FORMATS:
         raise InvalidRequest(
             "Invalid value for 'output_compression': it applies to output_format jpeg or webp only.",
             param="output_compression",
-            code="unsupported_value",
+            code=ErrorCode.UNSUPPORTED_VALUE,
         )
     return ImageOptions(
         spec=spec,

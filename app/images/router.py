@@ -8,11 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response
 
-from app.auth.dependencies import CurrentPrincipal
-from app.db import SessionDep
-from app.errors import error_responses, request_id_of
-from app.images.batches import BatchService
-from app.images.history import ImageHistory
+from app.deps import BatchServiceDep, ImageHistoryDep, ImageServiceDep, PrincipalDep, SessionDep
+from app.errors import BatchNotFound, ImageNotFound, error_responses, request_id_of
+from app.images import repository
+from app.images.history import public
 from app.images.idempotency import checked_key
 from app.images.schemas import (
     ImageBatchCreate,
@@ -26,8 +25,9 @@ from app.images.schemas import (
     ImageRegenerateRequest,
     ImagesResponse,
 )
-from app.images.service import CallContext, ImageService
+from app.images.service import CallContext
 from app.images.signing import Links
+from app.models import Image, ImageBatch
 
 router = APIRouter(tags=["images"])
 
@@ -38,25 +38,28 @@ EVENT_STREAM = {
 }
 
 
-def get_image_service(request: Request) -> ImageService:
-    return request.app.state.images.service
-
-
-def get_image_history(request: Request) -> ImageHistory:
-    return request.app.state.images.history
-
-
-def get_batch_service(request: Request) -> BatchService:
-    return request.app.state.images.batches
-
-
-ImageServiceDep = Annotated[ImageService, Depends(get_image_service)]
-HistoryDep = Annotated[ImageHistory, Depends(get_image_history)]
-BatchServiceDep = Annotated[BatchService, Depends(get_batch_service)]
-
-
 def image_links(request: Request, service: ImageServiceDep) -> Links:
     return service.links(str(request.base_url))
+
+
+async def valid_image(image_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> Image:
+    """The caller's image; another user's is a 404, exactly like one that does not exist."""
+    image = await repository.get_image(session, image_id, principal.user_id)
+    if image is None:
+        raise ImageNotFound(image_id)
+    return image
+
+
+async def valid_batch(batch_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> ImageBatch:
+    """The caller's batch; another user's is a 404."""
+    batch = await repository.get_batch(session, batch_id, principal.user_id)
+    if batch is None:
+        raise BatchNotFound(batch_id)
+    return batch
+
+
+ValidImage = Annotated[Image, Depends(valid_image)]
+ValidBatch = Annotated[ImageBatch, Depends(valid_batch)]
 
 
 def call_context(
@@ -68,7 +71,7 @@ def call_context(
     ] = None,
 ) -> CallContext:
     return CallContext(
-        request_id=request_id_of(request) or "",
+        request_id=request_id_of(request),
         method=request.method,
         path=request.url.path,
         links=links,
@@ -86,19 +89,15 @@ ContextDep = Annotated[CallContext, Depends(call_context)]
     responses=error_responses(400, 401, 409, 413, 429, 502, 503, 504),
 )
 async def create_image(
-    body: ImageGenerateRequest,
-    principal: CurrentPrincipal,
-    service: ImageServiceDep,
-    session: SessionDep,
-    ctx: ContextDep,
+    body: ImageGenerateRequest, principal: PrincipalDep, service: ImageServiceDep, ctx: ContextDep
 ) -> Response:
     """Generate images (OpenAI-compatible); each is stored and returned as a signed URL (and `b64_json` on request)."""
-    return await service.generate(session, principal, body, ctx)
+    return await service.generate(principal, body, ctx)
 
 
 @router.post("/images/estimate", responses=error_responses(400, 401))
 async def estimate_image_cost(
-    body: ImageEstimateRequest, principal: CurrentPrincipal, service: ImageServiceDep
+    body: ImageEstimateRequest, principal: PrincipalDep, service: ImageServiceDep
 ) -> ImageEstimate:
     """The registry's price for a generation request before making it: what the budget check reserves."""
     return service.estimate(principal, body)
@@ -111,26 +110,26 @@ async def estimate_image_cost(
     responses=error_responses(400, 401, 409, 413, 429, 502, 503),
 )
 async def create_image_batch(
-    body: ImageBatchCreate, principal: CurrentPrincipal, batches: BatchServiceDep, session: SessionDep, ctx: ContextDep
+    body: ImageBatchCreate, principal: PrincipalDep, batches: BatchServiceDep, ctx: ContextDep
 ) -> Response:
     """Queue prompts to generate in the background, paced and within your limits."""
-    return await batches.create(session, principal, body, ctx)
+    return await batches.create(principal, body, ctx)
 
 
 @router.get("/images/batches/{batch_id}", responses=error_responses(401, 404))
 async def get_image_batch(
-    batch_id: uuid.UUID, principal: CurrentPrincipal, batches: BatchServiceDep, session: SessionDep, links: LinksDep
+    batch: ValidBatch, batches: BatchServiceDep, session: SessionDep, links: LinksDep
 ) -> ImageBatchPublic:
     """A batch's progress and each item's images."""
-    return await batches.get(session, principal, batch_id, links)
+    return await batches.public(session, batch, links)
 
 
 @router.post("/images/batches/{batch_id}/cancel", responses=error_responses(401, 404))
 async def cancel_image_batch(
-    batch_id: uuid.UUID, principal: CurrentPrincipal, batches: BatchServiceDep, session: SessionDep, links: LinksDep
+    batch: ValidBatch, batches: BatchServiceDep, session: SessionDep, links: LinksDep
 ) -> ImageBatchPublic:
     """Cancel a batch's pending items; one already running finishes."""
-    return await batches.cancel(session, principal, batch_id, links)
+    return await batches.cancel(session, batch, links)
 
 
 @router.get(
@@ -138,17 +137,15 @@ async def cancel_image_batch(
     response_class=Response,
     responses={200: EVENT_STREAM, **error_responses(401, 404)},
 )
-async def stream_image_batch_events(
-    batch_id: uuid.UUID, principal: CurrentPrincipal, batches: BatchServiceDep, session: SessionDep, links: LinksDep
-) -> Response:
+async def stream_image_batch_events(batch: ValidBatch, batches: BatchServiceDep, links: LinksDep) -> Response:
     """Server-sent events, one per finished item, ending with the batch."""
-    return await batches.stream(session, principal, batch_id, links)
+    return batches.stream(batch, links)
 
 
 @router.get("/images", responses=error_responses(400, 401))
 async def list_images(
-    principal: CurrentPrincipal,
-    history: HistoryDep,
+    principal: PrincipalDep,
+    history: ImageHistoryDep,
     session: SessionDep,
     links: LinksDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -160,11 +157,9 @@ async def list_images(
 
 
 @router.get("/images/{image_id}", responses=error_responses(401, 404))
-async def get_image(
-    image_id: uuid.UUID, principal: CurrentPrincipal, history: HistoryDep, session: SessionDep, links: LinksDep
-) -> ImagePublic:
+async def get_image(image: ValidImage, links: LinksDep) -> ImagePublic:
     """One of your images, with a fresh signed URL."""
-    return await history.get(session, principal, image_id, links)
+    return public(image, links)
 
 
 @router.get(
@@ -176,7 +171,7 @@ async def get_image_content(
     image_id: uuid.UUID,
     expires: Annotated[int, Query(description="Expiry of the signed URL (epoch seconds).")],
     signature: Annotated[str, Query(max_length=100)],
-    history: HistoryDep,
+    history: ImageHistoryDep,
     session: SessionDep,
 ) -> Response:
     """The image's bytes; no bearer token: the URL's signature is the credential."""
@@ -190,19 +185,16 @@ async def get_image_content(
 )
 async def regenerate_image(
     image_id: uuid.UUID,
-    principal: CurrentPrincipal,
+    principal: PrincipalDep,
     service: ImageServiceDep,
-    session: SessionDep,
     ctx: ContextDep,
     body: ImageRegenerateRequest | None = None,
 ) -> Response:
     """Generate again from an image's prompt and options, with any of them changed."""
-    return await service.regenerate(session, principal, image_id, body or ImageRegenerateRequest(), ctx)
+    return await service.regenerate(principal, image_id, body or ImageRegenerateRequest(), ctx)
 
 
 @router.delete("/images/{image_id}", responses=error_responses(401, 404, 503))
-async def delete_image(
-    image_id: uuid.UUID, principal: CurrentPrincipal, history: HistoryDep, session: SessionDep
-) -> ImageDeleted:
+async def delete_image(image: ValidImage, history: ImageHistoryDep, session: SessionDep) -> ImageDeleted:
     """Delete one of your images and its stored bytes."""
-    return await history.delete(session, principal, image_id)
+    return await history.delete(session, image)

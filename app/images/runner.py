@@ -17,12 +17,13 @@ import logging
 from app.auth.principal import Principal
 from app.config import Settings
 from app.db import Database
-from app.errors import GatewayError, RateLimited, Unavailable, UpstreamError
+from app.errors import ErrorCode, GatewayError, RateLimited, Unavailable, UpstreamError
+from app.events import EventHub
 from app.images import repository
-from app.images.batches import BatchEvents
+from app.images.generation import ImageGenerator
 from app.images.options import resolve_options
 from app.images.repository import ClaimedItem
-from app.images.service import ImageService
+from app.registry import Catalog
 
 log = logging.getLogger("app.images.runner")
 
@@ -30,7 +31,7 @@ MAX_BACKOFF = 300.0
 
 
 def _transient(error: GatewayError) -> bool:
-    return isinstance(error, UpstreamError | Unavailable) or error.code == "upstream_rate_limited"
+    return isinstance(error, UpstreamError | Unavailable) or error.code == ErrorCode.UPSTREAM_RATE_LIMITED
 
 
 def _retry_after(error: GatewayError, default: float) -> float:
@@ -42,14 +43,11 @@ def _retry_after(error: GatewayError, default: float) -> float:
 
 class BatchRunner:
     def __init__(
-        self,
-        settings: Settings,
-        images: ImageService,
-        database: Database,
-        events: BatchEvents,
+        self, settings: Settings, catalog: Catalog, generator: ImageGenerator, database: Database, events: EventHub
     ) -> None:
         self.settings = settings
-        self.images = images
+        self.catalog = catalog
+        self.generator = generator
         self.pool = database.pool
         self.sessionmaker = database.sessionmaker
         self.events = events
@@ -63,6 +61,11 @@ class BatchRunner:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="image-batch-runner")
+
+    async def idle(self) -> None:
+        """Wait until no item is under way (tests settle the gateway with it)."""
+        while self._active:
+            await asyncio.wait(self._active)
 
     async def stop(self) -> None:
         """Stop taking work; items under way are cancelled and handed back as pending."""
@@ -106,27 +109,27 @@ class BatchRunner:
             log.exception("batch item %s failed unexpectedly", item.id)
             try:
                 await self._retry_or_fail(
-                    item, "internal_error", f"The item failed unexpectedly: {error}", transient=True
+                    item, ErrorCode.INTERNAL_ERROR, f"The item failed unexpectedly: {error}", transient=True
                 )
             except Exception as failure:  # the database too: the item's lease frees it later
                 log.warning("could not record batch item %s's failure: %s", item.id, failure)
         finally:
-            self.events.notify(item.batch_id)
+            self.events.batches.publish(item.batch_id)
             self.wake()
 
     async def _attempt(self, item: ClaimedItem) -> None:
         principal = await self._principal(item)
         if principal is None:
             await self._end(
-                item, "failed", error_code="api_key_revoked", error_message="The batch's API key was revoked."
+                item, "failed", error_code=ErrorCode.API_KEY_REVOKED, error_message="The batch's API key was revoked."
             )
             return
         try:
-            options = resolve_options(self.images.catalog, principal.tier, {**item.options, "model": item.model})
+            options = resolve_options(self.catalog, principal.tier, {**item.options, "model": item.model})
             request_id = f"{item.request_id[:50]}:{item.index}"
-            produced = await self.images.produce(principal, request_id, item.prompt, options, batch_id=item.batch_id)
+            produced = await self.generator.produce(principal, request_id, item.prompt, options, batch_id=item.batch_id)
         except RateLimited as error:
-            if error.code == "upstream_rate_limited":
+            if error.code == ErrorCode.UPSTREAM_RATE_LIMITED:
                 await self._retry_or_fail(item, error.code, error.message, transient=True, delay=_retry_after(error, 5))
                 return
             # The user's own limits: the batch waits until they allow the next image. Not a failure.
@@ -137,7 +140,9 @@ class BatchRunner:
                 )
             return
         except GatewayError as error:
-            await self._retry_or_fail(item, error.code or "error", error.message, transient=_transient(error))
+            await self._retry_or_fail(
+                item, error.code or ErrorCode.SERVER_ERROR, error.message, transient=_transient(error)
+            )
             return
         cost = float(sum(image.cost_usd for image in produced.images))
         async with self.sessionmaker() as session, session.begin():

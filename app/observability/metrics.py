@@ -22,14 +22,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values as prometheus_values
 
-from app.errors import GatewayError
+from app.events import EventHub, Refusal
 from app.observability.multiprocess import MULTIPROC_ENV, multiprocess_dir
-from app.observability.routes import route_of
 from app.usage.record import UsageRecord
 
 log = logging.getLogger("app.metrics")
@@ -84,7 +82,7 @@ class _UsageChildren:
 class Metrics:
     """This app's metrics, and what updates them: the middleware, the usage writer, the refusal hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: EventHub, queue_depth: Callable[[], int]) -> None:
         self.directory = _multiprocess_directory()
         self.registry = CollectorRegistry(auto_describe=True)
         if self.directory is None:
@@ -164,8 +162,10 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._usage_children: dict[tuple[str, str, str], _UsageChildren] = {}
-        self._queue_depth: Callable[[], int] | None = None
+        self._queue_depth = queue_depth
         self._sampler: asyncio.Task[None] | None = None
+        events.usage.subscribe(self.observe_usage)
+        events.refusals.subscribe(self.count_refusal)
 
     # The hot path: the middleware, once per request.
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -204,21 +204,19 @@ class Metrics:
         if record.status == "error":
             self.upstream_errors.labels(record.route, record.model, record.error_code or "unknown").inc()
 
-    # A RefusalListener (app.errors): a caller's limit said no.
-    def count_refusal(self, request: Request, error: GatewayError) -> None:
-        self.refusals.labels(route_of(request.scope), error.code or "unknown").inc()
+    # A caller's own limit said no.
+    def count_refusal(self, refusal: Refusal) -> None:
+        self.refusals.labels(refusal.route, refusal.code).inc()
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
+    def start(self) -> None:
         """Read the usage queue's depth every second (each worker writes its own; scrapes add them up)."""
-        self._queue_depth = depth
-        self.usage_queue_depth.set(depth())
+        self.usage_queue_depth.set(self._queue_depth())
         self._sampler = asyncio.create_task(self._sample(), name="metrics-sampler")
 
     async def _sample(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
-            if self._queue_depth is not None:
-                self.usage_queue_depth.set(self._queue_depth())
+            self.usage_queue_depth.set(self._queue_depth())
 
     async def close(self) -> None:
         """Stop sampling; a worker that exits takes its live gauges (open streams, queue) with it."""
@@ -235,8 +233,7 @@ class Metrics:
         Blocking (file reads in multiprocess mode): call it in a thread.
         """
         if self.directory is None:
-            if self._queue_depth is not None:
-                self.usage_queue_depth.set(self._queue_depth())
+            self.usage_queue_depth.set(self._queue_depth())
             return generate_latest(self.registry)
         _remove_dead_workers_gauges(self.directory)
         registry = CollectorRegistry()

@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from app.errors import NotFound, Unauthenticated, error_responses
+from app.deps import RuntimeDep
+from app.errors import ErrorCode, NotFound, Unauthenticated, error_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -29,17 +30,16 @@ router = APIRouter(tags=["operations"])
         **error_responses(401, 404),
     },
 )
-async def get_metrics(request: Request) -> Response:
+async def get_metrics(request: Request, runtime: RuntimeDep) -> Response:
     """Prometheus metrics of the whole service (every worker); bearer METRICS_TOKEN when one is set."""
-    state = request.app.state
-    metrics = getattr(state, "metrics", None)
+    metrics = runtime.metrics
     if metrics is None:
         raise NotFound("Metrics are disabled (METRICS_ENABLED=false).")
-    token = state.settings.metrics_token
+    token = runtime.settings.metrics_token
     if token is not None:
         sent = request.headers.get("authorization", "")
         if not secrets.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            raise Unauthenticated("This endpoint needs the bearer METRICS_TOKEN.", code="invalid_metrics_token")
+            raise Unauthenticated("This endpoint needs the bearer METRICS_TOKEN.", code=ErrorCode.INVALID_METRICS_TOKEN)
     # In multiprocess mode this reads every worker's files: off the event loop.
     body = await asyncio.to_thread(metrics.render)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

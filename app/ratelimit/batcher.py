@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from app.ratelimit import sql
-
-if TYPE_CHECKING:
-    from app.ratelimit.limiter import Bucket
+from app.ratelimit.buckets import Bucket
 
 MAX_CHECKS_PER_BATCH = 256
 

@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -14,37 +13,13 @@ import asyncpg
 
 from app.auth.principal import Principal
 from app.db import DB_ERRORS
-from app.errors import RateLimited, Unavailable
+from app.errors import ErrorCode, RateLimited, Unavailable
 from app.ratelimit import sql
 from app.ratelimit.batcher import TakeBatcher
+from app.ratelimit.buckets import Bucket, Decision, Kind
 from app.registry import Catalog, TierSpec
 
 log = logging.getLogger("app.ratelimit")
-
-Kind = Literal["g", "q", "b"]  # GCRA rate, calendar quota, calendar budget
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """One limit of one caller, and what this call costs against it."""
-
-    name: str  # requests, tokens, budget, images, ...: how headers and errors name it
-    key: str
-    kind: Kind
-    limit: float
-    period: float  # GCRA: seconds to refill fully; calendar: seconds until the window ends
-    cost: float
-    code: str = "rate_limit_exceeded"
-
-
-@dataclass(slots=True)
-class Decision:
-    """What a check reserved, and the headers that tell the client where it stands."""
-
-    buckets: Sequence[Bucket]
-    headers: dict[str, str]
-    counted: bool = True  # False when the database was down and the call was let through
-
 
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: `6m0s`, `1.5s`, `20ms`."""
@@ -113,7 +88,7 @@ class Limiter:
         setting: str,
         unit: Literal["day", "month"],
         cost: float,
-        code: str,
+        code: ErrorCode,
         kind: Kind,
     ) -> list[Bucket]:
         limit = self.limit(principal, setting)
@@ -132,11 +107,14 @@ class Limiter:
         return cached[0], cached[1] - now
 
     def chat_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
-        return [
-            *self.rate(principal, "requests", "chat_requests_per_minute", 60.0, 1),
-            *self.rate(principal, "tokens", "chat_tokens_per_minute", 60.0, tokens),
-            *self.budget(principal, cost),
-        ]
+        return [*self.chat_rate(principal), *self.token_buckets(principal, tokens, cost)]
+
+    def chat_rate(self, principal: Principal) -> list[Bucket]:
+        return self.rate(principal, "requests", "chat_requests_per_minute", 60.0, 1)
+
+    def token_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
+        """A token-priced call's worst case: its tokens per minute and its cost against the budget."""
+        return [*self.rate(principal, "tokens", "chat_tokens_per_minute", 60.0, tokens), *self.budget(principal, cost)]
 
     def image_buckets(self, principal: Principal, images: int, cost: float, *, batch: bool = False) -> list[Bucket]:
         """An image request: per-minute requests (or per-hour images for batch jobs), the daily cap, the budget."""
@@ -145,16 +123,16 @@ class Limiter:
             if batch
             else self.rate(principal, "requests", "image_requests_per_minute", 60.0, 1)
         )
-        daily = self.calendar(principal, "images", "images_per_day", "day", images, "daily_quota_exceeded", "q")
+        daily = self.calendar(principal, "images", "images_per_day", "day", images, ErrorCode.DAILY_QUOTA_EXCEEDED, "q")
         return [*rate, *daily, *self.budget(principal, cost)]
 
     def budget(self, principal: Principal, cost: float) -> list[Bucket]:
-        return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, "budget_exceeded", "b")
+        return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, ErrorCode.BUDGET_EXCEEDED, "b")
 
     async def take(self, buckets: Sequence[Bucket]) -> Decision:
         """Reserve every bucket or none; a refusal raises 429 with `Retry-After`."""
         if not buckets:
-            return Decision(buckets, {})
+            return Decision()
         try:
             row = await self._batcher.take(buckets)
         except DB_ERRORS as error:
@@ -166,7 +144,7 @@ class Limiter:
             retry = max(1, math.ceil(row["retry_after"]))
             headers["retry-after"] = str(retry)
             raise RateLimited(self._refusal_message(refused, retry), code=refused.code, headers=headers)
-        return Decision(buckets, headers)
+        return Decision.taken(buckets, headers)
 
     def _database_down(self, buckets: Sequence[Bucket], error: BaseException) -> Decision:
         money = any(b.kind != "g" for b in buckets)
@@ -174,17 +152,17 @@ class Limiter:
             log.error("rate-limit database unreachable, refusing (fail closed): %s", error)
             raise Unavailable(
                 "Limits cannot be checked right now; try again shortly.",
-                code="limits_unavailable",
+                code=ErrorCode.LIMITS_UNAVAILABLE,
                 headers={"retry-after": "5"},
             )
         log.error("rate-limit database unreachable, allowing (fail open), usage counted later: %s", error)
-        return Decision(buckets, {}, counted=False)
+        return Decision.uncounted(buckets)
 
     @staticmethod
     def _refusal_message(bucket: Bucket, retry: int) -> str:
-        if bucket.code == "budget_exceeded":
+        if bucket.code == ErrorCode.BUDGET_EXCEEDED:
             return f"Monthly budget of ${bucket.limit:.2f} is used up; it resets in {retry} seconds."
-        if bucket.code == "daily_quota_exceeded":
+        if bucket.code == ErrorCode.DAILY_QUOTA_EXCEEDED:
             return f"Daily quota of {bucket.limit:g} {bucket.name} is used up; it resets in {retry} seconds."
         period = format_duration(bucket.period)
         return f"Rate limit of {bucket.limit:g} {bucket.name} per {period} reached; retry in {retry} seconds."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.auth.dependencies import CurrentPrincipal
+from app.deps import PrincipalDep, RealtimeServiceDep
 from app.errors import error_responses, request_id_of
 from app.realtime.schemas import ClientSecret, ClientSecretCreate
 
@@ -17,7 +17,9 @@ router = APIRouter(tags=["realtime"])
     response_model=ClientSecret,
     responses=error_responses(400, 401, 429, 502, 504),
 )
-async def create_client_secret(body: ClientSecretCreate, principal: CurrentPrincipal, request: Request) -> JSONResponse:
+async def create_client_secret(
+    body: ClientSecretCreate, principal: PrincipalDep, service: RealtimeServiceDep, request: Request
+) -> JSONResponse:
     """Mint a short-lived realtime secret for the caller's role and language (OpenAI-compatible)."""
-    secret, headers = await request.app.state.realtime.create_secret(principal, body, request_id_of(request) or "")
+    secret, headers = await service.create_secret(principal, body, request_id_of(request))
     return JSONResponse(secret, headers=headers)

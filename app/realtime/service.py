@@ -2,37 +2,31 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from app.auth.principal import Principal
-from app.errors import GatewayError, InvalidRequest
+from app.calls import Calls
+from app.errors import InvalidRequest
 from app.ratelimit.limiter import Limiter
 from app.realtime.presets import VoicePreset, VoicePresets
 from app.realtime.schemas import ClientSecretCreate
 from app.registry import Catalog, ModelSpec
-from app.upstream.provider import Upstream
-from app.usage.record import UsageRecord
-from app.usage.writer import UsageWriter
 
 ROUTE = "realtime.client_secrets"
 MAX_APPENDED_INSTRUCTIONS = 4000
 
 
 class RealtimeService:
-    def __init__(
-        self, catalog: Catalog, presets: VoicePresets, limiter: Limiter, upstream: Upstream, usage: UsageWriter
-    ) -> None:
+    def __init__(self, catalog: Catalog, presets: VoicePresets, limiter: Limiter, calls: Calls) -> None:
         self.catalog = catalog
         self.presets = presets
         self.limiter = limiter
-        self.upstream = upstream
-        self.usage = usage
+        self.calls = calls
 
     async def create_secret(
         self, principal: Principal, body: ClientSecretCreate, request_id: str
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The upstream's `{value, expires_at, session}` and the rate-limit headers."""
+        """The upstream's `{value, expires_at, session}` and the response headers."""
         preset = self.presets.find(body.role)
         if preset is None:
             roles = ", ".join(sorted(p.role for p in self.presets.presets.values()))
@@ -49,36 +43,18 @@ class RealtimeService:
                 param="expires_after.seconds",
             )
         session = self._session(preset, spec, instructions, body.session or {})
-        decision = await self.limiter.take(
-            self.limiter.rate(principal, "requests", "realtime_requests_per_minute", 60.0, 1)
-        )
-        backend = self.upstream.realtime_for(principal)
-        started = time.perf_counter()
-        record = UsageRecord.of(
+        request = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
+        call = await self.calls.open(
             principal,
-            request_id=request_id,
             route=ROUTE,
-            model=spec.id,
-            status="simulated" if backend.simulated else "ok",
-            http_status=200,
-            decision=decision,
+            spec=spec,
+            request_id=request_id,
+            buckets=self.limiter.rate(principal, "requests", "realtime_requests_per_minute", 60.0, 1),
         )
-        try:
-            secret, record.upstream_request_id = await backend.create(
-                {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
-            )
-            minted = {"role": preset.role, "language": body.language, "expires_at": secret.get("expires_at")}
-            record.detail = {**(record.detail or {}), **minted}
-        except GatewayError as error:
-            record.status, record.http_status, record.error_code = "error", error.status_code, error.code
-            raise
-        finally:
-            record.latency_ms = (time.perf_counter() - started) * 1000
-            self.usage.record(record)
-        headers = dict(decision.headers)
-        if backend.simulated:
-            headers["x-gateway-simulated"] = "true"
-        return secret, headers
+        secret = await self.calls.invoke(call, lambda provider: provider.realtime_secret(request))
+        minted = {"role": preset.role, "language": body.language, "expires_at": secret.body.get("expires_at")}
+        call.finish(upstream_request_id=secret.request_id, detail=minted)
+        return secret.body, call.headers()
 
     def _session(
         self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: dict[str, Any]

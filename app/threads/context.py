@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import DB_ERRORS
-from app.errors import InvalidRequest
+from app.errors import ErrorCode, InvalidRequest
 from app.threads import repository
 from app.threads.profiles import Profile
 
@@ -39,7 +39,7 @@ def check_sent_context(context: dict[str, Any] | None, max_bytes: int) -> dict[s
         raise InvalidRequest(
             f"'context' is {size} bytes as JSON; at most {max_bytes} are accepted.",
             param="context",
-            code="context_too_large",
+            code=ErrorCode.CONTEXT_TOO_LARGE,
         )
     return context
 

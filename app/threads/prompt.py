@@ -13,7 +13,7 @@ import orjson
 
 from app.errors import InvalidRequest
 from app.threads.profiles import PLACEHOLDER, Profile, placeholders
-from app.upstream.simulated import estimate_tokens
+from app.tokens import estimate_tokens
 
 CONTEXT_HEADING = "Context about the user, from the app:"
 

@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from app.auth.dependencies import CurrentPrincipal
-from app.db import SessionDep
-from app.errors import error_responses, request_id_of
+from app.deps import PrincipalDep, SessionDep, ThreadServiceDep
+from app.errors import ThreadNotFound, error_responses, request_id_of
 from app.models import Thread
 from app.threads import repository
 from app.threads.schemas import (
@@ -23,26 +22,18 @@ from app.threads.schemas import (
     ThreadUpdate,
     TurnResult,
 )
-from app.threads.service import ThreadService
-from app.threads.turns import thread_not_found
 
 router = APIRouter(tags=["threads"], responses=error_responses(401))
 
-
-def get_thread_service(request: Request) -> ThreadService:
-    return request.app.state.threads
-
-
-ThreadServiceDep = Annotated[ThreadService, Depends(get_thread_service)]
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1 to 100.")]
 Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page.")]
 
 
-async def valid_thread(thread_id: uuid.UUID, principal: CurrentPrincipal, session: SessionDep) -> Thread:
+async def valid_thread(thread_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> Thread:
     """The caller's thread; another user's is a 404, exactly like a thread that does not exist."""
     thread = await repository.get_thread(session, thread_id, principal.user_id)
     if thread is None:
-        raise thread_not_found(thread_id)
+        raise ThreadNotFound(thread_id)
     return thread
 
 
@@ -51,7 +42,7 @@ ValidThread = Annotated[Thread, Depends(valid_thread)]
 
 @router.post("/threads", status_code=201, responses=error_responses(400))
 async def create_thread(
-    body: ThreadCreate, principal: CurrentPrincipal, session: SessionDep, service: ThreadServiceDep
+    body: ThreadCreate, principal: PrincipalDep, session: SessionDep, service: ThreadServiceDep
 ) -> ThreadPublic:
     """Create a thread for an assistant profile (named directly or through a `chat_type`)."""
     return ThreadPublic.of(await service.create(session, principal, body))
@@ -63,7 +54,7 @@ async def create_thread(
 )
 async def get_or_create_thread(
     body: ThreadCreate,
-    principal: CurrentPrincipal,
+    principal: PrincipalDep,
     session: SessionDep,
     service: ThreadServiceDep,
     response: Response,
@@ -77,7 +68,7 @@ async def get_or_create_thread(
 
 @router.get("/threads", responses=error_responses(400))
 async def list_threads(
-    principal: CurrentPrincipal,
+    principal: PrincipalDep,
     session: SessionDep,
     service: ThreadServiceDep,
     limit: Limit = 20,
@@ -139,9 +130,9 @@ async def list_messages(
 async def create_message(
     thread_id: uuid.UUID,
     body: MessageCreate,
-    principal: CurrentPrincipal,
+    principal: PrincipalDep,
     service: ThreadServiceDep,
     request: Request,
 ) -> Response:
     """Send a message and get the assistant's reply; `stream: true` answers server-sent events."""
-    return await service.turns.run(principal, thread_id, body, request_id_of(request) or "")
+    return await service.turns.run(principal, thread_id, body, request_id_of(request))

@@ -1,24 +1,15 @@
-"""Threads: their lifecycle in the process, and the operations on them (turns are in turns.py)."""
+"""Threads: create, list, read, change and delete them, and page their messages (turns are in turns.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from typing import Literal
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.principal import Principal
-from app.config import Settings
-from app.db import Database
 from app.models import Thread
-from app.ratelimit.limiter import Limiter
-from app.registry import Catalog
 from app.threads import cursors, repository
-from app.threads.context import ContextSource
-from app.threads.profiles import load_profiles
-from app.threads.retention import prune_periodically
+from app.threads.profiles import Profiles
 from app.threads.schemas import (
     MessageList,
     MessagePublic,
@@ -28,52 +19,12 @@ from app.threads.schemas import (
     ThreadUpdate,
 )
 from app.threads.turns import TurnRunner
-from app.upstream.provider import Upstream
-from app.usage.writer import UsageWriter
-
-log = logging.getLogger("app.threads")
 
 
 class ThreadService:
-    """Built in lifespan; `start()` opens the context client and the retention loop."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        catalog: Catalog,
-        limiter: Limiter,
-        upstream: Upstream,
-        usage: UsageWriter,
-        db: Database,
-    ) -> None:
-        self.settings = settings
-        self.db = db
-        self.profiles = load_profiles(settings.assistants_file, catalog)
-        # Sessions whose statements commit one by one, for writes that are a single statement.
-        writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
-        self.context = ContextSource(settings, writes)
-        self.turns = TurnRunner(
-            settings, catalog, self.profiles, limiter, upstream, usage, db.sessionmaker, writes, self.context
-        )
-        self._retention: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.context.start()
-        self._retention = asyncio.create_task(
-            prune_periodically(
-                self.db.sessionmaker,
-                days=self.settings.thread_retention_days,
-                interval=self.settings.thread_retention_interval,
-            ),
-            name="thread-retention",
-        )
-
-    async def stop(self) -> None:
-        if self._retention is not None:
-            self._retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention
-        await self.context.close()
+    def __init__(self, profiles: Profiles, turns: TurnRunner) -> None:
+        self.profiles = profiles
+        self.turns = turns
 
     async def create(self, session: AsyncSession, principal: Principal, body: ThreadCreate) -> Thread:
         profile = self.profiles.choose(body.profile, body.chat_type)

@@ -1,19 +1,18 @@
-"""A turn: lock the thread, store the user message, build the prompt, ask the upstream, store the reply.
+"""A turn: take the request rate, lock the thread, build the prompt, reserve, store the message, answer.
 
-No transaction is held across the upstream call. The first transaction takes the
-thread's turn lock, reads the history and stores the user message (a refusal there rolls
-all of it back); the reply is stored later by one statement that also releases the lock.
-Database statements per turn: one read (lock + history + cached context) and the two
-inserts it must make, plus the context cache upsert when a context URL was called. A
-turn that fails before any reply removes its user message (`abandon`).
-
-Single statements run on an autocommit session (`writes`): BEGIN and COMMIT around one
-statement would be two more round trips that buy nothing.
+Order matters, and no transaction is held across anything slow:
+1. the request is validated and the caller's request rate taken, before any write;
+2. one statement locks the thread (`running_since`) and reads what the prompt needs;
+3. the context is fetched, the prompt built, and the call's tokens and budget reserved
+   through the call pipeline (a refusal releases the lock; nothing was written);
+4. the user message is stored; the upstream answers; the reply is stored by the same
+   statement that releases the lock (app/threads/replies.py).
+Single statements run on autocommit sessions: BEGIN and COMMIT around one statement would
+be two more round trips that buy nothing.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Awaitable
@@ -21,33 +20,29 @@ from typing import Any, TypeVar
 
 import anyio
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
 from app.auth.principal import Principal
+from app.calls import Calls
 from app.config import Settings
-from app.db import DB_ERRORS
-from app.errors import Conflict, GatewayError, InvalidRequest, NotFound, UpstreamTimeout
+from app.errors import Conflict, ErrorCode, InvalidRequest, ThreadNotFound, UpstreamError, UpstreamTimeout
 from app.models import ThreadMessage
+from app.ratelimit.buckets import Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog, ModelSpec
+from app.sse import EventSource
 from app.threads import repository
-from app.threads.calls import Turn
 from app.threads.context import ContextSource, check_sent_context
 from app.threads.profiles import Profile, Profiles
 from app.threads.prompt import HistoryItem, PromptValues, build_messages, expand_shortcut
-from app.threads.schemas import MessageCreate, MessagePublic, TurnResult
-from app.threads.stream import SSE_HEADERS, TurnEventsResponse, TurnRelay
-from app.upstream.http import UpstreamReply
-from app.upstream.provider import ChatBackend, EventStream, Upstream
-from app.upstream.simulated import chars_to_tokens, prompt_chars
-from app.usage.record import Status
-from app.usage.writer import UsageWriter
+from app.threads.replies import ReplyStore
+from app.threads.schemas import MessageCreate
+from app.threads.stream import TurnRelay
+from app.threads.turn import ROUTE, Turn
+from app.tokens import chars_to_tokens, prompt_chars
 
 T = TypeVar("T")
-
-log = logging.getLogger("app.threads")
 
 # Reserved against the token limit when a profile sets no completion cap; settled after.
 DEFAULT_RESERVED_COMPLETION = 512
@@ -55,8 +50,8 @@ DEFAULT_RESERVED_COMPLETION = 512
 LOCK_MARGIN_SECONDS = 60.0
 
 
-def thread_not_found(thread_id: uuid.UUID) -> NotFound:
-    return NotFound(f"No thread found with id '{thread_id}'.", param="thread_id", code="thread_not_found")
+def turn_timeout() -> UpstreamTimeout:
+    return UpstreamTimeout("The turn exceeded its time limit.", code=ErrorCode.TURN_TIMEOUT)
 
 
 class TurnRunner:
@@ -66,9 +61,8 @@ class TurnRunner:
         catalog: Catalog,
         profiles: Profiles,
         limiter: Limiter,
-        upstream: Upstream,
-        usage: UsageWriter,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        calls: Calls,
+        replies: ReplyStore,
         writes: async_sessionmaker[AsyncSession],
         context: ContextSource,
     ) -> None:
@@ -76,9 +70,8 @@ class TurnRunner:
         self.catalog = catalog
         self.profiles = profiles
         self.limiter = limiter
-        self.upstream = upstream
-        self.usage = usage
-        self.sessionmaker = sessionmaker
+        self.calls = calls
+        self.replies = replies
         self.writes = writes
         self.context = context
         self.stale_after = settings.thread_turn_timeout + LOCK_MARGIN_SECONDS
@@ -90,11 +83,11 @@ class TurnRunner:
             raise InvalidRequest(
                 f"Profile '{profile.name}' answers with model '{profile.model}', which your tier cannot use.",
                 param="profile",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
             ) from error
 
     async def run(self, principal: Principal, thread_id: uuid.UUID, body: MessageCreate, request_id: str) -> Response:
-        started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.thread_turn_timeout
         turn_profile = self.profiles.for_chat_type(body.chat_type) if body.chat_type else None
         sent_context = check_sent_context(body.context, self.settings.thread_context_max_bytes)
         cap = self.limiter.limit(principal, "max_prompt_chars")
@@ -102,47 +95,44 @@ class TurnRunner:
             raise InvalidRequest(
                 f"The message has {len(body.content)} characters; your tier allows at most {cap:g}.", param="content"
             )
-        turn, opened = await self._open(principal, thread_id, body, turn_profile, request_id, started)
+        rate = await self.limiter.take(self.limiter.chat_rate(principal))
+        opened = await self._lock(principal, thread_id, turn_profile)
+        message_id = uuid.uuid4()
         try:
-            await self._prepare(turn, opened, body, sent_context)
-            backend = self.upstream.chat_for(principal)
+            turn = await self._prepare(principal, thread_id, body, request_id, opened, turn_profile, sent_context, rate)
+            turn.user_message.id = message_id
+            try:
+                async with self.writes.begin() as session:
+                    await repository.add_message(session, turn.user_message)
+            except BaseException:
+                turn.call.give_back()
+                raise
             if body.stream:
-                return await self._stream(turn, backend)
-            reply = await self._complete(turn, backend)
+                return await self._stream(turn, deadline)
+            reply = await self.calls.invoke(
+                turn.call, lambda provider: self._within(deadline, provider.chat(turn.payload))
+            )
+            try:
+                text, usage = _reply(reply.body)
+            except UpstreamError as error:
+                turn.call.fail(error)
+                raise
         except BaseException:
-            await self.abandon(turn)
+            await self.replies.abandon(thread_id, opened.lock, message_id)
             raise
-        payload = orjson.loads(reply.body)
-        choice = (payload.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        text = message.get("content") or message.get("refusal") or ""
-        result = await self.conclude(
-            turn,
-            text=text,
-            status="completed",
-            reason=None,
-            usage=payload.get("usage"),
-            usage_status=turn.status,
-            upstream_request_id=reply.request_id,
-            stream=False,
-        )
+        turn.call.finish(turn.call.token_spend(usage, len(text)), upstream_request_id=reply.request_id)
+        result = await self.replies.store(turn, text=text, status="completed", reason=None)
         return Response(
             result.model_dump_json().encode(),
             media_type="application/json",
-            headers=turn.headers(reply.request_id),
+            headers=turn.call.headers(reply.request_id),
         )
 
-    async def _open(
-        self,
-        principal: Principal,
-        thread_id: uuid.UUID,
-        body: MessageCreate,
-        turn_profile: Profile | None,
-        request_id: str,
-        started: float,
-    ) -> tuple[Turn, repository.OpenedTurn]:
-        """The first transaction: lock, read, store the user message. Any refusal here rolls it all back."""
-        async with self.sessionmaker.begin() as session:
+    async def _lock(
+        self, principal: Principal, thread_id: uuid.UUID, turn_profile: Profile | None
+    ) -> repository.OpenedTurn:
+        """Take the thread's turn lock and read the prompt's inputs in one statement; 409 or 404 otherwise."""
+        async with self.writes.begin() as session:
             opened = await repository.open_turn(
                 session,
                 thread_id=thread_id,
@@ -151,178 +141,109 @@ class TurnRunner:
                 history_limit=self.profiles.max_history,
                 stale_after=self.stale_after,
             )
-            if opened is None:
-                if await repository.thread_is_visible(session, thread_id, principal.user_id):
-                    raise Conflict(
-                        "Another turn is running on this thread; send again when it has finished.",
-                        code="thread_busy",
-                        headers={"retry-after": "1"},
-                    )
-                raise thread_not_found(thread_id)
-            profile = turn_profile or self.profiles.get(opened.profile)
-            spec = self.resolve_model(principal, profile)
-            values = PromptValues(principal.user_id, profile.name, body.chat_type, body.goal_id)
-            user_message = await repository.add_message(
-                session,
-                ThreadMessage(
-                    thread_id=thread_id,
-                    role="user",
-                    content=body.content,
-                    prompt=expand_shortcut(profile, body.content, values),
-                    chat_type=body.chat_type,
-                    goal_id=body.goal_id,
-                ),
-            )
-        turn = Turn(
-            principal=principal,
-            request_id=request_id,
+            if opened is not None:
+                return opened
+            if await repository.thread_is_visible(session, thread_id, principal.user_id):
+                raise Conflict(
+                    "Another turn is running on this thread; send again when it has finished.",
+                    code=ErrorCode.THREAD_BUSY,
+                    headers={"retry-after": "1"},
+                )
+        raise ThreadNotFound(thread_id)
+
+    async def _prepare(
+        self,
+        principal: Principal,
+        thread_id: uuid.UUID,
+        body: MessageCreate,
+        request_id: str,
+        opened: repository.OpenedTurn,
+        turn_profile: Profile | None,
+        sent_context: dict[str, Any],
+        rate: Decision,
+    ) -> Turn:
+        """The prompt (with the app's context) and the call, its tokens and budget reserved."""
+        profile = turn_profile or self.profiles.get(opened.profile)
+        spec = self.resolve_model(principal, profile)
+        values = PromptValues(principal.user_id, profile.name, body.chat_type, body.goal_id)
+        user_message = ThreadMessage(
+            thread_id=thread_id,
+            role="user",
+            content=body.content,
+            prompt=expand_shortcut(profile, body.content, values),
+            chat_type=body.chat_type,
+            goal_id=body.goal_id,
+        )
+        context = await self.context.for_turn(
+            principal.user_id, profile, opened.context, opened.context_age, sent_context
+        )
+        messages = build_messages(
+            profile,
+            PromptValues(principal.user_id, profile.name, body.chat_type, body.goal_id, context),
+            [HistoryItem(role, text) for role, text in opened.history],
+            user_message.prompt or user_message.content,
+            max_prompt_chars=self.limiter.limit(principal, "max_prompt_chars"),
+            max_messages=self.limiter.limit(principal, "max_messages"),
+        )
+        payload: dict[str, Any] = {"model": spec.id, "messages": messages}
+        if profile.temperature is not None:
+            payload["temperature"] = profile.temperature
+        tier_cap = self.limiter.limit(principal, "max_completion_tokens")
+        caps = [int(cap) for cap in (profile.max_tokens, tier_cap) if cap is not None]
+        if caps:
+            payload["max_completion_tokens"] = min(caps)
+        estimate = chars_to_tokens(prompt_chars(messages))
+        reserved = min(caps) if caps else DEFAULT_RESERVED_COMPLETION
+        call = await self.calls.open(
+            principal,
+            route=ROUTE,
             spec=spec,
-            started=started,
+            request_id=request_id,
+            buckets=self.limiter.token_buckets(principal, estimate + reserved, spec.token_cost(estimate, reserved)),
+            prior=rate,
+            fallback=profile.fallback,
+            prompt_estimate=estimate,
+            thread_id=thread_id,
+        )
+        return Turn(
             thread_id=thread_id,
             profile=profile,
             lock=opened.lock,
             user_message=user_message,
-        )
-        return turn, opened
-
-    async def _prepare(
-        self, turn: Turn, opened: repository.OpenedTurn, body: MessageCreate, sent_context: dict[str, Any]
-    ) -> None:
-        """Fetch the context, build the prompt, check the caps and take the limits."""
-        principal, profile = turn.principal, turn.profile
-        context = await self.context.for_turn(
-            principal.user_id, profile, opened.context, opened.context_age, sent_context
-        )
-        values = PromptValues(principal.user_id, profile.name, body.chat_type, body.goal_id, context)
-        messages = build_messages(
-            profile,
-            values,
-            [HistoryItem(role, text) for role, text in opened.history],
-            turn.user_message.prompt or turn.user_message.content,
-            max_prompt_chars=self.limiter.limit(principal, "max_prompt_chars"),
-            max_messages=self.limiter.limit(principal, "max_messages"),
-        )
-        turn.payload = {"model": turn.spec.id, "messages": messages}
-        if profile.temperature is not None:
-            turn.payload["temperature"] = profile.temperature
-        tier_cap = self.limiter.limit(principal, "max_completion_tokens")
-        caps = [int(cap) for cap in (profile.max_tokens, tier_cap) if cap is not None]
-        if caps:
-            turn.payload["max_completion_tokens"] = min(caps)
-        turn.prompt_estimate = chars_to_tokens(prompt_chars(messages))
-        reserved = min(caps) if caps else DEFAULT_RESERVED_COMPLETION
-        turn.decision = await self.limiter.take(
-            self.limiter.chat_buckets(
-                principal,
-                turn.prompt_estimate + reserved,
-                turn.spec.token_cost(turn.prompt_estimate, reserved),
-            )
+            call=call,
+            payload=payload,
         )
 
-    def time_left(self, turn: Turn) -> float:
-        return max(turn.started + self.settings.thread_turn_timeout - time.perf_counter(), 0.0)
-
-    def _may_fall_back(self, turn: Turn) -> bool:
-        policy = turn.profile.fallback
-        return self.settings.fallback_to_simulated if policy == "default" else policy == "simulated"
-
-    async def _within_time(self, turn: Turn, call: Awaitable[T]) -> T:
+    @staticmethod
+    async def _within(deadline: float, call: Awaitable[T]) -> T:
         try:
-            with anyio.fail_after(self.time_left(turn)):
+            with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
                 return await call
         except TimeoutError as timeout:
-            raise UpstreamTimeout("The turn exceeded its time limit.", code="turn_timeout") from timeout
+            raise turn_timeout() from timeout
 
-    async def _complete(self, turn: Turn, backend: ChatBackend) -> UpstreamReply:
-        return await turn.answer(
-            backend.simulated,
-            lambda: self._within_time(turn, backend.complete(turn.payload)),
-            lambda: self.upstream.simulated_chat.complete(turn.payload),
-            may_fall_back=self._may_fall_back(turn),
-            record=self.usage.record,
-            stream=False,
-        )
-
-    async def _stream(self, turn: Turn, backend: ChatBackend) -> Response:
+    async def _stream(self, turn: Turn, deadline: float) -> Response:
         turn.payload["stream"] = True
         turn.payload["stream_options"] = {"include_usage": True}
-        stream: EventStream = await turn.answer(
-            backend.simulated,
-            lambda: self._within_time(turn, backend.open_stream(turn.payload)),
-            lambda: self.upstream.simulated_chat.open_stream(turn.payload),
-            may_fall_back=self._may_fall_back(turn),
-            record=self.usage.record,
-            stream=True,
+        stream = await self.calls.invoke(
+            turn.call, lambda provider: self._within(deadline, provider.chat_stream(turn.payload)), stream=True
         )
-        relay = TurnRelay(self, turn, stream)
-        return TurnEventsResponse(relay, headers={**SSE_HEADERS, **turn.headers(stream.request_id)})
-
-    async def conclude(
-        self,
-        turn: Turn,
-        *,
-        text: str,
-        status: str,
-        reason: str | None,
-        usage: dict[str, Any] | None,
-        usage_status: Status,
-        upstream_request_id: str | None,
-        stream: bool,
-        ttft_ms: float | None = None,
-        error: GatewayError | None = None,
-        message_id: uuid.UUID | None = None,
-    ) -> TurnResult:
-        """Record the call's usage and store the reply, releasing the lock; raises when it cannot be stored."""
-        record = turn.finished(
-            usage,
-            len(text),
-            status=usage_status,
-            http_status=200,
-            stream=stream,
-            ttft_ms=ttft_ms,
-            upstream_request_id=upstream_request_id,
-            error_code=error.code if error else None,
-        )
-        self.usage.record(record)
-        prompt, completion, cost = record.prompt_tokens, record.completion_tokens, record.cost_usd
-        reply = ThreadMessage(
-            id=message_id or uuid.uuid4(),
-            thread_id=turn.thread_id,
-            role="assistant",
-            content=text,
-            status=status,
-            incomplete_reason=reason,
-            chat_type=turn.user_message.chat_type,
-            goal_id=turn.user_message.goal_id,
-            model=turn.spec.id,
-            simulated=turn.simulated,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost_usd=cost,
-        )
-        async with self.writes.begin() as session:
-            stored = await repository.finish_turn(session, lock=turn.lock, message=reply)
-        if stored is None:
-            raise NotFound(
-                "The thread was deleted while the turn ran; the reply was not stored.", code="thread_deleted"
-            )
-        return TurnResult(
-            thread_id=turn.thread_id,
-            message=MessagePublic.of(stored),
-            user_message=MessagePublic.of(turn.user_message),
-            tokens_used=prompt + completion,
-            model_used=turn.spec.id,
-            cost_estimate=cost,
-            simulated=turn.simulated,
+        turn.call.attach(stream)
+        relay = TurnRelay(turn, stream, self.replies, deadline=deadline, overtime=turn_timeout)
+        return EventSource(
+            relay.events(),
+            heartbeat=self.settings.stream_heartbeat_seconds,
+            headers=turn.call.headers(stream.request_id),
+            on_close=relay.settle,
         )
 
-    async def abandon(self, turn: Turn) -> None:
-        """Undo a turn that produced no reply; shielded, so a cancelled request still cleans up."""
-        with anyio.CancelScope(shield=True):
-            try:
-                async with self.writes.begin() as session:
-                    await repository.abandon_turn(
-                        session, thread_id=turn.thread_id, lock=turn.lock, user_message_id=turn.user_message.id
-                    )
-            except (SQLAlchemyError, *DB_ERRORS) as error:
-                log.error("could not undo turn on thread %s (its lock will go stale): %s", turn.thread_id, error)
+
+def _reply(body: bytes) -> tuple[str, dict[str, Any] | None]:
+    """A completion's reply text and usage; 502 when the upstream's answer cannot be read."""
+    try:
+        payload = orjson.loads(body)
+        choice = (payload.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        return str(message.get("content") or message.get("refusal") or ""), payload.get("usage")
+    except (orjson.JSONDecodeError, AttributeError, IndexError) as error:
+        raise UpstreamError("The upstream's answer could not be read.") from error

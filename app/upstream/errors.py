@@ -6,16 +6,24 @@ from collections.abc import Mapping
 
 import orjson
 
-from app.errors import GatewayError, RateLimited, UpstreamError
+from app.errors import ErrorCode, GatewayError, RateLimited, UpstreamError
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class UpstreamRejected(GatewayError):
-    """The upstream refused the request itself (a 4xx other than auth): passed on as it said."""
+    """The upstream refused the request itself (a 4xx other than auth): passed on with its status.
+
+    The upstream's code is kept when it is one of ours (`model_not_found`, ...); any other is
+    `upstream_rejected`, with the upstream's own code quoted in the message.
+    """
 
     def __init__(self, status: int, message: str, type_: str, param: str | None, code: str | None) -> None:
-        super().__init__(message, param=param, code=code)
+        try:
+            ours = ErrorCode(code) if code else ErrorCode.UPSTREAM_REJECTED
+        except ValueError:
+            ours, message = ErrorCode.UPSTREAM_REJECTED, f"{message} (upstream code: {code})"
+        super().__init__(message, param=param, code=ours)
         self.status_code = status
         self.type = type_
 
@@ -49,11 +57,11 @@ def error_from_status(status: int, body: bytes, headers: Mapping[str, str]) -> G
         retry = retry_after_seconds(headers)
         return RateLimited(
             f"The upstream is rate limiting this gateway: {message}",
-            code="upstream_rate_limited",
+            code=ErrorCode.UPSTREAM_RATE_LIMITED,
             headers={"retry-after": str(max(1, round(retry)))} if retry is not None else {},
         )
     if status in (401, 403):
-        return UpstreamError("The upstream rejected the gateway's credentials.", code="upstream_auth_error")
+        return UpstreamError("The upstream rejected the gateway's credentials.", code=ErrorCode.UPSTREAM_AUTH_ERROR)
     if status >= 500 or status in (408, 409):
         return UpstreamError(f"The upstream failed ({status}): {message}")
     param = fields.get("param")
@@ -67,15 +75,8 @@ def error_from_status(status: int, body: bytes, headers: Mapping[str, str]) -> G
     )
 
 
-def mid_stream_error(payload: Mapping[str, object]) -> UpstreamError:
-    """An `{"error": ...}` event the upstream sent after the stream had started."""
-    fields = payload.get("error")
-    message = fields.get("message") if isinstance(fields, dict) else None
-    return UpstreamError(f"The upstream failed mid-stream: {message or 'unknown error'}")
-
-
 def upstream_failed(error: GatewayError) -> bool:
     """The upstream's own failure, which a simulated answer may stand in for; not a request it rejected."""
     return isinstance(error, UpstreamError) or (
-        isinstance(error, RateLimited) and error.code == "upstream_rate_limited"
+        isinstance(error, RateLimited) and error.code == ErrorCode.UPSTREAM_RATE_LIMITED
     )

@@ -1,79 +1,61 @@
-"""A lean aiohttp client for the hot pass-through routes.
+"""A lean aiohttp client for the pass-through routes.
 
-The chat routes forward bytes: the request body goes up as the client's JSON (with the
-model resolved), the answer comes back as bytes we forward without re-serialising.
-Measured on this machine, the `openai` SDK costs 4-6x the throughput of a bare aiohttp
-pass-through (it parses and validates every response), so the hot path uses aiohttp
-and the SDK serves the colder routes.
+The request body goes up as the client's JSON (with the model resolved); the answer
+comes back as bytes we forward without re-serialising. Measured on this machine, the
+`openai` SDK costs 4-6x the throughput of a bare aiohttp pass-through (it parses and
+validates every response), so the hot path uses aiohttp and the SDK serves the colder
+routes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
-import orjson
 
 from app.config import Settings
 from app.errors import UpstreamError, UpstreamTimeout
-from app.upstream.errors import mid_stream_error
+from app.sse import Event, StreamRule, read_events
+from app.upstream.provider import UpstreamReply
 from app.upstream.retry import RetryPolicy, StatusFailure
 
 log = logging.getLogger("app.upstream")
 
 
-@dataclass(slots=True)
-class UpstreamReply:
-    """A complete 2xx answer."""
-
-    body: bytes
-    request_id: str | None
-    attempts: int
-
-
 class UpstreamStream:
-    """An open 2xx event stream: `events()` yields each `data:` payload until `[DONE]`."""
+    """An open 2xx event stream, read by its API's rule."""
 
-    def __init__(self, response: aiohttp.ClientResponse, attempts: int) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, rule: StreamRule, attempts: int) -> None:
         self.response = response
+        self.rule = rule
         self.request_id = response.headers.get("x-request-id")
         self.attempts = attempts
 
-    async def events(self) -> AsyncIterator[bytes]:
+    def events(self) -> AsyncIterator[Event]:
+        return read_events(self._lines(), self.rule)
+
+    async def _lines(self) -> AsyncIterator[bytes]:
         try:
             async for line in self.response.content:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    return
-                if payload.startswith(b'{"error"'):
-                    raise mid_stream_error(orjson.loads(payload))
-                yield payload
+                yield line
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
             log.warning("upstream stream broke: %r", error)
             raise UpstreamError("The upstream connection broke mid-stream.") from error
         except TimeoutError as error:
             raise UpstreamTimeout("The upstream stopped sending mid-stream.") from error
-        raise UpstreamError("The upstream ended the stream without [DONE].")
 
     def close(self) -> None:
-        """Drop the connection: an abandoned stream must stop the upstream's work too."""
         self.response.close()
 
 
 class UpstreamHTTP:
-    """One aiohttp session per process; failed attempts are retried by the shared policy."""
+    """One aiohttp session per key; failed attempts are retried by the shared policy."""
 
-    def __init__(self, settings: Settings, api_key: str | None = None) -> None:
+    def __init__(self, settings: Settings, api_key: str) -> None:
         self.retry = RetryPolicy(settings)
         self.base_url = settings.openai_base_url
-        self.headers = {
-            "Authorization": f"Bearer {api_key or settings.openai_api_key}",
-            "Content-Type": "application/json",
-        }
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(
@@ -82,6 +64,10 @@ class UpstreamHTTP:
             ),
             skip_auto_headers=("User-Agent",),
         )
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
 
     async def close(self) -> None:
         await self.session.close()
@@ -96,13 +82,13 @@ class UpstreamHTTP:
 
         return await self.retry.run(attempt)
 
-    async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
+    async def open_stream(self, path: str, body: bytes, rule: StreamRule) -> UpstreamStream:
         async def attempt(number: int) -> UpstreamStream:
             response = await self.session.post(self.base_url + path, data=body, headers=self.headers)
             if response.status >= 300:
                 payload = await response.read()
                 response.release()
                 raise StatusFailure(response.status, payload, response.headers)
-            return UpstreamStream(response, number)
+            return UpstreamStream(response, rule, number)
 
         return await self.retry.run(attempt)

@@ -2,20 +2,26 @@
 
 It stands in for the upstream when no key is configured, for users switched off the
 upstream, and as the fallback when the upstream fails. Everything it returns says so:
-ids start with `sim-`, `system_fingerprint` is `simulated`, and the gateway adds the
-`x-gateway-simulated` header.
+chat ids start with `sim-` and carry `system_fingerprint: "simulated"`, secrets start
+with `ek_sim_`, images are PNG gradients with a "simulated" comment; the call pipeline
+adds the `x-gateway-simulated` header and marks the usage row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
-from app.upstream.http import UpstreamReply
+from app.sse import Event
+from app.tokens import estimate_prompt_tokens, estimate_tokens
+from app.upstream.png import dimensions, simulated_png
+from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
 
 FINGERPRINT = "simulated"
 REPLIES = (
@@ -24,6 +30,10 @@ REPLIES = (
     "Let's take it step by step. This is a deterministic simulated response for testing and demos.",
     "Here is a short simulated answer. Configure OPENAI_API_KEY to get real completions.",
 )
+MODERATION_MODEL = "simulated-moderation"
+# The offline moderation check: deterministic, so the refusal path can be built and tested
+# without a key. It is a stand-in, not a content policy.
+FLAGGED_TERMS = ("forbidden", "gore", "nsfw")
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -37,51 +47,61 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def estimate_tokens(text: str) -> int:
-    """About four characters a token: what we can say without the model's tokenizer."""
-    return chars_to_tokens(len(text))
-
-
-def chars_to_tokens(chars: int) -> int:
-    return max(1, (chars + 3) // 4) if chars else 0
-
-
-def prompt_chars(messages: list[dict[str, Any]]) -> int:
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
-    return total
-
-
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return chars_to_tokens(prompt_chars(messages))
-
-
 def reply_text(messages: list[dict[str, Any]]) -> str:
     digest = hashlib.sha256(_last_user_text(messages).encode()).digest()
     return REPLIES[digest[0] % len(REPLIES)]
 
 
-def _pieces(text: str) -> list[str]:
-    words = text.split(" ")
-    return [words[0], *(" " + word for word in words[1:])]
+def _usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
+    prompt, completion = estimate_prompt_tokens(messages), estimate_tokens(text)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class SimulatedChat:
-    """Chat completions, plain and streamed, in OpenAI's wire format."""
+def _completion_id(messages: list[dict[str, Any]]) -> str:
+    return "sim-" + hashlib.sha256(orjson.dumps(messages)).hexdigest()[:24]
 
+
+class SimulatedStream:
+    """The same reply as `chat`, a word at a time, in Chat Completions' chunks."""
+
+    request_id = None
+    attempts = 1
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        self.payload = payload
+
+    async def events(self) -> AsyncIterator[Event]:
+        messages = self.payload["messages"]
+        text = reply_text(messages)
+        base = {
+            "id": _completion_id(messages),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.payload["model"],
+            "system_fingerprint": FINGERPRINT,
+        }
+        words = text.split(" ")
+        deltas: list[tuple[dict[str, Any], str | None]] = [({"role": "assistant", "content": ""}, None)]
+        deltas += [({"content": piece}, None) for piece in [words[0], *(" " + word for word in words[1:])]]
+        deltas.append(({}, "stop"))
+        for delta, finish in deltas:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            yield Event(None, orjson.dumps({**base, "choices": [choice]}))
+        if (self.payload.get("stream_options") or {}).get("include_usage"):
+            yield Event(None, orjson.dumps({**base, "choices": [], "usage": _usage(messages, text)}))
+
+    def close(self) -> None:
+        return None
+
+
+class SimulatedProvider:
     simulated = True
 
-    async def complete(self, payload: dict[str, Any]) -> UpstreamReply:
+    async def chat(self, payload: dict[str, Any]) -> UpstreamReply:
         messages = payload["messages"]
         text = reply_text(messages)
-        prompt, completion = estimate_prompt_tokens(messages), estimate_tokens(text)
         body = {
-            "id": "sim-" + hashlib.sha256(orjson.dumps(messages)).hexdigest()[:24],
+            "id": _completion_id(messages),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": payload["model"],
@@ -93,53 +113,42 @@ class SimulatedChat:
                     "logprobs": None,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": _usage(messages, text),
             "system_fingerprint": FINGERPRINT,
         }
-        return UpstreamReply(orjson.dumps(body), None, 1)
+        return UpstreamReply(orjson.dumps(body), None)
 
-    async def open_stream(self, payload: dict[str, Any]) -> SimulatedStream:
+    async def chat_stream(self, payload: dict[str, Any]) -> SimulatedStream:
         return SimulatedStream(payload)
 
+    async def images(self, params: dict[str, Any]) -> Generation:
+        """Real PNGs, the same for the same prompt. Only PNG can be drawn without an image
+        library, so a request for jpeg or webp gets a PNG and says so in `output_format`."""
+        prompt = str(params["prompt"])
+        width, height = dimensions(params.get("size"))
+        count = int(params.get("n") or 1)
+        pngs = await asyncio.to_thread(lambda: [simulated_png(prompt, width, height, i) for i in range(count)])
+        return Generation(
+            images=[GeneratedImage(png) for png in pngs],
+            output_format="png",
+            size=f"{width}x{height}",
+            quality=params.get("quality") or "auto",
+            background=params.get("background") or "opaque",
+            input_tokens=estimate_tokens(prompt),
+            output_tokens=0,
+        )
 
-class SimulatedStream:
-    """The same reply as `complete`, a word at a time."""
+    async def moderate(self, texts: list[str], model: str) -> Moderation:
+        flagged: list[list[str] | None] = []
+        for text in texts:
+            lowered = text.lower()
+            flagged.append(["simulated"] if any(term in lowered for term in FLAGGED_TERMS) else None)
+        return Moderation(flagged, MODERATION_MODEL)
 
-    request_id = None
-    attempts = 1
-
-    def __init__(self, payload: dict[str, Any]) -> None:
-        self.payload = payload
-
-    async def events(self) -> AsyncIterator[bytes]:
-        messages = self.payload["messages"]
-        text = reply_text(messages)
-        include_usage = bool((self.payload.get("stream_options") or {}).get("include_usage"))
-        base = {
-            "id": "sim-" + hashlib.sha256(orjson.dumps(messages)).hexdigest()[:24],
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.payload["model"],
-            "system_fingerprint": FINGERPRINT,
-        }
-        deltas: list[tuple[dict[str, Any], str | None]] = [({"role": "assistant", "content": ""}, None)]
-        deltas += [({"content": piece}, None) for piece in _pieces(text)]
-        deltas.append(({}, "stop"))
-        for delta, finish in deltas:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            yield orjson.dumps({**base, "choices": [choice]})
-        if include_usage:
-            prompt, completion = estimate_prompt_tokens(messages), estimate_tokens(text)
-            usage = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
-            yield orjson.dumps({**base, "choices": [], "usage": usage})
-
-    def close(self) -> None:
-        return None
+    async def realtime_secret(self, body: dict[str, Any]) -> RealtimeSecret:
+        """A secret of the right shape that no realtime server accepts: `ek_sim_...`."""
+        session = {**body["session"], "id": "sess_sim_" + secrets.token_hex(8), "object": "realtime.session"}
+        expires_at = int(time.time()) + int(body["expires_after"]["seconds"])
+        return RealtimeSecret(
+            {"value": "ek_sim_" + secrets.token_hex(16), "expires_at": expires_at, "session": session}
+        )

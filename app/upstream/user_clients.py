@@ -1,18 +1,15 @@
 """Upstream clients built from users' own keys: checked before storing, cached per user, bounded.
 
-A user who stored their own OpenAI key gets backends that look like the operator's
-(`UserChat`, `UserImages`, `UserRealtime`) but resolve the user's client on each call
-from a bounded LRU keyed by user id. A miss costs one query and one decryption (the
-`loader` that app/byok installs at start-up); a hit costs nothing. An entry is dropped
-when the user's key changes (the auth NOTIFY `user:<id>`) or when the LRU is full, and
-its aiohttp session is closed once no call holds it any more, so an evicted client
-never cuts an open stream.
+A user who stored their own OpenAI key is answered by a `RemoteProvider` made with that
+key, leased from a bounded LRU keyed by user id for as long as their call lasts (an open
+stream holds its lease). A miss costs one query and one decryption (the key loader of
+app/byok); a hit costs nothing. An entry is dropped when the user's key changes (a
+`PrincipalChanged` event for `user:<id>`) or when the LRU is full, and its aiohttp session
+is closed once no call holds it any more, so an evicted client never cuts an open stream.
 
-Per user: one `UpstreamHTTP` (its own aiohttp session) and one `AsyncOpenAI` with
-`max_retries=0`, like the operator's. The SDK clients share one httpx client: building
-an httpx client loads the CA bundle (~20 ms and ~1 MB each), which per user would stall
-the event loop on every miss; sharing the transport is safe because the key travels in
-each request's headers.
+The SDK clients of all users share one httpx client: building one loads the CA bundle
+(~20 ms and ~1 MB each), which per user would stall the event loop on every miss; sharing
+the transport is safe because the key travels in each request's headers.
 """
 
 from __future__ import annotations
@@ -20,34 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
 
 import aiohttp
-import orjson
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+import httpx
+from openai import DefaultAsyncHttpxClient
 
 from app.config import Settings
-from app.errors import GatewayError, InvalidRequest, Unavailable
-from app.upstream.http import UpstreamHTTP, UpstreamReply, UpstreamStream
-from app.upstream.images import Generation, ImageBackend, Moderation, OpenAIImages
-from app.upstream.realtime import OpenAIRealtimeSecrets, RealtimeSecrets
+from app.events import PrincipalChanged
+from app.upstream.remote import RemoteProvider
 from app.upstream.retry import RetryPolicy, StatusFailure
-
-if TYPE_CHECKING:
-    from app.upstream.provider import ChatBackend, EventStream
 
 log = logging.getLogger("app.upstream.user_clients")
 
 # `loader(user_id)`: the user's key in clear, or None when none is stored.
 KeyLoader = Callable[[str], Awaitable[str | None]]
 KeyCheck = Literal["valid", "rejected", "forbidden"]
-
-OWN_KEY_REJECTED = (
-    "The upstream rejected your stored OpenAI key. Store a new one with PUT /v1/me/openai-key, "
-    "or delete it (DELETE /v1/me/openai-key) to use the gateway's key."
-)
 
 
 async def check_key(settings: Settings, api_key: str) -> KeyCheck:
@@ -75,36 +62,13 @@ async def check_key(settings: Settings, api_key: str) -> KeyCheck:
         return await RetryPolicy(settings).run(attempt)
 
 
-@contextmanager
-def own_key_errors() -> Iterator[None]:
-    """The upstream refusing a user's key is the user's to fix, not a gateway failure (502)."""
-    try:
-        yield
-    except GatewayError as error:
-        if error.code == "upstream_auth_error":
-            raise InvalidRequest(OWN_KEY_REJECTED, code="openai_key_rejected") from error
-        raise
-
-
 class UserClient:
-    """One user's clients. `leases` counts calls in flight; `retired` ones close when it reaches 0."""
+    """One user's provider. `leases` counts calls in flight; `retired` ones close when it reaches 0."""
 
-    __slots__ = ("http", "images", "leases", "realtime", "retired", "sdk")
+    __slots__ = ("leases", "provider", "retired")
 
-    def __init__(self, settings: Settings, api_key: str, sdk_transport: Any) -> None:
-        self.http = UpstreamHTTP(settings, api_key=api_key)
-        self.sdk = AsyncOpenAI(
-            api_key=api_key,
-            base_url=settings.openai_base_url,
-            timeout=settings.upstream_read_timeout,
-            max_retries=0,  # retried by our policy, as the operator's client is
-            http_client=sdk_transport,
-        )
-        # The SDK reads OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment: the operator's, not the user's.
-        self.sdk.organization = None
-        self.sdk.project = None
-        self.images = OpenAIImages(self.sdk, settings)
-        self.realtime = OpenAIRealtimeSecrets(self.sdk, RetryPolicy(settings))
+    def __init__(self, settings: Settings, api_key: str, sdk_transport: httpx.AsyncClient) -> None:
+        self.provider = RemoteProvider(settings, api_key, sdk_transport)
         self.leases = 0
         self.retired = False
 
@@ -113,11 +77,10 @@ class UserClient:
 
     @property
     def closed(self) -> bool:
-        return self.http.session.closed
+        return self.provider.http.closed
 
     async def close(self) -> None:
-        # Only the aiohttp session is this client's own: the SDK's transport is shared.
-        await self.http.close()
+        await self.provider.close()  # its aiohttp session; the SDK's transport is shared
 
 
 class _Load:
@@ -133,15 +96,15 @@ class _Load:
 class UserClients:
     """The bounded LRU of per-user clients of one process."""
 
-    def __init__(self, settings: Settings, max_clients: int | None = None) -> None:
+    def __init__(self, settings: Settings, loader: KeyLoader, max_clients: int | None = None) -> None:
         self.settings = settings
+        self.loader = loader
         self.max_clients = max_clients or settings.byok_max_clients
-        self.loader: KeyLoader | None = None  # installed by app.byok at start-up
         self._entries: OrderedDict[str, UserClient] = OrderedDict()
         self._loading: dict[str, _Load] = {}
         self._retired: set[UserClient] = set()  # dropped while in use: closed by their last release
         self._closing: set[asyncio.Task[None]] = set()
-        self._sdk_transport: Any = None
+        self._sdk_transport: httpx.AsyncClient | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -190,8 +153,6 @@ class UserClients:
 
     async def _build(self, user_id: str, load: _Load) -> UserClient | None:
         try:
-            if self.loader is None:
-                raise Unavailable("Users' own OpenAI keys are not available in this process.", code="byok_disabled")
             api_key = await self.loader(user_id)
             if api_key is None:
                 return None
@@ -212,6 +173,13 @@ class UserClients:
         finally:
             if self._loading.get(user_id) is load:
                 del self._loading[user_id]
+
+    def on_principal_changed(self, change: PrincipalChanged) -> None:
+        """A user's key changed (`user:<id>`): drop their client; after a missed broadcast (`all`), every one."""
+        if change.kind == "user":
+            self.forget(change.value)
+        elif change.kind != "key":
+            self.forget_all()
 
     def forget(self, user_id: str) -> None:
         """The user's key changed: drop their client (closed once idle) and any load in flight."""
@@ -253,95 +221,3 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a load's failure as seen: its waiters may all have gone away."""
     if not task.cancelled():
         task.exception()
-
-
-class LeasedStream:
-    """A user's open stream; closing it gives the client back."""
-
-    def __init__(self, stream: UpstreamStream, release: Callable[[], None]) -> None:
-        self.stream = stream
-        self.request_id = stream.request_id
-        self.attempts = stream.attempts
-        self._release: Callable[[], None] | None = release
-
-    def events(self) -> AsyncIterator[bytes]:
-        return self.stream.events()
-
-    def close(self) -> None:
-        self.stream.close()
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
-class UserChat:
-    """Chat completions with the user's key; the operator's backend if their key vanished meanwhile."""
-
-    simulated = False
-
-    def __init__(self, clients: UserClients, user_id: str, fallback: ChatBackend) -> None:
-        self.clients = clients
-        self.user_id = user_id
-        self.fallback = fallback
-
-    async def complete(self, payload: dict[str, Any]) -> UpstreamReply:
-        async with self.clients.lease(self.user_id) as client:
-            if client is None:
-                return await self.fallback.complete(payload)
-            with own_key_errors():
-                return await client.http.post("/chat/completions", orjson.dumps(payload))
-
-    async def open_stream(self, payload: dict[str, Any]) -> EventStream:
-        client = await self.clients.acquire(self.user_id)
-        if client is None:
-            return await self.fallback.open_stream(payload)
-        try:
-            with own_key_errors():
-                stream = await client.http.open_stream("/chat/completions", orjson.dumps(payload))
-        except BaseException:
-            self.clients.release(client)
-            raise
-        return LeasedStream(stream, lambda: self.clients.release(client))
-
-
-class UserImages:
-    """Image generation and moderation with the user's key."""
-
-    simulated = False
-
-    def __init__(self, clients: UserClients, user_id: str, fallback: ImageBackend) -> None:
-        self.clients = clients
-        self.user_id = user_id
-        self.fallback = fallback
-
-    async def generate(self, params: dict[str, Any]) -> Generation:
-        async with self.clients.lease(self.user_id) as client:
-            if client is None:
-                return await self.fallback.generate(params)
-            with own_key_errors():
-                return await client.images.generate(params)
-
-    async def moderate(self, texts: list[str]) -> Moderation:
-        async with self.clients.lease(self.user_id) as client:
-            if client is None:
-                return await self.fallback.moderate(texts)
-            with own_key_errors():
-                return await client.images.moderate(texts)
-
-
-class UserRealtime:
-    """Realtime client secrets minted with the user's key."""
-
-    simulated = False
-
-    def __init__(self, clients: UserClients, user_id: str, fallback: RealtimeSecrets) -> None:
-        self.clients = clients
-        self.user_id = user_id
-        self.fallback = fallback
-
-    async def create(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        async with self.clients.lease(self.user_id) as client:
-            if client is None:
-                return await self.fallback.create(body)
-            with own_key_errors():
-                return await client.realtime.create(body)

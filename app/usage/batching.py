@@ -38,6 +38,7 @@ class BatchWriter(Generic[Row]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        self._flushing = asyncio.Lock()  # one flush at a time: the loop's, `drain`'s and `stop`'s
         self.written = 0
         self.dropped = 0
         self._dropped_logged = 0
@@ -77,6 +78,12 @@ class BatchWriter(Generic[Row]):
         if self._pending:
             log.error("shutdown: %d %s could not be written", len(self._pending), self.what)
 
+    async def drain(self) -> None:
+        """Write everything queued so far (retrying while the database refuses)."""
+        while self._pending:
+            if not await self.flush():
+                await asyncio.sleep(0.05)
+
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -86,6 +93,10 @@ class BatchWriter(Generic[Row]):
 
     async def flush(self) -> bool:
         """Write up to one batch; False when the database refused it (rows kept)."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         if self.dropped > self._dropped_logged:
             dropped, self._dropped_logged = self.dropped - self._dropped_logged, self.dropped
             log.warning("%d %s dropped: more than %d were waiting", dropped, self.what, self.max_pending)

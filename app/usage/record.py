@@ -9,8 +9,7 @@ from typing import Any, Literal
 
 import orjson
 
-from app.auth.principal import Principal
-from app.ratelimit.limiter import Bucket, Decision
+from app.ratelimit.buckets import Bucket, Decision
 
 Status = Literal["ok", "error", "cancelled", "simulated", "fallback"]
 
@@ -77,14 +76,6 @@ class UsageRecord:
     # The limits this call reserved, settled against its real usage when written.
     decision: Decision | None = None
 
-    @classmethod
-    def of(cls, principal: Principal, **values: Any) -> UsageRecord:
-        """A row for `principal`'s call; one paid with the user's own OpenAI key says so in `detail`."""
-        record = cls(user_id=principal.user_id, api_key_id=principal.api_key_id, **values)
-        if principal.has_own_key and record.status in ("ok", "error", "cancelled"):
-            record.detail = {**(record.detail or {}), "key": "user"}
-        return record
-
     def row(self) -> tuple[object, ...]:
         values = [getattr(self, name) for name in COLUMNS]
         values[-1] = orjson.dumps(self.detail).decode() if self.detail is not None else None  # jsonb as text
@@ -104,5 +95,4 @@ class UsageRecord:
         """Real usage minus what was reserved (nothing was, if the limits were not counted)."""
         if self.decision is None:
             return []
-        counted = self.decision.counted
-        return [(b, self.used(b) - (b.cost if counted else 0.0)) for b in self.decision.buckets]
+        return [(b, self.used(b) - r) for b, r in zip(self.decision.buckets, self.decision.reserved, strict=True)]

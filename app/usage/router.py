@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.auth.dependencies import CurrentPrincipal
-from app.db import SessionDep
+from app.deps import PrincipalDep, SessionDep
 from app.errors import error_responses
 from app.usage import repository
 from app.usage.schemas import UsageSummary
@@ -14,6 +13,6 @@ router = APIRouter(tags=["usage"])
 
 
 @router.get("/usage", responses=error_responses(401))
-async def get_usage(principal: CurrentPrincipal, session: SessionDep) -> UsageSummary:
+async def get_usage(principal: PrincipalDep, session: SessionDep) -> UsageSummary:
     """Your requests, tokens and cost today and this month (UTC), by model."""
     return await repository.summary(session, principal.user_id)

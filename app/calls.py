@@ -1,0 +1,308 @@
+"""The one call pipeline every upstream call goes through: reserve -> who answers -> call -> record -> headers.
+
+1. **Reserve**: `Calls.open` takes the caller's limits for the call (one statement,
+   `Limiter.take`) before any upstream byte; a refusal is a 429 and nothing else happens.
+2. **Who answers**: `FallbackPolicy` decides, from the operator's mode, the user's
+   switch and their own key, which provider answers, and whether an upstream failure may
+   be answered by the simulated provider instead (the setting, or a profile's rule).
+3. **Call**: `Calls.invoke` runs one `Provider` method (the retry policy lives in the
+   clients: the same for every call).
+4. **Record**: a `Call` leaves exactly one usage row however it ends (answered, failed,
+   fell back, cancelled, a stream abandoned), and that row settles the reservation.
+   The call owns what it holds upstream (a leased per-user client, an open stream) and
+   lets go of it when it is recorded.
+5. **Headers**: `Call.headers` gives the limits' headers and says who answered.
+
+A route's part is to build its request, name its limits and turn the answer (and its
+usage) into a response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from app.auth.principal import Principal
+from app.errors import ErrorCode, GatewayError, InvalidRequest
+from app.ratelimit.limiter import Bucket, Decision, Limiter
+from app.registry import ModelSpec
+from app.tokens import chars_to_tokens
+from app.upstream.errors import upstream_failed
+from app.upstream.hub import Answerer, Lease, Upstream
+from app.upstream.provider import EventStream, Provider
+from app.usage.record import Status, UsageRecord, usage_fields
+from app.usage.writer import UsageWriter
+
+log = logging.getLogger("app.calls")
+
+T = TypeVar("T")
+
+# default: follow FALLBACK_TO_SIMULATED; simulated: always fall back; never: never (e.g. moderation).
+FallbackRule = Literal["default", "simulated", "never"]
+
+OWN_KEY_REJECTED = (
+    "The upstream rejected your stored OpenAI key. Store a new one with PUT /v1/me/openai-key, "
+    "or delete it (DELETE /v1/me/openai-key) to use the gateway's key."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    """Who answers a call, and whether a failed upstream may be stood in for."""
+
+    simulated_mode: bool  # no OPENAI_API_KEY: the operator's "upstream" is the simulated provider
+    fallback_to_simulated: bool  # FALLBACK_TO_SIMULATED
+
+    def answerer(self, principal: Principal) -> Answerer:
+        """The user's switch first (simulated replies), then their own key, else the operator's."""
+        if not principal.use_upstream:
+            return "simulated"
+        if principal.has_own_key:
+            return "own_key"
+        return "simulated" if self.simulated_mode else "operator"
+
+    def may_fall_back(self, rule: FallbackRule) -> bool:
+        return self.fallback_to_simulated if rule == "default" else rule == "simulated"
+
+
+@dataclass(slots=True)
+class Spent:
+    """What one call used, as its usage row records it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    images: int = 0
+    cost_usd: float = 0.0
+    estimated: bool = False
+
+
+class Call:
+    """One upstream call, from its reservation to its usage row."""
+
+    def __init__(
+        self,
+        *,
+        principal: Principal,
+        route: str,
+        model: str,
+        spec: ModelSpec | None,
+        request_id: str,
+        decision: Decision,
+        lease: Lease,
+        may_fall_back: bool,
+        usage: UsageWriter,
+        prompt_estimate: int = 0,
+        thread_id: uuid.UUID | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self.principal = principal
+        self.route = route
+        self.model = model
+        self.spec = spec  # the catalog's entry, which prices tokens (None: not priced by tokens)
+        self.request_id = request_id
+        self.decision = decision
+        self.lease = lease
+        self.may_fall_back = may_fall_back
+        self.prompt_estimate = prompt_estimate
+        self.thread_id = thread_id
+        self.detail = detail
+        self.started = time.perf_counter()
+        self.fell_back = False
+        self.stream: EventStream | None = None
+        self.row: UsageRecord | None = None
+        self.ended = False  # recorded, or given back
+        self._usage = usage
+
+    @property
+    def provider(self) -> Provider:
+        return self.lease.provider
+
+    @property
+    def simulated(self) -> bool:
+        return self.lease.answerer == "simulated"
+
+    @property
+    def answered_status(self) -> Status:
+        """Who answered, as a usage row's status says it."""
+        if self.fell_back:
+            return "fallback"
+        return "simulated" if self.simulated else "ok"
+
+    def token_spend(self, usage: dict[str, Any] | None, completion_chars: int = 0) -> Spent:
+        """A token-priced answer: the upstream's `usage`, else our estimate (marked)."""
+        if usage is None:
+            prompt, completion, cached = self.prompt_estimate, chars_to_tokens(completion_chars), 0
+        else:
+            prompt, completion, cached = usage_fields(usage)
+        cost = self.spec.token_cost(prompt, completion, cached) if self.spec is not None else 0.0
+        return Spent(prompt, completion, cached, cost_usd=cost, estimated=usage is None)
+
+    def headers(self, upstream_request_id: str | None = None) -> dict[str, str]:
+        """The limits' headers, and whether a simulated provider answered."""
+        headers = dict(self.decision.headers)
+        if self.simulated:
+            headers["x-gateway-simulated"] = "true"
+        if self.fell_back:
+            headers["x-gateway-fallback"] = "true"
+        if upstream_request_id:
+            headers["x-upstream-request-id"] = upstream_request_id
+        return headers
+
+    def finish(
+        self,
+        spent: Spent | None = None,
+        *,
+        status: Status | None = None,
+        http_status: int = 200,
+        stream: bool = False,
+        ttft_ms: float | None = None,
+        upstream_request_id: str | None = None,
+        error_code: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the call's one row and let go of what it holds; once ended, a call ignores later ends.
+
+        Simulated answers cost nothing: no upstream was paid for them.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        spent = spent or Spent()
+        merged = {**(self.detail or {}), **(detail or {})}
+        if self.lease.answerer == "own_key":
+            merged["key"] = "user"
+        self.row = UsageRecord(
+            request_id=self.request_id,
+            user_id=self.principal.user_id,
+            api_key_id=self.principal.api_key_id,
+            route=self.route,
+            model=self.model,
+            status=status or self.answered_status,
+            http_status=http_status,
+            stream=stream,
+            prompt_tokens=spent.prompt_tokens,
+            completion_tokens=spent.completion_tokens,
+            cached_tokens=spent.cached_tokens,
+            tokens_estimated=spent.estimated,
+            images=spent.images,
+            cost_usd=0.0 if self.simulated else spent.cost_usd,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=ttft_ms,
+            upstream_request_id=upstream_request_id,
+            error_code=error_code,
+            thread_id=self.thread_id,
+            detail=merged or None,
+            decision=self.decision,
+        )
+        self._release()
+        self._usage.record(self.row)
+
+    def give_back(self) -> None:
+        """End a call that never reached the upstream (refused on the way): no row, its reservation returned."""
+        if not self.ended:
+            self.ended = True
+            self._release()
+            self._usage.give_back(self.decision)
+
+    def fail(self, error: GatewayError, *, stream: bool = False) -> None:
+        self.finish(status="error", http_status=error.status_code, stream=stream, error_code=error.code)
+
+    def attach(self, stream: EventStream) -> None:
+        """An open upstream stream this call holds until it is recorded."""
+        self.stream = stream
+
+    def _release(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        release, self.lease.release = self.lease.release, _released
+        release()
+
+
+def _released() -> None:
+    return None
+
+
+class Calls:
+    """The pipeline's shared parts: the limiter, the providers, the usage writer and the policy."""
+
+    def __init__(
+        self,
+        *,
+        limiter: Limiter,
+        upstream: Upstream,
+        usage: UsageWriter,
+        policy: FallbackPolicy,
+    ) -> None:
+        self.limiter = limiter
+        self.upstream = upstream
+        self.usage = usage
+        self.policy = policy
+
+    async def open(
+        self,
+        principal: Principal,
+        *,
+        route: str,
+        spec: ModelSpec | None,
+        request_id: str,
+        buckets: Sequence[Bucket],
+        prior: Decision | None = None,
+        model: str | None = None,
+        fallback: FallbackRule = "default",
+        prompt_estimate: int = 0,
+        thread_id: uuid.UUID | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Call:
+        """Reserve the call's limits and lease who answers it. Validate the request first: an opened call
+        must end with `invoke` (which records a failure), `finish`, or `give_back`. `prior` is what an
+        earlier check of the same call reserved (a turn takes its request rate before any write)."""
+        decision = await self.limiter.take(buckets)
+        if prior is not None:
+            decision = prior.joined(decision)
+        try:
+            lease = await self.upstream.lease(self.policy.answerer(principal), principal.user_id)
+        except BaseException:
+            self.usage.give_back(decision)
+            raise
+        return Call(
+            principal=principal,
+            route=route,
+            model=model or (spec.id if spec is not None else route),
+            spec=spec,
+            request_id=request_id,
+            decision=decision,
+            lease=lease,
+            may_fall_back=self.policy.may_fall_back(fallback),
+            usage=self.usage,
+            prompt_estimate=prompt_estimate,
+            thread_id=thread_id,
+            detail=detail,
+        )
+
+    async def invoke(self, call: Call, operation: Callable[[Provider], Awaitable[T]], *, stream: bool = False) -> T:
+        """`operation(provider)`; when the upstream itself failed and the call may fall back, the same
+        operation on the simulated provider. A failure not answered so is recorded and raised; so is a
+        cancellation (the client went away): the call leaves its row either way."""
+        try:
+            try:
+                return await operation(call.provider)
+            except GatewayError as error:
+                if call.lease.answerer == "own_key" and error.code == "upstream_auth_error":
+                    raise InvalidRequest(OWN_KEY_REJECTED, code=ErrorCode.OPENAI_KEY_REJECTED) from error
+                if not (call.may_fall_back and not call.simulated and upstream_failed(error)):
+                    raise
+                log.warning("upstream failed (%s), answering simulated: %s", call.route, error.message)
+            call._release()
+            call.lease, call.fell_back = Lease(self.upstream.simulated, "simulated"), True
+            return await operation(call.provider)
+        except GatewayError as error:
+            call.fail(error, stream=stream)
+            raise
+        except BaseException:
+            call.finish(status="cancelled", http_status=499, stream=stream)
+            raise

@@ -1,0 +1,148 @@
+"""The one way a route gets anything: the runtime's services, a database session, the caller.
+
+Routes name what they need with these `Annotated` aliases; nothing else reads
+`app.state`. A route that calls the upstream takes no `SessionDep`: its service opens
+short sessions per phase, so no transaction is held across an upstream call.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, cast
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.principal import Principal
+from app.byok.service import BYOKService
+from app.chat.service import ChatService
+from app.errors import ErrorCode, PermissionDenied, Unauthenticated
+from app.images.batches import BatchService
+from app.images.history import ImageHistory
+from app.images.service import ImageService
+from app.realtime.service import RealtimeService
+from app.registry import Catalog
+from app.runtime import Runtime
+from app.threads.service import ThreadService
+
+# auto_error=False: a missing header is our 401 in our shape, not FastAPI's 403.
+bearer = HTTPBearer(auto_error=False, description="A gateway API key (gw_...) or a JWT.")
+
+
+def app_runtime(app: Any) -> Runtime:
+    """The runtime an app's lifespan attached."""
+    return cast(Runtime, app.state.runtime)
+
+
+def runtime_of(request: Request) -> Runtime:
+    return app_runtime(request.app)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
+    """One session per request: commit when the route returns, roll back when it raises."""
+    async with runtime.db.sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
+
+
+# scope="function": the commit happens before the response is sent, so a client never
+# reads back a write that is not yet committed.
+SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+
+
+def missing_token() -> Unauthenticated:
+    return Unauthenticated("Missing bearer token: send 'Authorization: Bearer <key>'.", code=ErrorCode.MISSING_API_KEY)
+
+
+def bearer_token(request: Request) -> str:
+    """The bearer token of a request, read without FastAPI's dependency machinery (hot routes)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise missing_token()
+    return token.strip()
+
+
+async def principal_for(request: Request, token: str) -> Principal:
+    """The caller behind a token; noted in the request's state for logs and refusal records."""
+    client = request.client.host if request.client else "unknown"
+    principal = await runtime_of(request).auth.principal(token, client)
+    request.state.principal = principal
+    return principal
+
+
+async def _principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise missing_token()
+    return await principal_for(request, credentials.credentials)
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+async def _admin(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    if credentials is None or not credentials.credentials:
+        raise missing_token()
+    expected = runtime.settings.admin_api_key
+    if expected is None:
+        raise PermissionDenied("The admin API is disabled: set ADMIN_API_KEY to enable it.")
+    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise Unauthenticated("Invalid admin key.")
+
+
+AdminGuard = Depends(_admin)
+
+
+def _catalog(runtime: RuntimeDep) -> Catalog:
+    return runtime.catalog
+
+
+def _chat(runtime: RuntimeDep) -> ChatService:
+    return runtime.chat
+
+
+def _threads(runtime: RuntimeDep) -> ThreadService:
+    return runtime.threads
+
+
+def _images(runtime: RuntimeDep) -> ImageService:
+    return runtime.images
+
+
+def _image_history(runtime: RuntimeDep) -> ImageHistory:
+    return runtime.image_history
+
+
+def _batches(runtime: RuntimeDep) -> BatchService:
+    return runtime.batches
+
+
+def _realtime(runtime: RuntimeDep) -> RealtimeService:
+    return runtime.realtime
+
+
+def _byok(runtime: RuntimeDep) -> BYOKService:
+    return runtime.byok
+
+
+CatalogDep = Annotated[Catalog, Depends(_catalog)]
+ChatServiceDep = Annotated[ChatService, Depends(_chat)]
+ThreadServiceDep = Annotated[ThreadService, Depends(_threads)]
+ImageServiceDep = Annotated[ImageService, Depends(_images)]
+ImageHistoryDep = Annotated[ImageHistory, Depends(_image_history)]
+BatchServiceDep = Annotated[BatchService, Depends(_batches)]
+RealtimeServiceDep = Annotated[RealtimeService, Depends(_realtime)]
+BYOKServiceDep = Annotated[BYOKService, Depends(_byok)]

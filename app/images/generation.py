@@ -1,0 +1,147 @@
+"""Making images: limits, moderation, the upstream call, storage and the usage row, through the call pipeline.
+
+One generation call is one usage row (route `images.generations`, or `images.batches` for
+batch items) with the images it made and their cost. Moderation is a call of its own
+(route `images.moderation`), which never falls back: an unchecked prompt is not let
+through. A generation refused by moderation gives its reservation back and leaves no row.
+No database session is held here: the caller stores the rows this returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.auth.principal import Principal
+from app.calls import Call, Calls, Spent
+from app.config import Settings
+from app.errors import ErrorCode, InvalidRequest
+from app.images.history import ImageHistory
+from app.images.options import ImageOptions
+from app.models import Image
+from app.ratelimit.limiter import Limiter
+from app.upstream.provider import Generation
+
+log = logging.getLogger("app.images")
+
+ROUTE = "images.generations"
+BATCH_ROUTE = "images.batches"
+MODERATION_ROUTE = "images.moderation"
+
+
+@dataclass(slots=True)
+class Produced:
+    """A generation's stored images (rows not yet added to a session) and how it was answered."""
+
+    images: list[Image]
+    contents: list[bytes]
+    generation: Generation
+    call: Call
+
+
+def content_moderation_error(categories: list[str], param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"The prompt was refused by the content policy ({', '.join(categories)}).",
+        param=param,
+        code=ErrorCode.CONTENT_POLICY_VIOLATION,
+    )
+
+
+def generation_cost(options: ImageOptions, generation: Generation) -> float:
+    """What the upstream bills: its reported tokens at the registry's prices, else the per-image price."""
+    spec = options.spec
+    if (
+        generation.input_tokens is not None
+        and generation.output_tokens is not None
+        and (spec.input_per_1m or spec.output_per_1m)
+    ):
+        return spec.token_cost(generation.input_tokens, generation.output_tokens)
+    return options.unit_price(generation.size, generation.quality) * len(generation.images)
+
+
+class ImageGenerator:
+    def __init__(self, settings: Settings, limiter: Limiter, calls: Calls, history: ImageHistory) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.calls = calls
+        self.history = history
+
+    async def produce(
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt: str,
+        options: ImageOptions,
+        *,
+        batch_id: uuid.UUID | None = None,
+        regenerated_from: uuid.UUID | None = None,
+    ) -> Produced:
+        batch = batch_id is not None
+        call = await self.calls.open(
+            principal,
+            route=BATCH_ROUTE if batch else ROUTE,
+            spec=options.spec,
+            request_id=request_id,
+            buckets=self.limiter.image_buckets(principal, options.n, options.estimate(), batch=batch),
+        )
+        if self.settings.image_moderation and not batch:  # batches are moderated when created
+            try:
+                await self.moderate(principal, request_id, [prompt])
+            except BaseException:
+                call.give_back()
+                raise
+        params = options.upstream_params(prompt)
+        generation = await self.calls.invoke(call, lambda provider: provider.images(params))
+        cost = generation_cost(options, generation)
+        spent = Spent(
+            prompt_tokens=generation.input_tokens or 0,
+            completion_tokens=generation.output_tokens or 0,
+            images=len(generation.images),
+            cost_usd=cost,
+        )
+        try:
+            images = await self.history.save(
+                principal,
+                request_id,
+                prompt,
+                options,
+                generation,
+                simulated=call.simulated,
+                cost=0.0 if call.simulated else cost,
+                batch_id=batch_id,
+                regenerated_from=regenerated_from,
+            )
+        finally:  # generated and paid for, whether or not the bytes could be stored
+            call.finish(spent, upstream_request_id=generation.request_id)
+        return Produced(images, [image.data for image in generation.images], generation, call)
+
+    async def moderate(
+        self,
+        principal: Principal,
+        request_id: str,
+        prompts: list[str],
+        *,
+        param: Callable[[int], str] = lambda index: "prompt",
+    ) -> None:
+        """Refuse (400 `content_policy_violation`) when any prompt is flagged."""
+        model = self.settings.image_moderation_model
+        call = await self.calls.open(
+            principal,
+            route=MODERATION_ROUTE,
+            spec=None,
+            model=model,
+            request_id=request_id,
+            buckets=(),
+            fallback="never",
+        )
+        verdict = await self.calls.invoke(call, lambda provider: provider.moderate(prompts, model))
+        flagged = next(((i, hit) for i, hit in enumerate(verdict.flagged) if hit), None)
+        call.model = verdict.model
+        if flagged is None:
+            call.finish(upstream_request_id=verdict.request_id)
+            return
+        error = content_moderation_error(flagged[1], param(flagged[0]))
+        call.finish(http_status=400, upstream_request_id=verdict.request_id, error_code=error.code)
+        raise error

@@ -1,0 +1,43 @@
+"""Background jobs of a process: periodic chores, supervised, stopped together.
+
+A job that raises is logged and runs again at its next interval: a chore that fails
+while the database is away must not die for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("app.jobs")
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def every(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work()` every `interval` seconds, the first time after one interval."""
+        self._tasks.append(asyncio.create_task(self._repeat(name, interval, work), name=name))
+
+    @staticmethod
+    async def _repeat(name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                done = await work()
+            except Exception as error:
+                log.warning("%s failed, will retry: %s", name, error)
+                continue
+            if done:
+                log.info("%s: %s", name, done)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()

@@ -1,0 +1,55 @@
+"""A caller's limits as the limiter takes them: buckets, and what a check decided."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.errors import ErrorCode
+
+Kind = Literal["g", "q", "b"]  # GCRA rate, calendar quota, calendar budget
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One limit of one caller, and what this call costs against it."""
+
+    name: str  # requests, tokens, budget, images, ...: how headers and errors name it
+    key: str
+    kind: Kind
+    limit: float
+    period: float  # GCRA: seconds to refill fully; calendar: seconds until the window ends
+    cost: float
+    code: ErrorCode = ErrorCode.RATE_LIMIT_EXCEEDED
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a check reserved of each bucket, and the headers that tell the client where it stands.
+
+    `reserved` is each bucket's cost when the check counted it, 0 when the database was down
+    and the call was let through uncounted (its real usage is then charged in full).
+    """
+
+    buckets: Sequence[Bucket] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+    reserved: Sequence[float] = ()
+
+    @classmethod
+    def taken(cls, buckets: Sequence[Bucket], headers: dict[str, str]) -> Decision:
+        return cls(buckets, headers, [bucket.cost for bucket in buckets])
+
+    @classmethod
+    def uncounted(cls, buckets: Sequence[Bucket]) -> Decision:
+        return cls(buckets, {}, [0.0] * len(buckets))
+
+    @property
+    def counted(self) -> bool:
+        return all(amount == bucket.cost for bucket, amount in zip(self.buckets, self.reserved, strict=True))
+
+    def joined(self, other: Decision) -> Decision:
+        """Two checks of one call as one (e.g. a turn's request rate, then its tokens and budget)."""
+        return Decision(
+            [*self.buckets, *other.buckets], {**self.headers, **other.headers}, [*self.reserved, *other.reserved]
+        )

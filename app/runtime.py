@@ -1,0 +1,225 @@
+"""Everything a process holds while it serves, built and stopped in one ordered place.
+
+`Runtime.start` builds the parts in dependency order (configuration, database, limits,
+usage, upstream, auth, the call pipeline, the domain services, background jobs) and
+registers each one's stop on an exit stack, so `stop` tears them down in reverse: jobs
+first, then the services that still record usage, then the usage writer (which drains
+its queue), then the clients and the database. Cross-cutting notifications travel on
+the `EventHub` handed to each part as it is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from app import migrations
+from app.admin.refusals import RefusalRecorder
+from app.auth.service import Authenticator
+from app.byok.service import BYOKService
+from app.byok.vault import KeyVault
+from app.calls import Calls, FallbackPolicy
+from app.chat.service import ChatService
+from app.config import Settings
+from app.db import Database, start_embedded_postgres
+from app.events import EventHub
+from app.images.batches import BatchEvents, BatchService
+from app.images.generation import ImageGenerator
+from app.images.history import ImageHistory
+from app.images.idempotency import IdempotencyStore
+from app.images.retention import ImageRetention
+from app.images.runner import BatchRunner
+from app.images.service import ImageService
+from app.images.signing import UrlSigner, load_secret
+from app.images.storage import ImageStorage, open_storage
+from app.jobs import Jobs
+from app.observability.logs import note_model
+from app.observability.metrics import Metrics
+from app.ratelimit.limiter import Limiter
+from app.realtime.presets import load_voice_presets
+from app.realtime.service import RealtimeService
+from app.registry import Catalog, load_catalog
+from app.threads.context import ContextSource
+from app.threads.profiles import load_profiles
+from app.threads.replies import ReplyStore
+from app.threads.retention import prune_idle_threads
+from app.threads.service import ThreadService
+from app.threads.turns import TurnRunner
+from app.upstream.hub import Upstream
+from app.usage.writer import UsageWriter
+
+log = logging.getLogger("app")
+
+
+def idempotency_store(settings: Settings, database: Database) -> IdempotencyStore:
+    # A claim still pending after the longest a generation can take belongs to a dead process.
+    lease = settings.upstream_read_timeout * (settings.upstream_max_retries + 1) + 60
+    return IdempotencyStore(database.pool, settings.idempotency_ttl_seconds, lease)
+
+
+def image_retention(settings: Settings, database: Database, storage: ImageStorage) -> ImageRetention:
+    return ImageRetention(
+        database.sessionmaker,
+        storage,
+        idempotency_store(settings, database),
+        days=settings.image_retention_days,
+        interval=settings.image_retention_interval,
+    )
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    settings: Settings
+    catalog: Catalog
+    events: EventHub
+    db: Database
+    limiter: Limiter
+    usage: UsageWriter
+    refusals: RefusalRecorder
+    upstream: Upstream
+    auth: Authenticator
+    metrics: Metrics | None
+    calls: Calls
+    chat: ChatService
+    threads: ThreadService
+    images: ImageService
+    image_history: ImageHistory
+    batches: BatchService
+    batch_runner: BatchRunner
+    image_retention: ImageRetention
+    realtime: RealtimeService
+    byok: BYOKService
+    migration_head: str
+    _stack: contextlib.AsyncExitStack
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        async with contextlib.AsyncExitStack() as stack:
+            runtime = await cls._build(settings, stack)
+            runtime._stack = stack.pop_all()  # built: `stop` owns the teardown from here
+        return runtime
+
+    @classmethod
+    async def _build(cls, settings: Settings, stack: contextlib.AsyncExitStack) -> Runtime:
+        # Configuration: a bad catalog or assistants file stops start-up before anything opens.
+        catalog = load_catalog(settings.catalog_file)
+        profiles = load_profiles(settings.assistants_file, catalog)
+        presets = load_voice_presets(settings.assistants_file, catalog)
+        url = settings.database_url or start_embedded_postgres(settings.data_dir)
+        events = EventHub()
+
+        db = await Database.connect(url, settings.db_pool_size)
+        stack.push_async_callback(db.close)
+        limiter = Limiter(
+            db.pool,
+            catalog,
+            fail_open_rates=settings.ratelimit_fail_open_rates,
+            fail_open_budgets=settings.ratelimit_fail_open_budgets,
+            timeout=settings.ratelimit_timeout,
+        )
+        usage = UsageWriter(
+            db.pool, limiter, events, interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size
+        )
+        refusals = RefusalRecorder(db.pool, interval=settings.usage_flush_interval)
+        events.refusals.subscribe(refusals.record)
+        events.usage.subscribe(lambda record: note_model(record.request_id, record.model))
+        metrics = Metrics(events, lambda: usage.queue_depth) if settings.metrics_enabled else None
+
+        vault = KeyVault(settings, db.pool)
+        upstream = Upstream(settings, vault.load, events)
+        stack.push_async_callback(upstream.close)
+        auth = Authenticator(settings, db.pool, url, events)
+        calls = Calls(
+            limiter=limiter,
+            upstream=upstream,
+            usage=usage,
+            policy=FallbackPolicy(settings.simulated, settings.fallback_to_simulated),
+        )
+
+        writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+        context = ContextSource(settings, writes)
+        turns = TurnRunner(settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context)
+
+        storage = await open_storage(settings)
+        stack.push_async_callback(storage.close)
+        signer = UrlSigner(await load_secret(db.pool, settings.image_url_secret), settings.image_url_ttl_seconds)
+        idempotency = idempotency_store(settings, db)
+        history = ImageHistory(storage, signer)
+        generator = ImageGenerator(settings, limiter, calls, history)
+        batch_events = BatchEvents()
+        events.batches.subscribe(batch_events.notify)
+        batch_runner = BatchRunner(settings, catalog, generator, db, events)
+        retention = image_retention(settings, db, storage)
+
+        # Running parts: their stops run before the clients above close, in reverse order.
+        await usage.start()
+        stack.push_async_callback(usage.stop)  # drains the queue: after everything that records usage
+        await refusals.start()
+        stack.push_async_callback(refusals.stop)
+        if metrics is not None:
+            metrics.start()
+            stack.push_async_callback(metrics.close)
+        await auth.start()
+        stack.push_async_callback(auth.stop)
+        await context.start()
+        stack.push_async_callback(context.close)
+        await vault.check_readable()
+        await batch_runner.start()
+        stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
+
+        jobs = Jobs()
+        jobs.every("rate-limit prune", settings.ratelimit_prune_interval, limiter.prune)
+        jobs.every(
+            "thread retention",
+            settings.thread_retention_interval,
+            lambda: prune_idle_threads(db.sessionmaker, days=settings.thread_retention_days),
+        )
+        jobs.every("image retention", settings.image_retention_interval, retention.prune)
+        stack.push_async_callback(jobs.stop)
+
+        runtime = cls(
+            settings=settings,
+            catalog=catalog,
+            events=events,
+            db=db,
+            limiter=limiter,
+            usage=usage,
+            refusals=refusals,
+            upstream=upstream,
+            auth=auth,
+            metrics=metrics,
+            calls=calls,
+            chat=ChatService(settings, catalog, limiter, calls),
+            threads=ThreadService(profiles, turns),
+            images=ImageService(
+                catalog=catalog,
+                database=db,
+                generator=generator,
+                history=history,
+                signer=signer,
+                idempotency=idempotency,
+                public_base_url=settings.image_public_base_url,
+            ),
+            image_history=history,
+            batches=BatchService(settings, catalog, db, generator, idempotency, batch_events, batch_runner.wake),
+            batch_runner=batch_runner,
+            image_retention=retention,
+            realtime=RealtimeService(catalog, presets, limiter, calls),
+            byok=BYOKService(vault, upstream, auth),
+            migration_head=migrations.head(),
+            _stack=stack,
+        )
+        log.info("gateway ready (%s mode)", "simulated" if settings.simulated else "upstream")
+        return runtime
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    async def drain(self) -> None:
+        """Settle background work: no batch item under way, every queued usage row and refusal written."""
+        await self.batch_runner.idle()
+        await self.usage.drain()
+        await self.refusals.drain()

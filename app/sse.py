@@ -1,0 +1,250 @@
+"""Server-sent events, both ways: reading the upstream's streams and writing ours.
+
+Reading: `read_events` parses an upstream's SSE lines into `Event`s and ends where the API
+says a stream ends. That rule is per API (`StreamRule`): Chat Completions end with
+`data: [DONE]`; the Responses API has no `[DONE]` and ends with its terminal event
+(`response.completed`, `response.failed` or `response.incomplete`). A stream that stops
+before its end is the upstream's failure, never a clean finish.
+
+Writing: `paced` is the one relay loop every stream of ours runs through. It forwards
+items as they arrive, yields `None` (a heartbeat) while the source is silent, and ends
+the stream with an error when its deadline passes, even while items keep coming.
+
+Responses: thread and batch event streams are sse-starlette's `EventSourceResponse`
+(`EventSource` here), which also pings, watches for the client leaving and ends streams
+at server shutdown. The chat completions relay writes OpenAI's wire bytes through
+Starlette's plain `StreamingResponse` (`ByteStream`): it forwards the upstream's `data:`
+payloads untouched, and the benchmark showed the hand-written path cheaper (README,
+"Design notes"). Both run an `on_close` callback once however the response ends,
+including a client gone before the first byte, so a call is always settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import orjson
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.errors import GatewayError, UpstreamError
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+HEARTBEAT = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One upstream event: its `event:` name (None when unnamed) and its `data:` payload."""
+
+    name: str | None
+    data: bytes
+
+
+class StreamRule:
+    """How one API's stream ends and reports failure."""
+
+    api = "chat.completions"
+
+    def is_done(self, event: Event) -> bool:
+        """A sentinel that ends the stream and is not itself an event (Chat's `[DONE]`)."""
+        return event.data == b"[DONE]"
+
+    def is_terminal(self, event: Event) -> bool:
+        """An event that is relayed and then ends the stream."""
+        return False
+
+    def error(self, event: Event) -> GatewayError | None:
+        """The upstream's error, sent as an event after the stream had started."""
+        if not event.data.startswith(b'{"error"'):
+            return None
+        try:
+            fields = orjson.loads(event.data).get("error")
+        except orjson.JSONDecodeError:
+            fields = None
+        message = fields.get("message") if isinstance(fields, dict) else None
+        return UpstreamError(f"The upstream failed mid-stream: {message or 'unknown error'}")
+
+    def unfinished(self) -> GatewayError:
+        return UpstreamError("The upstream ended the stream without [DONE].")
+
+
+class ResponsesRule(StreamRule):
+    """The Responses API: named events, no `[DONE]`; the last event says how the response ended."""
+
+    api = "responses"
+    TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+
+    def is_done(self, event: Event) -> bool:
+        return False
+
+    def is_terminal(self, event: Event) -> bool:
+        return event.name in self.TERMINAL
+
+    def error(self, event: Event) -> GatewayError | None:
+        return None  # `error` and `response.failed` are relayed to the client as the events they are
+
+    def unfinished(self) -> GatewayError:
+        return UpstreamError("The upstream ended the stream before its final response event.")
+
+
+CHAT_COMPLETIONS = StreamRule()
+RESPONSES = ResponsesRule()
+
+
+async def read_events(lines: AsyncIterable[bytes], rule: StreamRule) -> AsyncIterator[Event]:
+    """Events from SSE lines, until the rule's end; raises the rule's error when the stream breaks off."""
+    name: str | None = None
+    data: list[bytes] = []
+    async for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+            continue
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode(errors="replace")
+            continue
+        if line or not data:
+            continue  # comments, ids, retry hints, and blank lines between events
+        event = Event(name, b"\n".join(data))
+        name, data = None, []
+        if rule.is_done(event):
+            return
+        failure = rule.error(event)
+        if failure is not None:
+            raise failure
+        yield event
+        if rule.is_terminal(event):
+            return
+    raise rule.unfinished()
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def encode(name: str, data: BaseModel | Mapping[str, Any] | bytes) -> bytes:
+    """One named event: `event: name` and a JSON `data:` line."""
+    if isinstance(data, BaseModel):
+        payload = data.model_dump_json().encode()
+    elif isinstance(data, bytes):
+        payload = data
+    else:
+        payload = orjson.dumps(data)
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def server_event(name: str, data: BaseModel | Mapping[str, Any]) -> ServerSentEvent:
+    """A named event for an `EventSource` response, its data as JSON."""
+    payload = data.model_dump_json() if isinstance(data, BaseModel) else orjson.dumps(data).decode()
+    return ServerSentEvent(data=payload, event=name, sep="\n")
+
+
+async def paced(
+    source: AsyncIterator[T],
+    *,
+    heartbeat: float | None,
+    deadline: float,
+    overtime: Callable[[], GatewayError],
+) -> AsyncIterator[T | None]:
+    """`source`'s items as they arrive; None after `heartbeat` silent seconds (None: never).
+
+    `deadline` is a `time.monotonic()` instant: past it the relay raises `overtime()`,
+    whether the source is silent or still sending. The source's pending read is
+    cancelled however the relay ends.
+    """
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise overtime()
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            wait = left if heartbeat is None else min(heartbeat, left)
+            done, _ = await asyncio.wait((pending,), timeout=wait)
+            if not done:
+                if heartbeat is not None and time.monotonic() < deadline:
+                    yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
+OnClose = Callable[[], Awaitable[None]]
+
+
+async def _closed(body: Any, on_close: OnClose | None) -> None:
+    """Close the body generator (its `finally` runs now, not at garbage collection), then `on_close`."""
+    with anyio.CancelScope(shield=True):
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
+        if on_close is not None:
+            await on_close()
+
+
+class ByteStream(StreamingResponse):
+    """Bytes written as they come (`text/event-stream`); `on_close` runs once however it ends."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, headers: Mapping[str, str], on_close: OnClose | None = None
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _closed(self.body_iterator, self.on_close)
+
+
+class EventSource(EventSourceResponse):
+    """sse-starlette's response (pings every `heartbeat` seconds); `on_close` runs once however it ends."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[ServerSentEvent | bytes],
+        *,
+        heartbeat: float,
+        headers: Mapping[str, str] | None = None,
+        on_close: OnClose | None = None,
+    ) -> None:
+        super().__init__(
+            content,
+            headers={**SSE_HEADERS, **(headers or {})},
+            ping=heartbeat,
+            sep="\n",
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+        )
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _closed(self.body_iterator, self.on_close)

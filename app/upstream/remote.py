@@ -1,0 +1,103 @@
+"""A real OpenAI-compatible upstream, called with one key: the operator's or a user's own.
+
+Chat goes over the lean aiohttp client (app/upstream/http.py); images, moderation and
+realtime secrets through the `openai` SDK with `max_retries=0` (retried by our policy,
+like the pass-through). Image answers are read raw: megabytes of base64 are decoded off
+the event loop instead of being parsed into the SDK's models and dumped again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+import httpx
+import orjson
+from openai import AsyncOpenAI
+
+from app.config import Settings
+from app.errors import UpstreamError
+from app.sse import CHAT_COMPLETIONS
+from app.upstream.http import UpstreamHTTP, UpstreamStream
+from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
+from app.upstream.retry import RetryPolicy
+
+
+class RemoteProvider:
+    simulated = False
+
+    def __init__(self, settings: Settings, api_key: str, sdk_transport: httpx.AsyncClient | None = None) -> None:
+        self.http = UpstreamHTTP(settings, api_key)
+        self.retry = RetryPolicy(settings)
+        self.sdk = AsyncOpenAI(
+            api_key=api_key,
+            base_url=settings.openai_base_url,
+            timeout=settings.upstream_read_timeout,
+            max_retries=0,
+            http_client=sdk_transport,
+        )
+        # The SDK reads OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment: the operator's, never a user's.
+        self.sdk.organization = None
+        self.sdk.project = None
+        self._owns_transport = sdk_transport is None
+
+    async def close(self) -> None:
+        await self.http.close()
+        if self._owns_transport:
+            await self.sdk.close()
+
+    async def chat(self, payload: dict[str, Any]) -> UpstreamReply:
+        return await self.http.post("/chat/completions", orjson.dumps(payload))
+
+    async def chat_stream(self, payload: dict[str, Any]) -> UpstreamStream:
+        return await self.http.open_stream("/chat/completions", orjson.dumps(payload), CHAT_COMPLETIONS)
+
+    async def images(self, params: dict[str, Any]) -> Generation:
+        raw = await self.retry.run(lambda _: self.sdk.images.with_raw_response.generate(**params))
+        return await asyncio.to_thread(parse_generation, raw.http_response.content, raw.request_id)
+
+    async def moderate(self, texts: list[str], model: str) -> Moderation:
+        result = await self.retry.run(lambda _: self.sdk.moderations.with_raw_response.create(input=texts, model=model))
+        body = orjson.loads(result.http_response.content)
+        flagged: list[list[str] | None] = []
+        for item in body.get("results") or []:
+            categories = [name for name, hit in (item.get("categories") or {}).items() if hit]
+            flagged.append((categories or ["unspecified"]) if item.get("flagged") else None)
+        if len(flagged) != len(texts):
+            raise UpstreamError("The upstream moderation answer did not cover every input.")
+        return Moderation(flagged, str(body.get("model") or model), result.request_id)
+
+    async def realtime_secret(self, body: dict[str, Any]) -> RealtimeSecret:
+        response = await self.retry.run(
+            lambda _: self.sdk.realtime.client_secrets.create(
+                expires_after=body["expires_after"], session=body["session"]
+            )
+        )
+        return RealtimeSecret(response.to_dict(), response._request_id)
+
+
+def parse_generation(body: bytes, request_id: str | None) -> Generation:
+    """Decode an images answer (CPU work: run it in a thread)."""
+    try:
+        parsed = orjson.loads(body)
+        images = [
+            GeneratedImage(base64.b64decode(item["b64_json"], validate=True), item.get("revised_prompt"))
+            for item in parsed["data"]
+        ]
+    except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error) as error:
+        raise UpstreamError("The upstream's image answer could not be read (no base64 image data).") from error
+    if not images:
+        raise UpstreamError("The upstream answered without any image.")
+    usage = parsed.get("usage") or {}
+    return Generation(
+        images=images,
+        output_format=str(parsed.get("output_format") or "png"),
+        size=parsed.get("size"),
+        quality=parsed.get("quality"),
+        background=parsed.get("background"),
+        input_tokens=usage.get("input_tokens"),
+        output_tokens=usage.get("output_tokens"),
+        request_id=request_id,
+    )
