@@ -28,7 +28,8 @@ from typing import Any, Literal, TypeVar
 
 from app.auth.principal import Principal
 from app.errors import ErrorCode, GatewayError, InvalidRequest
-from app.ratelimit.limiter import Bucket, Decision, Limiter
+from app.ratelimit.buckets import Bucket, Decision
+from app.ratelimit.limiter import Limiter
 from app.registry import ModelSpec
 from app.tokens import chars_to_tokens
 from app.upstream.errors import upstream_failed

@@ -253,7 +253,7 @@ def request_id_of(request: Request) -> str:
     return str(state.get("request_id", ""))
 
 
-def param_of(location: tuple[Any, ...] | list[Any]) -> str | None:
+def param_of(location: Sequence[Any]) -> str | None:
     """`("body", "messages", 0, "role")` -> `"messages.0.role"`: the field as the client sent it."""
     parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
     return ".".join(parts) or None

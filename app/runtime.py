@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app import migrations
 from app.admin.refusals import RefusalRecorder
-from app.auth.service import Authenticator
+from app.auth.service import TOUCH_INTERVAL, Authenticator
 from app.byok.service import BYOKService
 from app.byok.vault import KeyVault
 from app.calls import Calls, FallbackPolicy
@@ -171,6 +171,7 @@ class Runtime:
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
 
         jobs = Jobs()
+        jobs.every("key last-use", TOUCH_INTERVAL, auth.flush_touches)
         jobs.every("rate-limit prune", settings.ratelimit_prune_interval, limiter.prune)
         jobs.every(
             "thread retention",

@@ -35,9 +35,8 @@ TOUCH_INTERVAL = 30.0
 
 
 def _overrides(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        return orjson.loads(value)
-    return dict(value or {})
+    parsed = orjson.loads(value) if isinstance(value, str) else value
+    return dict(parsed or {})
 
 
 class Authenticator:
@@ -64,7 +63,6 @@ class Authenticator:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._listen(), name="auth-listener"),
-            asyncio.create_task(self._touch_loop(), name="auth-touch"),
         ]
 
     async def stop(self) -> None:
@@ -227,11 +225,6 @@ class Authenticator:
                     with contextlib.suppress(Exception):
                         await connection.close()
             await asyncio.sleep(1)
-
-    async def _touch_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TOUCH_INTERVAL)
-            await self.flush_touches()
 
     async def flush_touches(self) -> None:
         """Write `last_used_at` for keys used since the last flush: one statement, not one per request."""

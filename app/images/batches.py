@@ -81,7 +81,7 @@ def item_public(item: ImageBatchItem, links: Links) -> BatchItemPublic:
         index=item.index,
         custom_id=item.custom_id,
         prompt=item.prompt,
-        status=item.status,  # type: ignore[arg-type]
+        status=item.status,
         attempts=item.attempts,
         images=images,
         cost_usd=float(item.cost_usd) if item.cost_usd is not None else None,
@@ -102,7 +102,7 @@ def batch_public(batch: ImageBatch, items: list[ImageBatchItem], links: Links) -
     options = batch.options
     return ImageBatchPublic(
         id=batch.id,
-        status=batch.status,  # type: ignore[arg-type]
+        status=batch.status,
         model=batch.model,
         size=options.get("size"),
         quality=options.get("quality"),

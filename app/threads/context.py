@@ -51,7 +51,6 @@ class ContextSource:
         self.settings = settings
         self.writes = writes  # autocommit: the cache write is one statement
         self.http: aiohttp.ClientSession | None = None
-        self.fetches = 0  # how many times a URL was called: what the cache saves shows here
 
     async def start(self) -> None:
         headers = {"Accept": "application/json"}
@@ -90,7 +89,6 @@ class ContextSource:
         assert self.http is not None and profile.context_url is not None
         timeout = profile.context_timeout_seconds or self.settings.thread_context_timeout
         limit = self.settings.thread_context_max_bytes
-        self.fetches += 1
         try:
             async with self.http.get(
                 profile.context_url,

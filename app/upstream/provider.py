@@ -27,9 +27,10 @@ class UpstreamReply:
 class EventStream(Protocol):
     """An open 2xx event stream; `close()` drops the connection (an abandoned stream stops upstream work)."""
 
-    request_id: str | None
-    attempts: int
-
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
     def events(self) -> AsyncIterator[Event]: ...
     def close(self) -> None: ...
 

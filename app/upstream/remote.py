@@ -13,9 +13,8 @@ import base64
 import binascii
 from typing import Any
 
-import httpx
 import orjson
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from app.config import Settings
 from app.errors import UpstreamError
@@ -28,7 +27,7 @@ from app.upstream.retry import RetryPolicy
 class RemoteProvider:
     simulated = False
 
-    def __init__(self, settings: Settings, api_key: str, sdk_transport: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: Settings, api_key: str, sdk_transport: DefaultAsyncHttpxClient | None = None) -> None:
         self.http = UpstreamHTTP(settings, api_key)
         self.retry = RetryPolicy(settings)
         self.sdk = AsyncOpenAI(

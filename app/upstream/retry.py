@@ -90,5 +90,5 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
     def backoff(self, number: int) -> float:
-        base = self.base_delay * 2 ** (number - 1)
+        base: float = self.base_delay * 2 ** (number - 1)
         return base / 2 + random.uniform(0, base / 2)

@@ -64,7 +64,7 @@ def _completion_id(messages: list[dict[str, Any]]) -> str:
 class SimulatedStream:
     """The same reply as `chat`, a word at a time, in Chat Completions' chunks."""
 
-    request_id = None
+    request_id: str | None = None
     attempts = 1
 
     def __init__(self, payload: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import aiohttp
-import httpx
 from openai import DefaultAsyncHttpxClient
 
 from app.config import Settings
@@ -67,7 +66,7 @@ class UserClient:
 
     __slots__ = ("leases", "provider", "retired")
 
-    def __init__(self, settings: Settings, api_key: str, sdk_transport: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, api_key: str, sdk_transport: DefaultAsyncHttpxClient) -> None:
         self.provider = RemoteProvider(settings, api_key, sdk_transport)
         self.leases = 0
         self.retired = False
@@ -104,7 +103,7 @@ class UserClients:
         self._loading: dict[str, _Load] = {}
         self._retired: set[UserClient] = set()  # dropped while in use: closed by their last release
         self._closing: set[asyncio.Task[None]] = set()
-        self._sdk_transport: httpx.AsyncClient | None = None
+        self._sdk_transport: DefaultAsyncHttpxClient | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -131,8 +130,9 @@ class UserClients:
             # Shielded: a caller that goes away does not cancel the load others wait for.
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done() and not task.cancelled() and task.exception() is None and task.result() is not None:
-                self.release(task.result())  # the lease the load took for this caller
+            loaded = task.result() if task.done() and not task.cancelled() and task.exception() is None else None
+            if loaded is not None:
+                self.release(loaded)  # the lease the load took for this caller
             else:
                 load.waiters -= 1
             raise

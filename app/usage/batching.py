@@ -39,7 +39,6 @@ class BatchWriter(Generic[Row]):
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._flushing = asyncio.Lock()  # one flush at a time: the loop's, `drain`'s and `stop`'s
-        self.written = 0
         self.dropped = 0
         self._dropped_logged = 0
 
@@ -112,7 +111,6 @@ class BatchWriter(Generic[Row]):
                 return False
         del self._pending[: len(batch)]
         self._failures = 0
-        self.written += len(batch)
         if self._pending:
             self._wake.set()
         return True
