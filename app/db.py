@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import asyncpg
 from fastapi import Depends, Request
@@ -53,17 +52,6 @@ def sqlalchemy_url(url: str) -> str:
 def asyncpg_url(url: str) -> str:
     _, _, rest = url.partition("://")
     return f"postgresql://{rest}"
-
-
-def describe(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or parts.query
-    return f"{parts.scheme}://{parts.username or ''}@{host}{parts.path}"
-
-
-async def _keep_session(connection: asyncpg.Connection) -> None:
-    """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
