@@ -12,10 +12,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
+from sqlalchemy import CursorResult, Result
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -92,6 +93,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
         else:
             await session.commit()
+
+
+def affected_rows(result: Result[*tuple[Any, ...]]) -> int:
+    """How many rows an UPDATE or DELETE without RETURNING touched.
+
+    Such a statement always comes back as a CursorResult, which has the count, but
+    Session.execute() is typed to return a plain Result: this narrows it, checked.
+    """
+    assert isinstance(result, CursorResult), f"{type(result).__name__} has no row count"
+    return result.rowcount
 
 
 # scope="function": the commit happens before the response is sent, so a client never

@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import case, delete, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import affected_rows
 from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserOpenAIKey
 
 ACTIVE_BATCH = ("queued", "running")
@@ -70,7 +71,7 @@ async def delete_finished_batches(session: AsyncSession, cutoff: datetime) -> in
     result = await session.execute(
         delete(ImageBatch).where(ImageBatch.finished_at < cutoff, ImageBatch.status.not_in(ACTIVE_BATCH))
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return affected_rows(result)
 
 
 # Batches.

@@ -13,6 +13,8 @@ import logging
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import affected_rows
+
 log = logging.getLogger("app.threads.retention")
 
 RETENTION_LOCK = 727_010  # arbitrary, fixed: not the migration lock (727001)
@@ -47,7 +49,7 @@ async def prune_idle_threads(
                 await session.execute(DELETE_OLD_CONTEXT, {"days": days})
             result = await session.execute(DELETE_IDLE_THREADS, {"days": days, "batch": batch_size})
         first = False
-        deleted = result.rowcount  # type: ignore[attr-defined]
+        deleted = affected_rows(result)
         total += deleted
         if deleted < batch_size:
             return total
