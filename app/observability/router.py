@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from app.errors import NotFound, Unauthenticated, error_responses
+
+if TYPE_CHECKING:
+    from app.observability.metrics import Metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -32,7 +36,7 @@ router = APIRouter(tags=["operations"])
 async def get_metrics(request: Request) -> Response:
     """Prometheus metrics of the whole service (every worker); bearer METRICS_TOKEN when one is set."""
     state = request.app.state
-    metrics = getattr(state, "metrics", None)
+    metrics: Metrics | None = getattr(state, "metrics", None)
     if metrics is None:
         raise NotFound("Metrics are disabled (METRICS_ENABLED=false).")
     token = state.settings.metrics_token
