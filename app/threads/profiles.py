@@ -119,7 +119,9 @@ class Profiles(BaseModel):
     @classmethod
     def _names_from_keys(cls, data: object) -> object:
         """Each profile is named by its table's key (`[profile.coach]` is `coach`)."""
-        tables = data.get("profile") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return data
+        tables = data.get("profile")
         if not isinstance(tables, dict):
             return data
         for name in tables:
