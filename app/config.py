@@ -206,8 +206,7 @@ class Settings(BaseSettings):
     def _no_placeholder_secrets_in_production(self) -> Settings:
         if self.environment != "production":
             return self
-        for name in ("admin_api_key", "jwt_secret"):
-            value = getattr(self, name)
+        for name, value in (("admin_api_key", self.admin_api_key), ("jwt_secret", self.jwt_secret)):
             if value is not None and (value.lower() in PLACEHOLDER_SECRETS or len(value) < 16):
                 raise ValueError(f"{name.upper()} must be a real secret of 16+ characters in production")
         return self

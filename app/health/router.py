@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from app.auth.dependencies import CurrentPrincipal
 from app.errors import Unavailable, error_responses
-from app.registry import ModelKind
+from app.registry import Catalog, ModelKind
 
 router = APIRouter()
 
@@ -78,7 +78,7 @@ async def readyz(request: Request) -> Readiness:
 @router.get("/v1/models", tags=["models"], responses=error_responses(401))
 async def list_models(principal: CurrentPrincipal, request: Request) -> ModelList:
     """The models the caller's tier may use, with aliases and prices."""
-    catalog = request.app.state.catalog
+    catalog: Catalog = request.app.state.catalog
     return ModelList(
         data=[
             ModelInfo(

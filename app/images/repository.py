@@ -251,7 +251,9 @@ async def end_item(
     return result.first() is not None
 
 
-async def user_of(session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None) -> tuple[Any, bool, bool]:
+async def user_of(
+    session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None
+) -> tuple[AppUser | None, bool, bool]:
     """The user's tier row (None if never stored), whether their batch's key is still valid,
     and whether they brought their own OpenAI key (their batch items use it)."""
     user = await session.scalar(select(AppUser).where(AppUser.id == user_id))
