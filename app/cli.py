@@ -7,12 +7,23 @@ import asyncio
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from app import migrations
 from app.config import Settings, get_settings
 
+if TYPE_CHECKING:  # annotations only: each verb imports what it needs when it runs
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from app.byok.service import Rotation
+    from app.models import ApiKey
+    from app.registry import Catalog
+
 log = logging.getLogger("app.cli")
+
+T = TypeVar("T")
 
 
 def prepare_database(settings: Settings) -> str:
@@ -68,14 +79,14 @@ def migrate(_: argparse.Namespace) -> None:
     print(f"database at {migrations.head()}")
 
 
-def _in_session(work):  # type: ignore[no-untyped-def]
+def _in_session(work: Callable[[AsyncSession, Catalog], Awaitable[T]]) -> T:
     """Run `work(session, catalog)` in one committed transaction on a migrated database."""
     settings = get_settings()
     url = prepare_database(settings)  # before the event loop: Alembic's env runs its own
     return asyncio.run(_with_session(url, settings, work))
 
 
-async def _with_session(url: str, settings: Settings, work):  # type: ignore[no-untyped-def]
+async def _with_session(url: str, settings: Settings, work: Callable[[AsyncSession, Catalog], Awaitable[T]]) -> T:
     from app.db import Database
     from app.registry import load_catalog
 
@@ -90,7 +101,7 @@ async def _with_session(url: str, settings: Settings, work):  # type: ignore[no-
 def create_key(args: argparse.Namespace) -> None:
     from app.auth import management
 
-    async def work(session, catalog):  # type: ignore[no-untyped-def]
+    async def work(session: AsyncSession, catalog: Catalog) -> tuple[ApiKey, str]:
         return await management.create_key(session, catalog, user_id=args.user, tier=args.tier, name=args.name)
 
     key, raw = _in_session(work)
@@ -105,13 +116,14 @@ def revoke_key(args: argparse.Namespace) -> None:
     from app.auth.keys import hash_key
     from app.models import ApiKey
 
-    async def work(session, _catalog):  # type: ignore[no-untyped-def]
+    async def work(session: AsyncSession, _catalog: Catalog) -> ApiKey:
         try:
             key_id = uuid.UUID(args.key)
         except ValueError:
-            key_id = await session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(args.key)))
-            if key_id is None:
+            found = await session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(args.key)))
+            if found is None:
                 raise SystemExit("no such key") from None
+            key_id = found
         return await management.revoke_key(session, key_id)
 
     key = _in_session(work)
@@ -141,13 +153,14 @@ def prune_threads(args: argparse.Namespace) -> None:
 
 def prune_images(args: argparse.Namespace) -> None:
     from app.db import Database
+    from app.images.retention import Pruned
     from app.images.storage import open_storage
     from app.runtime import image_retention
 
     settings = get_settings()
     url = prepare_database(settings)
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run() -> Pruned:
         database = await Database.connect(url, 2)
         storage = await open_storage(settings)
         try:
@@ -167,7 +180,7 @@ def rotate_byok(_: argparse.Namespace) -> None:
     settings = get_settings()
     url = prepare_database(settings)
 
-    async def run():  # type: ignore[no-untyped-def]
+    async def run() -> Rotation:
         database = await Database.connect(url, 1)
         try:
             return await rotate(settings, database.sessionmaker)
@@ -190,7 +203,7 @@ def render_openapi() -> str:
 
     from app.main import create_app
 
-    return json.dumps(create_app(Settings(_env_file=None)).openapi(), indent=2) + "\n"  # type: ignore[call-arg]
+    return json.dumps(create_app(Settings(_env_file=None)).openapi(), indent=2) + "\n"
 
 
 def openapi(args: argparse.Namespace) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import sys
 from functools import lru_cache
@@ -14,6 +16,23 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CATALOG = PACKAGE_DIR / "catalog.toml"
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "admin", "password"}
+
+# BYOK_ENCRYPTION_KEYS: what one key is, and how an operator makes one.
+KEY_BYTES = 32
+NEW_KEY_HINT = 'python -c "import base64,os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"'
+
+
+def decode_key(text: str) -> bytes:
+    """A configured key as bytes: urlsafe base64 (standard alphabet and missing padding tolerated) of 32 bytes."""
+    normalized = text.strip().replace("+", "-").replace("/", "_")
+    normalized += "=" * (-len(normalized) % 4)
+    try:
+        raw = base64.b64decode(normalized, altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError("is not base64") from error
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
+    return raw
 
 
 class Settings(BaseSettings):
@@ -136,8 +155,6 @@ class Settings(BaseSettings):
     @field_validator("byok_encryption_keys")
     @classmethod
     def _byok_keys_are_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
-        from app.byok.crypto import NEW_KEY_HINT, decode_key
-
         seen: dict[bytes, int] = {}
         for number, key in enumerate(value, 1):
             try:
@@ -189,8 +206,7 @@ class Settings(BaseSettings):
     def _no_placeholder_secrets_in_production(self) -> Settings:
         if self.environment != "production":
             return self
-        for name in ("admin_api_key", "jwt_secret"):
-            value = getattr(self, name)
+        for name, value in (("admin_api_key", self.admin_api_key), ("jwt_secret", self.jwt_secret)):
             if value is not None and (value.lower() in PLACEHOLDER_SECRETS or len(value) < 16):
                 raise ValueError(f"{name.upper()} must be a real secret of 16+ characters in production")
         return self

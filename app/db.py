@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
 
 import asyncpg
+from sqlalchemy import CursorResult, Result
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -52,13 +53,6 @@ def asyncpg_url(url: str) -> str:
     return f"postgresql://{rest}"
 
 
-def describe(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or parts.query
-    return f"{parts.scheme}://{parts.username or ''}@{host}{parts.path}"
-
-
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
 
@@ -84,3 +78,13 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
         await self.engine.dispose()
+
+
+def affected_rows(result: Result[*tuple[Any, ...]]) -> int:
+    """How many rows an UPDATE or DELETE without RETURNING touched.
+
+    Such a statement always comes back as a CursorResult, which has the count, but
+    Session.execute() is typed to return a plain Result: this narrows it, checked.
+    """
+    assert isinstance(result, CursorResult), f"{type(result).__name__} has no row count"
+    return result.rowcount

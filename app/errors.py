@@ -93,6 +93,14 @@ class ErrorCode(StrEnum):
     REPLY_NOT_STORED = "reply_not_stored"
 
 
+def stored_code(value: str) -> ErrorCode:
+    """A code read back from a row (a batch item's error): ours as it was, else `server_error`."""
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return ErrorCode.SERVER_ERROR
+
+
 class ErrorBody(BaseModel):
     """What went wrong, in OpenAI's fields."""
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.errors import InvalidRequest
+from app.errors import ErrorCode, InvalidRequest
 
 ModelKind = Literal["chat", "image", "realtime"]
 
@@ -119,7 +119,7 @@ class Catalog(BaseModel):
             raise InvalidRequest(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
             )
         return spec
 

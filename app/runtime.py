@@ -66,7 +66,6 @@ def image_retention(settings: Settings, database: Database, storage: ImageStorag
         storage,
         idempotency_store(settings, database),
         days=settings.image_retention_days,
-        interval=settings.image_retention_interval,
     )
 
 

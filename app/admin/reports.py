@@ -7,7 +7,7 @@ import io
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, TypeGuard, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
@@ -94,15 +94,19 @@ async def report_period(
 PeriodDep = Annotated[Period, Depends(report_period)]
 
 
+def _is_dimension(name: str) -> TypeGuard[Dimension]:
+    return name in get_args(Dimension)
+
+
 def parse_group_by(value: str) -> list[Dimension]:
     names = [part.strip() for part in value.split(",") if part.strip()]
-    allowed = get_args(Dimension)
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
+    dimensions = [name for name in names if _is_dimension(name)]
+    if len(dimensions) < len(names) or not names:
         raise InvalidRequest(
-            f"Invalid 'group_by' {value!r}: a comma-separated list of {', '.join(allowed)}.", param="group_by"
+            f"Invalid 'group_by' {value!r}: a comma-separated list of {', '.join(get_args(Dimension))}.",
+            param="group_by",
         )
-    return list(dict.fromkeys(names))  # type: ignore[arg-type]
+    return list(dict.fromkeys(dimensions))
 
 
 @router.get("/usage", response_model=UsageReport, responses=csv_response("one row per group, then the metrics."))

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any, TypeVar
 
-from sqlalchemy import Date, Select, cast, func, literal_column, select
+from sqlalchemy import ColumnElement, Date, Select, SQLColumnExpression, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.orm import InstrumentedAttribute
 
 from app.admin.reports_schemas import (
     Dimension,
@@ -54,13 +55,14 @@ class Period:
         return (self.end - self.start).days + 1
 
 
-def utc_day(column: ColumnElement[datetime]) -> ColumnElement[date]:
+def utc_day(column: SQLColumnExpression[datetime]) -> ColumnElement[date]:
     # A literal zone, not a bind parameter: GROUP BY must repeat the select's expression exactly.
     return cast(func.timezone(literal_column("'UTC'"), column), Date)
 
 
 e = UsageEvent
-DIMENSIONS: dict[Dimension, tuple[str, ColumnElement[object]]] = {
+# Per dimension: its column's name in the report, and what it groups by (the UTC day is computed).
+DIMENSIONS: dict[Dimension, tuple[str, ColumnElement[date] | InstrumentedAttribute[str]]] = {
     "day": ("day", utc_day(e.created_at)),
     "model": ("model", e.model),
     "user": ("user_id", e.user_id),
@@ -69,11 +71,18 @@ DIMENSIONS: dict[Dimension, tuple[str, ColumnElement[object]]] = {
 METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "images", "cost_usd")
 
 
-def _total(column: ColumnElement[object]) -> ColumnElement[object]:
+Number = TypeVar("Number", int, Decimal)
+
+
+def _total(column: SQLColumnExpression[Number]) -> ColumnElement[Number]:
+    """The column's sum over the group; 0, not NULL, for a group with no values."""
     return func.coalesce(func.sum(column), 0)
 
 
-def usage_statement(period: Period, group_by: Sequence[Dimension], user_id: str | None = None) -> Select[tuple]:
+def usage_statement(
+    period: Period, group_by: Sequence[Dimension], user_id: str | None = None
+) -> Select[*tuple[Any, ...]]:
+    """The chosen dimensions, then METRICS: how many columns depends on `group_by`."""
     columns = [DIMENSIONS[name][1] for name in group_by]
     query = (
         select(
@@ -96,7 +105,7 @@ def usage_statement(period: Period, group_by: Sequence[Dimension], user_id: str 
     return query
 
 
-def top_users_statement(period: Period, limit: int) -> Select[tuple]:
+def top_users_statement(period: Period, limit: int) -> Select[str, int, int, int, int, Decimal]:
     cost = _total(e.cost_usd)
     return (
         select(
@@ -117,7 +126,7 @@ def top_users_statement(period: Period, limit: int) -> Select[tuple]:
 r = LimitRefusal
 
 
-def refusals_by_day_statement(period: Period) -> Select[tuple]:
+def refusals_by_day_statement(period: Period) -> Select[date, str, int]:
     day = utc_day(r.created_at)
     return (
         select(day.label("day"), r.code, func.count().label("refusals"))

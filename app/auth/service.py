@@ -13,6 +13,7 @@ import importlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -170,7 +171,9 @@ class Authenticator:
         self._remember(self._users, user_id, principal, now)
         return principal
 
-    async def _lookup(self, query, value: str) -> asyncpg.Record | None:  # type: ignore[no-untyped-def]
+    async def _lookup(
+        self, query: Callable[[asyncpg.Pool, str], Awaitable[asyncpg.Record | None]], value: str
+    ) -> asyncpg.Record | None:
         """A lookup that becomes 503 when the database is unreachable: the caller is not at fault."""
         try:
             return await query(self.pool, value)

@@ -12,36 +12,24 @@ pays for the library's resident memory.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+# The key format belongs to the setting (app.config parses BYOK_ENCRYPTION_KEYS); re-exported
+# here, where the keys are used.
+from app.config import NEW_KEY_HINT as NEW_KEY_HINT
+from app.config import decode_key as decode_key
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-KEY_BYTES = 32
 NONCE_BYTES = 12
-NEW_KEY_HINT = 'python -c "import base64,os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())"'
 
 
 class UnreadableKey(Exception):
     """A stored value this process cannot decrypt: its key is not configured, or it was tampered with."""
-
-
-def decode_key(text: str) -> bytes:
-    """A configured key as bytes: urlsafe base64 (standard alphabet and missing padding tolerated) of 32 bytes."""
-    normalized = text.strip().replace("+", "-").replace("/", "_")
-    normalized += "=" * (-len(normalized) % 4)
-    try:
-        raw = base64.b64decode(normalized, altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError("is not base64") from error
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
-    return raw
 
 
 def key_id_of(key: bytes) -> str:

@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import affected_rows
 from app.models import UserOpenAIKey
 
 SEALED_KEY = "SELECT key_id, ciphertext FROM user_openai_key WHERE user_id = $1"
@@ -37,7 +38,7 @@ async def put(
 
 async def remove(session: AsyncSession, user_id: str) -> bool:
     result = await session.execute(delete(UserOpenAIKey).where(UserOpenAIKey.user_id == user_id))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(affected_rows(result))
 
 
 async def sealed_key(pool: asyncpg.Pool, user_id: str) -> asyncpg.Record | None:

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from app.auth.principal import Principal
 from app.config import Settings
 from app.db import Database
-from app.errors import ErrorBody, InvalidRequest
+from app.errors import ErrorBody, InvalidRequest, stored_code
 from app.images import repository
 from app.images.generation import ImageGenerator
 from app.images.idempotency import Claim, IdempotencyStore, Stored, request_hash
@@ -76,7 +76,9 @@ def item_public(item: ImageBatchItem, links: Links) -> BatchItemPublic:
         images.append(BatchImage(id=image_id, url=url, url_expires_at=expires))
     error = None
     if item.error_code:
-        error = ErrorBody(message=item.error_message or item.error_code, type="batch_item_error", code=item.error_code)
+        error = ErrorBody(
+            message=item.error_message or item.error_code, type="batch_item_error", code=stored_code(item.error_code)
+        )
     return BatchItemPublic(
         index=item.index,
         custom_id=item.custom_id,

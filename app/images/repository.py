@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import case, delete, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import affected_rows
 from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserOpenAIKey
 
 ACTIVE_BATCH = ("queued", "running")
@@ -70,7 +71,7 @@ async def delete_finished_batches(session: AsyncSession, cutoff: datetime) -> in
     result = await session.execute(
         delete(ImageBatch).where(ImageBatch.finished_at < cutoff, ImageBatch.status.not_in(ACTIVE_BATCH))
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return affected_rows(result)
 
 
 # Batches.
@@ -250,7 +251,9 @@ async def end_item(
     return result.first() is not None
 
 
-async def user_of(session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None) -> tuple[Any, bool, bool]:
+async def user_of(
+    session: AsyncSession, user_id: str, api_key_id: uuid.UUID | None
+) -> tuple[AppUser | None, bool, bool]:
     """The user's tier row (None if never stored), whether their batch's key is still valid,
     and whether they brought their own OpenAI key (their batch items use it)."""
     user = await session.scalar(select(AppUser).where(AppUser.id == user_id))

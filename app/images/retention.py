@@ -1,11 +1,10 @@
 """Retention: images older than IMAGE_RETENTION_DAYS (bytes and rows), finished batches as old,
-and expired idempotency keys. Runs periodically in every process (slices are locked with
+and expired idempotency keys. Runs as a job in every process (app/jobs.py) (slices are locked with
 SKIP LOCKED, so replicas do not collide) and as `python -m app prune-images`."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,14 +35,11 @@ class ImageRetention:
         idempotency: IdempotencyStore,
         *,
         days: int,
-        interval: float,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.storage = storage
         self.idempotency = idempotency
         self.days = days
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
     async def prune(self, days: int | None = None) -> Pruned:
         """Delete what is older than `days` (default: the setting; 0 keeps images, prunes keys only)."""
@@ -65,23 +61,3 @@ class ImageRetention:
                 batches = await repository.delete_finished_batches(session, cutoff)
         keys = await self.idempotency.prune()
         return Pruned(images, batches, keys)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="image-retention")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                pruned = await self.prune()
-            except Exception as error:
-                log.warning("image retention failed, will retry: %s", error)
-                continue
-            if pruned.images or pruned.batches:
-                log.info("image retention: %s", pruned)

@@ -9,9 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ErrorBody
-
-ImageStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-BatchStatus = Literal["queued", "running", "completed", "cancelled"]
+from app.models.images import BatchStatus, ItemStatus
 
 
 class ImageOptionsIn(BaseModel):
@@ -166,7 +164,7 @@ class BatchItemPublic(BaseModel):
     index: int
     custom_id: str | None
     prompt: str
-    status: ImageStatus
+    status: ItemStatus
     attempts: int
     images: list[BatchImage]
     cost_usd: float | None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from app.errors import PermissionDenied
+from app.errors import ErrorCode, PermissionDenied
 
 LOAD_SECRET = """
 WITH made AS (
@@ -59,10 +59,10 @@ class UrlSigner:
         """Raise 403 unless the signature is ours and not expired (checked in that order)."""
         expected = self._signature(image_id, expires)
         if not hmac.compare_digest(expected.encode(), signature.encode()):
-            raise PermissionDenied("The image URL's signature is invalid.", code="invalid_signature")
+            raise PermissionDenied("The image URL's signature is invalid.", code=ErrorCode.INVALID_SIGNATURE)
         if expires < time.time():
             raise PermissionDenied(
-                "The image URL has expired; fetch the image again for a fresh one.", code="url_expired"
+                "The image URL has expired; fetch the image again for a fresh one.", code=ErrorCode.URL_EXPIRED
             )
 
 

@@ -13,23 +13,26 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from app.config import Settings
-from app.errors import NotFound, Unavailable
+from app.errors import ErrorCode, NotFound, Unavailable
+
+if TYPE_CHECKING:  # stubs only (types-aiobotocore-s3): aiobotocore itself is imported when S3 is configured
+    from types_aiobotocore_s3 import S3Client
 
 log = logging.getLogger("app.images.storage")
 
 
 class StoredImageMissing(NotFound):
-    code = "image_content_missing"
+    code = ErrorCode.IMAGE_CONTENT_MISSING
 
 
 def storage_unavailable(error: BaseException) -> Unavailable:
     log.error("image storage failed: %r", error)
     return Unavailable(
         "Image storage is unavailable right now; try again shortly.",
-        code="storage_unavailable",
+        code=ErrorCode.STORAGE_UNAVAILABLE,
         headers={"retry-after": "5"},
     )
 
@@ -93,7 +96,7 @@ class LocalStorage:
 class S3Storage:
     """Objects in one bucket of an S3-compatible server (AWS, MinIO, R2, moto)."""
 
-    def __init__(self, client: Any, bucket: str, stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, client: S3Client, bucket: str, stack: contextlib.AsyncExitStack) -> None:
         self.client = client
         self.bucket = bucket
         self._stack = stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Boolean,
@@ -27,6 +27,9 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base
+
+ItemStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+BatchStatus = Literal["queued", "running", "completed", "cancelled"]
 
 
 class Image(Base):
@@ -73,7 +76,7 @@ class ImageBatch(Base):
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     request_id: Mapped[str] = mapped_column(String(64))
     # queued, running, completed, cancelled
-    status: Mapped[str] = mapped_column(String(20), server_default="queued")
+    status: Mapped[BatchStatus] = mapped_column(String(20), server_default="queued")
     model: Mapped[str] = mapped_column(String(100))
     options: Mapped[dict[str, Any]] = mapped_column(JSONB)  # size, quality, output_format, background, n
     # Pacing is the batch's own, fixed at creation: every replica paces it alike.
@@ -104,7 +107,7 @@ class ImageBatchItem(Base):
     custom_id: Mapped[str | None] = mapped_column(String(200))
     prompt: Mapped[str] = mapped_column(Text)
     # pending, running, completed, failed, cancelled
-    status: Mapped[str] = mapped_column(String(20), server_default="pending")
+    status: Mapped[ItemStatus] = mapped_column(String(20), server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # A running item whose lease passed belongs to a process that died: it is due again.

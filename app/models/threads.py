@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -25,6 +25,10 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base
+
+# What a stored message's `role` and `status` hold (the columns are plain strings).
+MessageRole = Literal["user", "assistant"]
+MessageStatus = Literal["completed", "incomplete"]
 
 
 class Thread(Base):
@@ -65,13 +69,13 @@ class ThreadMessage(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
     thread_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("thread.id", ondelete="CASCADE"))
-    role: Mapped[str] = mapped_column(String(20))  # user, assistant
+    role: Mapped[MessageRole] = mapped_column(String(20))
     # What the user typed (a shortcut stays `/progress`), or the reply's text.
     content: Mapped[str] = mapped_column(Text)
     # The text sent upstream when it differs from `content` (an expanded shortcut).
     prompt: Mapped[str | None] = mapped_column(Text)
-    # completed, or incomplete (a stream cut short: `incomplete_reason` says why).
-    status: Mapped[str] = mapped_column(String(20), server_default="completed")
+    # incomplete: a stream cut short (`incomplete_reason` says why).
+    status: Mapped[MessageStatus] = mapped_column(String(20), server_default="completed")
     incomplete_reason: Mapped[str | None] = mapped_column(String(50))
     chat_type: Mapped[str | None] = mapped_column(String(100))
     goal_id: Mapped[str | None] = mapped_column(String(200))

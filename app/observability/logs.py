@@ -133,7 +133,7 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
 PROMPT_LOG_CHARS = 1000
 
 
-def _text_of(content: Any) -> str | None:
+def _text_of(content: object) -> str | None:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: keep the text ones

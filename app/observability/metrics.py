@@ -20,7 +20,6 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -160,7 +159,7 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._usage_children: dict[tuple[str, str, str], _UsageChildren] = {}
         self._queue_depth = queue_depth
         self._sampler: asyncio.Task[None] | None = None
@@ -178,7 +177,7 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def stream_gauge(self, route: str) -> Any:
+    def stream_gauge(self, route: str) -> Gauge:
         return self.open_streams.labels(route)
 
     # The usage writer's observer: once per upstream call.

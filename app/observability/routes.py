@@ -8,17 +8,18 @@ read once per app (every router is included before the first request).
 
 from __future__ import annotations
 
-from typing import Any
 from weakref import WeakKeyDictionary
 
 from fastapi import routing
+from starlette.applications import Starlette
+from starlette.types import Scope
 
 UNMATCHED = "unmatched"
 
-_by_app: WeakKeyDictionary[Any, dict[int, str]] = WeakKeyDictionary()
+_by_app: WeakKeyDictionary[Starlette, dict[int, str]] = WeakKeyDictionary()
 
 
-def templates_of(app: Any) -> dict[int, str]:
+def templates_of(app: Starlette) -> dict[int, str]:
     """id(route) -> its full path template, for every route of `app`."""
     templates = _by_app.get(app)
     if templates is None:
@@ -32,11 +33,12 @@ def templates_of(app: Any) -> dict[int, str]:
     return templates
 
 
-def route_of(scope: Any, templates: dict[int, str] | None = None) -> str:
+def route_of(scope: Scope, templates: dict[int, str] | None = None) -> str:
     """The matched route's template (`/v1/threads/{thread_id}`), never the raw path; "unmatched" for a 404."""
     route = scope.get("route")
     if route is None:
         return UNMATCHED
     if templates is None:
         templates = templates_of(scope["app"])
-    return templates.get(id(route)) or getattr(route, "path", UNMATCHED)
+    template = templates.get(id(route)) or getattr(route, "path", None)
+    return template if isinstance(template, str) else UNMATCHED

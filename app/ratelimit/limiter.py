@@ -185,7 +185,7 @@ class Limiter:
     async def charge(
         self,
         corrections: Iterable[tuple[Bucket, float]],
-        connection: asyncpg.Connection | None = None,
+        connection: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | None = None,
     ) -> None:
         """Settle reservations with real usage: one statement for a whole batch of calls."""
         totals: dict[str, tuple[Bucket, float]] = {}

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from app.errors import InvalidRequest
+from app.errors import ErrorCode, InvalidRequest
 from app.registry import Catalog
 
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
@@ -119,7 +119,9 @@ class Profiles(BaseModel):
     @classmethod
     def _names_from_keys(cls, data: object) -> object:
         """Each profile is named by its table's key (`[profile.coach]` is `coach`)."""
-        tables = data.get("profile") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return data
+        tables = data.get("profile")
         if not isinstance(tables, dict):
             return data
         for name in tables:
@@ -155,7 +157,7 @@ class Profiles(BaseModel):
             raise InvalidRequest(
                 f"Unknown profile '{name}'; known: {', '.join(sorted(self.profiles))}.",
                 param=param,
-                code="unknown_profile",
+                code=ErrorCode.UNKNOWN_PROFILE,
             )
         return profile
 
@@ -165,7 +167,7 @@ class Profiles(BaseModel):
             raise InvalidRequest(
                 f"Unknown chat_type '{chat_type}'; known: {', '.join(sorted(self.by_chat_type))}.",
                 param="chat_type",
-                code="unknown_chat_type",
+                code=ErrorCode.UNKNOWN_CHAT_TYPE,
             )
         return profile
 

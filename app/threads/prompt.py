@@ -5,6 +5,7 @@ Pure functions, no I/O: what goes upstream is decided here and nowhere else.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +39,7 @@ class HistoryItem:
     text: str
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
@@ -49,8 +50,8 @@ def format_context(context: dict[str, Any]) -> str:
     return "\n".join(f"{key}: {_text(context[key])}" for key in sorted(context))
 
 
-def _context_value(context: dict[str, Any], path: list[str]) -> Any:
-    value: Any = context
+def _context_value(context: dict[str, Any], path: list[str]) -> object:
+    value: object = context
     for part in path:
         if not isinstance(value, dict):
             return None
@@ -61,7 +62,7 @@ def _context_value(context: dict[str, Any], path: list[str]) -> Any:
 def render(template: str, values: PromptValues, args: str = "") -> str:
     """Fill `{{name}}` placeholders; a value the app did not send renders as nothing."""
 
-    def fill(match: Any) -> str:
+    def fill(match: re.Match[str]) -> str:
         name: str = match.group(1)
         if name == "context":
             return format_context(values.context)

@@ -1,17 +1,18 @@
 """Deleting threads idle longer than the retention age, with their messages and cached context.
 
-Runs as a background loop in every replica and as `python -m app prune-threads`; a
+Runs as a job in every replica (app/jobs.py) and as `python -m app prune-threads`; a
 Postgres advisory lock lets one of them work at a time. Deletes go in batches, each its
 own short transaction, so a large backlog never holds long locks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db import affected_rows
 
 log = logging.getLogger("app.threads.retention")
 
@@ -47,19 +48,7 @@ async def prune_idle_threads(
                 await session.execute(DELETE_OLD_CONTEXT, {"days": days})
             result = await session.execute(DELETE_IDLE_THREADS, {"days": days, "batch": batch_size})
         first = False
-        deleted = result.rowcount  # type: ignore[attr-defined]
+        deleted = affected_rows(result)
         total += deleted
         if deleted < batch_size:
             return total
-
-
-async def prune_periodically(sessionmaker: async_sessionmaker[AsyncSession], *, days: int, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            deleted = await prune_idle_threads(sessionmaker, days=days)
-        except Exception as error:
-            log.warning("thread retention failed, will retry: %s", error)
-            continue
-        if deleted:
-            log.info("deleted %d threads idle for more than %d days", deleted, days)

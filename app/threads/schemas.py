@@ -123,9 +123,9 @@ class MessagePublic(BaseModel):
         return cls(
             id=message.id,
             thread_id=message.thread_id,
-            role=message.role,  # type: ignore[arg-type]
+            role=message.role,
             content=message.content,
-            status=message.status,  # type: ignore[arg-type]
+            status=message.status,
             incomplete_reason=message.incomplete_reason,
             chat_type=message.chat_type,
             goal_id=message.goal_id,

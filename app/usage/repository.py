@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Select, SQLColumnExpression, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import UsageEvent
 from app.usage.schemas import ModelUsage, PeriodUsage, UsageSummary
+
+Number = TypeVar("Number", int, Decimal)
+
+
+def _total(column: SQLColumnExpression[Number], where: ColumnElement[bool] | None = None) -> ColumnElement[Number]:
+    """The column's sum over the group (only the rows matching `where`, when given); 0, not NULL, for none."""
+    aggregate = func.sum(column)
+    return func.coalesce(aggregate.filter(where) if where is not None else aggregate, 0)
 
 
 def _period(since: datetime, rows: list[ModelUsage]) -> PeriodUsage:
@@ -29,46 +39,46 @@ async def summary(session: AsyncSession, user_id: str) -> UsageSummary:
     month = day.replace(day=1)
     e = UsageEvent
     in_day = e.created_at >= day
-
-    def total(column, where=None):  # type: ignore[no-untyped-def]
-        aggregate = func.sum(column)
-        return func.coalesce(aggregate.filter(where) if where is not None else aggregate, 0)
-
-    query = (
+    # select() types at most ten columns; these thirteen are the model, then its month and its day.
+    query: Select[str, int, int, int, int, int, Decimal, int, int, int, int, int, Decimal] = (
         select(
             e.model,
             func.count(),
-            total(e.prompt_tokens),
-            total(e.completion_tokens),
-            total(e.cached_tokens),
-            total(e.images),
-            total(e.cost_usd),
+            _total(e.prompt_tokens),
+            _total(e.completion_tokens),
+            _total(e.cached_tokens),
+            _total(e.images),
+            _total(e.cost_usd),
             func.count().filter(in_day),
-            total(e.prompt_tokens, in_day),
-            total(e.completion_tokens, in_day),
-            total(e.cached_tokens, in_day),
-            total(e.images, in_day),
-            total(e.cost_usd, in_day),
+            _total(e.prompt_tokens, in_day),
+            _total(e.completion_tokens, in_day),
+            _total(e.cached_tokens, in_day),
+            _total(e.images, in_day),
+            _total(e.cost_usd, in_day),
         )
         .where(e.user_id == user_id, e.created_at >= month)
         .group_by(e.model)
         .order_by(e.model)
     )
-    month_rows, day_rows = [], []
-    for model, *values in (await session.execute(query)).all():
-        month_rows.append(ModelUsage(model=model, **_fields(values[:6])))
-        if values[6]:
-            day_rows.append(ModelUsage(model=model, **_fields(values[6:])))
+    month_rows: list[ModelUsage] = []
+    day_rows: list[ModelUsage] = []
+    for row in await session.execute(query):
+        model = row[0]
+        month_rows.append(_model_usage(model, *row[1:7]))
+        if row[7]:
+            day_rows.append(_model_usage(model, *row[7:]))
     return UsageSummary(user_id=user_id, today=_period(day, day_rows), month=_period(month, month_rows))
 
 
-def _fields(values: list[object]) -> dict[str, object]:
-    requests, prompt, completion, cached, images, cost = values
-    return {
-        "requests": requests,
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "cached_tokens": cached,
-        "images": images,
-        "cost_usd": float(cost),  # type: ignore[arg-type]
-    }
+def _model_usage(
+    model: str, requests: int, prompt: int, completion: int, cached: int, images: int, cost: Decimal
+) -> ModelUsage:
+    return ModelUsage(
+        model=model,
+        requests=requests,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        images=images,
+        cost_usd=float(cost),
+    )
