@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, TypeVar
 
 from app import migrations
@@ -40,6 +42,12 @@ def prepare_database(settings: Settings) -> str:
     return url
 
 
+def _flush_logs_then_exit(signum: int, _frame: FrameType | None) -> None:
+    logging.shutdown()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
 def serve(args: argparse.Namespace) -> None:
     import logging.config
 
@@ -56,6 +64,9 @@ def serve(args: argparse.Namespace) -> None:
     prepare_database(settings)
     if settings.metrics_enabled:  # before any worker starts (or, with one, before prometheus_client loads)
         prepare_multiprocess_dir(settings.prometheus_multiproc_dir, args.workers)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which ends the process without
+    # `atexit`: flush the buffered log lines first (app/observability/logs.py).
+    signal.signal(signal.SIGTERM, _flush_logs_then_exit)
     mode = "SIMULATED (no OPENAI_API_KEY)" if settings.simulated else settings.openai_base_url
     log.info("gateway on http://%s:%s upstream: %s", args.host, args.port, mode)
     uvicorn.run(

@@ -9,7 +9,7 @@ generated SDK can switch on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -284,53 +284,56 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 RefusalHook = Callable[[Request, GatewayError], None]
+Renderer = Callable[[Request, Exception], Awaitable[Response]]
 
 
-def install_error_handlers(app: FastAPI, on_refusal: RefusalHook) -> None:
-    """Every failure as our body; `on_refusal` is told of each refusal by the caller's own limits."""
+def error_renderer(on_refusal: RefusalHook) -> Renderer:
+    """The one way a failure becomes a response: our body for every kind of error, a 500 for the
+    unexpected. `on_refusal` is told of each refusal by the caller's own limits."""
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, error: GatewayError) -> Response:
-        if error.code in LIMIT_CODES:
-            on_refusal(request, error)
-        return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-        return error_response(invalid_request(error.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-        if isinstance(error.__cause__, GatewayError):  # e.g. FastAPI wrapping our 413 while reading the body
-            return error_response(error.__cause__)
-        kind = STATUS_ERRORS.get(error.status_code, GatewayError)
-        message = {
-            404: f"No route {request.method} {request.url.path}.",
-            405: f"Method {request.method} is not allowed on {request.url.path}.",
-        }.get(error.status_code, str(error.detail))
-        gateway_error = kind(message, headers=dict(error.headers or {}))
-        gateway_error.status_code = error.status_code
-        if error.status_code == 405:
-            gateway_error.code = ErrorCode.METHOD_NOT_ALLOWED
-        return error_response(gateway_error)
-
-    @app.exception_handler(DBAPIError)
-    async def _database_error(request: Request, error: DBAPIError) -> Response:
-        if not error.connection_invalidated:
-            return await _unexpected(request, error)
-        log.warning("database connection lost: %s", type(error.orig).__name__)
-        return error_response(
-            Unavailable(
-                "The database is unavailable; try again shortly.",
-                code=ErrorCode.DATABASE_UNAVAILABLE,
-                headers={"retry-after": "2"},
+    async def render(request: Request, error: Exception) -> Response:
+        if isinstance(error, GatewayError):
+            if error.code in LIMIT_CODES:
+                on_refusal(request, error)
+            return error_response(error)
+        if isinstance(error, RequestValidationError):
+            return error_response(invalid_request(error.errors()))
+        if isinstance(error, StarletteHTTPException):
+            return error_response(_http_error(request, error))
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            log.warning("database connection lost: %s", type(error.orig).__name__)
+            return error_response(
+                Unavailable(
+                    "The database is unavailable; try again shortly.",
+                    code=ErrorCode.DATABASE_UNAVAILABLE,
+                    headers={"retry-after": "2"},
+                )
             )
-        )
-
-    # Runs in Starlette's outermost middleware, outside ours: it adds the request id itself.
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> Response:
         request_id = request_id_of(request)
-        log.exception("unhandled error", extra={"request_id": request_id})
+        log.exception("unhandled error", extra={"request_id": request_id}, exc_info=error)
         message = f"The server had an error processing your request (request id {request_id})."
+        # Starlette's outermost middleware (outside ours) answers the unexpected: it needs the request id.
         return error_response(GatewayError(message), request_id)
+
+    return render
+
+
+def _http_error(request: Request, error: StarletteHTTPException) -> GatewayError:
+    if isinstance(error.__cause__, GatewayError):  # e.g. FastAPI wrapping our 413 while reading the body
+        return error.__cause__
+    kind = STATUS_ERRORS.get(error.status_code, GatewayError)
+    message = {
+        404: f"No route {request.method} {request.url.path}.",
+        405: f"Method {request.method} is not allowed on {request.url.path}.",
+    }.get(error.status_code, str(error.detail))
+    gateway_error = kind(message, headers=dict(error.headers or {}))
+    gateway_error.status_code = error.status_code
+    if error.status_code == 405:
+        gateway_error.code = ErrorCode.METHOD_NOT_ALLOWED
+    return gateway_error
+
+
+def install_error_handlers(app: FastAPI, render: Renderer) -> None:
+    """Every failure, whatever raised it, through `render`."""
+    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, DBAPIError, Exception):
+        app.add_exception_handler(kind, render)

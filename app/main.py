@@ -18,7 +18,7 @@ from app.chat.router import router as chat_router
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings, get_settings
 from app.deps import runtime_of
-from app.errors import GatewayError, install_error_handlers
+from app.errors import GatewayError, error_renderer, install_error_handlers
 from app.events import Refusal
 from app.health.router import router as health_router
 from app.images.router import router as images_router
@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": settings.otel_enabled, "metrics": settings.otel_enabled, "logs": settings.otel_enabled},
     )
     app.state.settings = settings
-    install_error_handlers(app, on_refusal=publish_refusal)
+    render_error = error_renderer(publish_refusal)
+    install_error_handlers(app, render_error)
     app.include_router(chat_router, prefix="/v1")  # first: routes are matched in order, this one is the hottest
     app.include_router(health_router)
     if settings.metrics_enabled:
@@ -100,7 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_router, prefix="/admin")
     app.include_router(reports_router, prefix="/admin")
     app.include_router(dashboard_router, prefix="/admin")
-    if settings.cors_origins:
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        log_prompts=settings.log_prompts,
+        render_error=render_error,
+    )
+    if settings.cors_origins:  # outermost: every response carries the CORS headers, early ones too
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -108,9 +115,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=EXPOSED_HEADERS,
         )
-    app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, log_prompts=settings.log_prompts
-    )
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
-import secrets
 from time import perf_counter
 from typing import Any
 
+from fastapi import routing
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import app_runtime
-from app.errors import PayloadTooLarge, error_response
-from app.observability.logs import prompt_excerpt, request_state
+from app.errors import PayloadTooLarge, Renderer, error_response
+from app.lean import LeanRoute
+from app.observability.logs import access_record, prompt_excerpt, request_state
 from app.observability.metrics import Metrics
 from app.observability.routes import route_of, templates_of
 
@@ -43,18 +46,26 @@ class RequestContextMiddleware:
     excerpt when LOG_PROMPTS=true.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, log_prompts: bool) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, log_prompts: bool, render_error: Renderer) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
+        self.render_error = render_error
         self.metrics: Metrics | None = None
         self.templates: dict[int, str] = {}
+        self.lean: dict[tuple[str, str], LeanRoute] = {}
         self._bound = False
 
     def _bind(self, app: Any) -> None:
-        """At the first request, after lifespan: the runtime's metrics (when enabled) and the route templates."""
+        """At the first request, after lifespan: the runtime's metrics (when enabled), the route
+        templates, and the lean routes with a fixed path (dispatched directly, app/lean.py)."""
         self.metrics = app_runtime(app).metrics
         self.templates = templates_of(app)
+        for route in routing.iter_route_contexts(app.routes):
+            original = route.original_route
+            if isinstance(original, LeanRoute) and route.path_format and "{" not in route.path_format:
+                for method in original.methods or ():
+                    self.lean[method, route.path_format] = original
         self._bound = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,8 +82,8 @@ class RequestContextMiddleware:
                 request_id = value
             elif name == b"content-length" and value.isdigit():
                 declared_length = int(value)
-        if not request_id:
-            request_id = b"req_" + secrets.token_hex(12).encode()
+        if not request_id:  # an identifier, not a secret: no system call for randomness
+            request_id = b"req_%024x" % random.getrandbits(96)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id.decode()
         context = request_state.set(state)  # this request's task and its children see it: log lines, usage records
@@ -99,16 +110,28 @@ class RequestContextMiddleware:
             if declared_length > self.max_body_bytes:
                 status = 413
                 await self._too_large(state["request_id"])(scope, receive, send)
-            elif declared_length >= 0:
-                # The HTTP parser reads exactly the declared length: nothing more to count.
-                await self.app(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._capped(receive), send_with_id)
+                # With a declared length the HTTP parser reads exactly that much: nothing more to count.
+                receive = receive if declared_length >= 0 else self._capped(receive)
+                lean = self.lean.get((scope["method"], scope["path"]))
+                if lean is not None:
+                    await self._dispatch(lean, scope, receive, send_with_id)
+                else:
+                    await self.app(scope, receive, send_with_id)
         finally:
             if stream_gauge is not None:
                 stream_gauge.dec()
             self._account(scope, state, status, perf_counter() - started, captured)
             request_state.reset(context)
+
+    async def _dispatch(self, route: LeanRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route
+        request = Request(scope, receive)
+        try:
+            response = await route.endpoint(request)
+        except Exception as error:
+            response = await self.render_error(request, error)
+        await response(scope, receive, send)
 
     def _account(
         self, scope: Scope, state: dict[str, Any], status: int, seconds: float, captured: bytearray | None
@@ -135,9 +158,7 @@ class RequestContextMiddleware:
             prompt = prompt_excerpt(bytes(captured))
             if prompt is not None:
                 fields["prompt"] = prompt
-        # makeRecord + handle is what .info() does, minus walking the stack for a caller nobody reads.
-        args = (scope["method"], route, status)
-        access_log.handle(access_log.makeRecord(ACCESS, logging.INFO, "", 0, "%s %s %s", args, None, None, fields))
+        access_log.handle(access_record(ACCESS, "%s %s %s", (scope["method"], route, status), fields))
 
     def _capped(self, receive: Receive) -> Receive:
         received = 0

@@ -217,6 +217,8 @@ class Runtime:
 
     async def stop(self) -> None:
         await self._stack.aclose()
+        for handler in logging.getLogger().handlers:  # a worker's SIGTERM ends it without atexit
+            handler.flush()
 
     async def drain(self) -> None:
         """Settle background work: no batch item under way, every queued usage row and refusal written."""

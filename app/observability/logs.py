@@ -12,6 +12,7 @@ prompt excerpt the middleware adds when LOG_PROMPTS=true.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -26,6 +27,28 @@ request_state: ContextVar[dict[str, Any] | None] = ContextVar("request_state", d
 # (uvicorn adds `color_message`, its message with terminal colour codes: not for a JSON line.)
 _PLAIN_RECORD = logging.makeLogRecord({}).__dict__
 _STANDARD_ATTRIBUTES = frozenset(_PLAIN_RECORD) | {"message", "asctime", "taskName", "color_message"}
+
+
+def access_record(name: str, message: str, args: tuple[Any, ...], fields: dict[str, Any]) -> logging.LogRecord:
+    """An INFO record, as `Logger.info(message, *args, extra=fields)` would make it, built cheaply.
+
+    `Logger.makeRecord` looks up the caller's file, the thread and the process for every
+    record; the access line, written once per request, has no caller worth naming. Handlers
+    and formatters still get a complete LogRecord.
+    """
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    values = record.__dict__
+    values.update(_PLAIN_RECORD)
+    now = time.time_ns()
+    values["name"] = name
+    values["msg"] = message
+    values["args"] = args
+    values["levelno"] = logging.INFO
+    values["levelname"] = "INFO"
+    values["created"] = now / 1e9
+    values["msecs"] = (now % 1_000_000_000) // 1_000_000
+    values.update(fields)
+    return record
 
 
 def note_model(request_id: str, model: str) -> None:
@@ -101,6 +124,65 @@ class TextFormatter(logging.Formatter):
         return f"{first} {pairs}{newline}{rest}"
 
 
+class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  # typeshed's Generic over the stream
+    """Lines gathered in memory and written to the stream in one go.
+
+    One write per line (StreamHandler's way) cost about 50 µs of CPU per request with the
+    access log on; gathered, the same lines cost a fraction. They are written every
+    `interval` seconds by a daemon thread, at once when `limit` characters are waiting, at
+    once for a WARNING or worse (so errors are seen without delay), and at exit
+    (`logging.shutdown` flushes handlers). A process killed outright loses at most the last
+    `interval` of INFO lines; `serve` flushes before a SIGTERM ends the process (uvicorn
+    re-raises the signal after its graceful shutdown, which skips `atexit`).
+    """
+
+    def __init__(self, stream: Any = None, interval: float = 0.2, limit: int = 65536) -> None:
+        super().__init__(stream)
+        self.interval = interval
+        self.limit = limit
+        self._lines: list[str] = []
+        self._size = 0
+        self._flusher: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)  # under the handler's lock: `handle` holds it around `emit`
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self.limit:
+            self._write()
+        elif self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True)
+            self._flusher.start()
+
+    def _write(self) -> None:
+        if not self._lines:
+            return
+        text, self._lines, self._size = "".join(self._lines), [], 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "log lines could not be written"}))
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__, never None after
+            self._write()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+        super().close()
+
+    def _flush_periodically(self) -> None:
+        while not self._closed.wait(self.interval):
+            self.flush()
+
+
 # uvicorn's names; "trace" is its level below DEBUG.
 LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
 
@@ -117,7 +199,11 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"default": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
+            "stderr": {
+                "()": f"{BufferedStreamHandler.__module__}.{BufferedStreamHandler.__qualname__}",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            },
         },
         "root": {"handlers": ["stderr"], "level": LEVELS[level.lower()]},
         "loggers": {
