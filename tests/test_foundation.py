@@ -12,28 +12,15 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
-from conftest import ADMIN_KEY, Gateway, GatewayFactory, bearer, make_jwt
 
 from app import migrations
 from app.cli import render_openapi
+from support import internals
+from support.auth import ADMIN_KEY, JWT_SECRET, bearer, make_jwt
+from support.errors import assert_error
+from support.gateway import Gateway, GatewayFactory
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def assert_error(response, status: int, *, code: str | None = None, param: str | None = None) -> dict:
-    """Our one error shape, with the request id header every response carries."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert response.headers["x-request-id"]
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-    return body["error"]
 
 
 async def test_health_and_readiness(gateway: Gateway) -> None:
@@ -154,7 +141,6 @@ async def test_bad_jwts_are_401(gateway: Gateway, token: str, code: str) -> None
 
 async def test_jwt_without_expiry_is_refused(gateway: Gateway) -> None:
     import jwt as pyjwt
-    from conftest import JWT_SECRET
 
     token = pyjwt.encode({"sub": "u1"}, JWT_SECRET, algorithm="HS256")
     assert_error(await gateway.client.get("/v1/models", headers=bearer(token)), 401)
@@ -236,7 +222,7 @@ async def test_last_used_at_is_written_in_batches(gateway: Gateway, db: asyncpg.
     for _ in range(3):
         await gateway.client.get("/v1/models", headers=bearer(key))
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is None
-    await gateway.app.state.authenticator.flush_touches()
+    await internals.flush_key_touches(gateway.app)
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is not None
     stored = await db.fetchval("SELECT key_hash FROM api_key WHERE user_id = $1", user)
     assert key not in stored and len(stored) == 64
