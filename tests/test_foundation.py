@@ -126,14 +126,16 @@ async def test_jwt_principal_and_tier_change(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
-    ("token", "code"),
+    ("sub", "options", "code"),
     [
-        (make_jwt("u1", expires_in=-10), "token_expired"),
-        (make_jwt("u1", secret="another-secret-entirely-0123456789"), "invalid_api_key"),
-        (make_jwt("", expires_in=60), "invalid_api_key"),
+        ("u1", {"expires_in": -10}, "token_expired"),
+        ("u1", {"secret": "another-secret-entirely-0123456789"}, "invalid_api_key"),
+        ("", {"expires_in": 60}, "invalid_api_key"),
     ],
+    ids=["expired", "wrong-secret", "empty-subject"],
 )
-async def test_bad_jwts_are_401(gateway: Gateway, token: str, code: str) -> None:
+async def test_bad_jwts_are_401(gateway: Gateway, sub: str, options: dict, code: str) -> None:
+    token = make_jwt(sub, **options)  # made now, not at collection: its expiry counts from the test's start
     response = await gateway.client.get("/v1/models", headers=bearer(token))
     assert_error(response, 401, code=code)
     assert token not in response.text
