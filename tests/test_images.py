@@ -812,7 +812,9 @@ async def test_batch_creation_is_validated_and_idempotent(gw: Gateway, upstream:
     assert await db.fetchval("SELECT count(*) FROM image_batch") == 1
     other = {**body, "items": [{"prompt": "three"}]}
     assert_error(await gw.client.post(BATCHES, json=other, headers=headers), 409, code="idempotency_key_reused")
-    await read_events(gw, key, first.json()["id"])
+    events = await read_events(gw, key, first.json()["id"])
+    assert [name for name, _ in events] == ["item.completed", "item.completed", "batch.completed"]
+    assert events[-1][1]["counts"]["completed"] == 2
     assert len(image_requests(upstream)) == 2
 
 
