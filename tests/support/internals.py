@@ -74,10 +74,11 @@ async def prune_images(app: Any) -> Pruned:
 async def drain(app: Any, seconds: float = DRAIN_SECONDS) -> None:
     """Wait until the app's background work has settled, failing if it does not within `seconds`.
 
-    The image batch runner has no item in flight (`app.state.images.runner._active`), then
-    the usage writer (`app.state.usage`) and the limit-refusal writer (`app.state.refusals`)
-    have written every queued row. Their own tasks do the writing (every `usage_flush_interval`):
-    calling `flush()` from here could write a batch the task is writing at the same moment.
+    First the image batch runner has no item in flight (`app.state.images.runner._active`);
+    then the usage writer (`app.state.usage`) and the limit-refusal writer (`app.state.refusals`)
+    are woken to flush now (`_wake`) and waited on until every queued row is written. Their
+    own task does the writing: calling `flush()` from here could write a batch that the task
+    is writing at the same moment, twice.
     """
     runner = app.state.images.runner
 
@@ -86,6 +87,8 @@ async def drain(app: Any, seconds: float = DRAIN_SECONDS) -> None:
 
     await wait_for(runner_idle, seconds, what="the image batch runner to finish its items in flight")
     for writer, what in ((app.state.usage, "usage rows"), (app.state.refusals, "limit refusals")):
+        if writer.queue_depth:
+            writer._wake.set()
 
         async def written(writer: Any = writer) -> bool:
             return writer.queue_depth == 0
