@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,9 @@ from support import internals
 from support.auth import bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import CONTENT, FakeUpstream, Reply
-from support.gateway import Gateway, GatewayFactory
+from support.gateway import Gateway, GatewayFactory, app_command_async
 from support.waiting import usage_rows, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 OWN_KEY = "sk-user-own"
 ME = "/v1/me/openai-key"
 CHAT = "/v1/chat/completions"
@@ -387,18 +385,7 @@ async def _rotate(database_url: str, keys: list[str]) -> tuple[int, str]:
     """`python -m app rotate-byok` in its own process, configured by environment like an operator's."""
     env = {**os.environ, "DATABASE_URL": database_url, "BYOK_ENCRYPTION_KEYS": ",".join(keys)}
     env.pop("OPENAI_API_KEY", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        "rotate-byok",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    return process.returncode or 0, output.decode()
+    return await app_command_async("rotate-byok", env=env)
 
 
 async def test_rotation(

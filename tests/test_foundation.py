@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +16,7 @@ from app.cli import render_openapi
 from support import internals
 from support.auth import ADMIN_KEY, JWT_SECRET, bearer, make_jwt
 from support.errors import assert_error
-from support.gateway import Gateway, GatewayFactory
+from support.gateway import Gateway, GatewayFactory, app_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -245,9 +243,7 @@ async def test_failed_auth_flood_is_stopped_before_the_database(gateway_with: Ga
 
 def test_invalid_settings_stop_start_up_naming_the_variable() -> None:
     env = {**os.environ, "OPENAI_BASE_URL": "ftp://nowhere", "DB_POOL_SIZE": "zero"}
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
+    result = app_command("migrate", env=env)
     assert result.returncode != 0
     assert "OPENAI_BASE_URL" in result.stderr and "DB_POOL_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
@@ -255,26 +251,10 @@ def test_invalid_settings_stop_start_up_naming_the_variable() -> None:
 
 def test_cli_create_and_revoke_key(database_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": database_url}
-    created = subprocess.run(
-        [sys.executable, "-m", "app", "create-key", "--user", "cli-user", "--tier", "pro"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=True,
-    )
+    created = app_command("create-key", "--user", "cli-user", "--tier", "pro", env=env, check=True)
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("gw_") and len(key) > 40
-    revoked = subprocess.run(
-        [sys.executable, "-m", "app", "revoke-key", key],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=True,
-    )
+    revoked = app_command("revoke-key", key, env=env, check=True)
     assert "revoked key" in revoked.stdout and key not in revoked.stdout
 
 

@@ -11,8 +11,6 @@ import asyncio
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from decimal import Decimal
@@ -30,7 +28,7 @@ from support import internals
 from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream, Reply, _png
-from support.gateway import Gateway, GatewayFactory, make_settings, serve
+from support.gateway import Gateway, GatewayFactory, app_command, make_settings, serve
 from support.images import moto_s3, narrow_catalog, png_size, png_text
 from support.waiting import usage_rows, wait_for
 
@@ -38,7 +36,6 @@ GENERATIONS = "/v1/images/generations"
 BATCHES = "/v1/images/batches"
 UPSTREAM_IMAGES = "/v1/images/generations"
 UPSTREAM_MODERATIONS = "/v1/moderations"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def mini_cost(images: int) -> Decimal:
@@ -554,15 +551,7 @@ async def test_retention_prunes_old_images_and_expired_keys(gw: Gateway, db, ima
 
 def test_prune_images_cli(database_url: str, image_dir: Path) -> None:
     env = {**os.environ, "DATABASE_URL": database_url, "IMAGE_DIR": str(image_dir), "OPENAI_API_KEY": ""}
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "prune-images", "--days", "30"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = app_command("prune-images", "--days", "30", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("pruned ") and "images" in done.stdout
 

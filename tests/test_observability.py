@@ -22,7 +22,6 @@ from support.fake_upstream import CHAT_PATH, Reply
 from support.gateway import Gateway, GatewayFactory, gateway_env, gateway_process
 from support.waiting import usage_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 PROMPT = "tell me about the purple elephant 7f3a"  # must not reach a log line unless LOG_PROMPTS=true
 BODY = {"model": "default-chat", "messages": [{"role": "user", "content": PROMPT}]}

@@ -24,7 +24,6 @@ from support.gateway import Gateway, GatewayFactory, gateway_env, gateway_proces
 from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 BODY = {"model": "default-chat", "messages": [{"role": "user", "content": "Say hello"}]}
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,11 +32,10 @@ from support import internals
 from support.auth import bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
-from support.gateway import Gateway, GatewayFactory
+from support.gateway import Gateway, GatewayFactory, app_command
 from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 CONTEXT_TOKEN = "ctx-token-0123456789"
 
@@ -1056,12 +1053,9 @@ def test_prune_threads_cli(database_url: str) -> None:
 
     idle, fresh = asyncio.run(prepare())
     env = {**os.environ, "DATABASE_URL": database_url, "THREAD_RETENTION_DAYS": "30"}
-    command = [sys.executable, "-m", "app", "prune-threads"]
-    kept = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    kept = app_command("prune-threads", env=env, check=True)
     assert "threads idle for more than 30 days" in kept.stdout  # ours is 10 days idle: kept
-    pruned = subprocess.run(
-        [*command, "--days", "7"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True
-    )
+    pruned = app_command("prune-threads", "--days", "7", env=env, check=True)
     assert "threads idle for more than 7 days" in pruned.stdout
 
     async def remaining() -> list[str]:

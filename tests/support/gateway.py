@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ __all__ = [
     "GatewayProcess",
     "Proc",
     "ProcessError",
+    "app_command",
+    "app_command_async",
     "free_port",
     "gateway_env",
     "gateway_process",
@@ -211,3 +214,39 @@ async def gateway_process(
         stopped = await stop_process_async(proc, grace)
     if not stopped:  # only reached when the block itself did not fail
         raise AssertionError(f"the gateway process did not stop within {grace:g} s of SIGTERM:\n{proc.log_tail()}")
+
+
+def app_command(
+    *args: str, env: dict[str, str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`python -m app *args` to completion, as an operator runs a CLI command; stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+async def app_command_async(*args: str, env: dict[str, str], seconds: float = 60.0) -> tuple[int, str]:
+    """`app_command` without blocking the event loop: (exit code, stdout and stderr interleaved)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"`python -m app {' '.join(args)}` did not finish in {seconds:g} s") from None
+    return process.returncode or 0, output.decode()
