@@ -248,6 +248,8 @@ async def test_two_workers_report_the_sum(gateway: Gateway, upstream, database_u
     no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection each time: the workers share them
     async with gateway_process(env, log_path, "--workers", "2", log_level="info", limits=no_reuse) as process:
         client = process.client
+        # /healthz answers once one worker is up; a second worker still starting would see no requests.
+        await process.wait_for_log("Application startup complete", count=2)
         for _ in range(10):  # until both workers have answered some
             batch = [chat(client, key) for _ in range(8)] + [stream(client, key) for _ in range(4)]
             sent += await asyncio.gather(*batch)

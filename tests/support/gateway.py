@@ -183,6 +183,14 @@ class GatewayProcess(_Admin):
     def log_text(self) -> str:
         return self.proc.log_text()
 
+    async def wait_for_log(self, needle: str, count: int = 1, seconds: float = 60.0) -> None:
+        """Wait until `needle` appears `count` times in its log (e.g. once per worker started)."""
+
+        async def logged() -> bool:
+            return self.log_text().count(needle) >= count
+
+        await wait_for(logged, seconds, what=f"{count} x {needle!r} in the gateway's log", interval=0.05)
+
 
 @contextlib.asynccontextmanager
 async def gateway_process(
