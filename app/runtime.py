@@ -220,6 +220,11 @@ class Runtime:
         for handler in logging.getLogger().handlers:  # a worker's SIGTERM ends it without atexit
             handler.flush()
 
+    @property
+    def idle(self) -> bool:
+        """No batch item under way, no usage row or refusal waiting to be written."""
+        return self.batch_runner.in_flight == 0 and self.usage.queue_depth == 0 == self.refusals.queue_depth
+
     async def drain(self) -> None:
         """Settle background work: no batch item under way, every queued usage row and refusal written."""
         await self.batch_runner.idle()

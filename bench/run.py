@@ -20,14 +20,11 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
@@ -42,6 +39,9 @@ import orjson
 import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # run as a script: tests/support is not on the path yet
+from support.processes import ProcessError, Processes, free_port, wait_for_health, wait_for_log  # noqa: E402
+
 RESULTS_DIR = ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
 PYTHON = sys.executable
@@ -80,96 +80,7 @@ def run_async(coroutine: Awaitable[T]) -> T:
 
 
 # --- processes --------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    """A started subprocess and where its output goes."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of its output."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class Processes:
-    """Every subprocess of the run, so that all of them are stopped whatever happens."""
-
-    def __init__(self) -> None:
-        """Start with none."""
-        self.running: list[Proc] = []
-
-    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Proc:
-        """Start a command in its own session (Ctrl-C reaches only us), output to a log file."""
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log = LOG_DIR / f"{name}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        proc = Proc(name, popen, log)
-        self.running.append(proc)
-        return proc
-
-    def stop(self, proc: Proc, grace: float = 20.0) -> bool:
-        """Terminate, then kill after `grace` seconds; True if it stopped on its own."""
-        if proc in self.running:
-            self.running.remove(proc)
-        if proc.popen.poll() is not None:
-            return True
-        proc.popen.terminate()
-        try:
-            proc.popen.wait(grace)
-            return True
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
-            report(f"warning: {proc.name} did not stop in {grace:.0f}s and was killed")
-            return False
-
-    def stop_all(self) -> None:
-        """Stop everything still running, newest first."""
-        for proc in reversed(list(self.running)):
-            self.stop(proc, grace=10.0)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_log(proc: Proc, needle: str, timeout: float = 15.0) -> None:
-    """Wait until the process prints `needle`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.log.exists() and needle in proc.log.read_text(errors="replace"):
-            return
-        if proc.popen.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise BenchError(f"{proc.name} did not start:\n{proc.log_tail()}")
-
-
-def wait_for_health(proc: Proc, url: str, timeout: float = 60.0) -> None:
-    """Wait until `GET url` answers 200."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} never answered 200 on {url}:\n{proc.log_tail()}")
+# Starting, health-checking and stopping processes is tests/support/processes.py, shared with the tests.
 
 
 def start_upstream(procs: Processes, name: str, chunks: int, delay_ms: float) -> str:
@@ -834,7 +745,7 @@ def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # both clean up like Ctrl-C, even if inherited as ignored
         signal.signal(signum, signal.default_int_handler)
     raise_open_files_limit(4 * args.streams + 1024)
-    procs = Processes()
+    procs = Processes(LOG_DIR, warn=report)
     db: BenchDatabase | None = None
     try:
         server, source = pick_server()
@@ -858,7 +769,7 @@ def main() -> int:
         (RESULTS_DIR / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
         report(f"\n  results: {(RESULTS_DIR / 'latest.json').relative_to(ROOT)}; logs: {LOG_DIR.relative_to(ROOT)}/")
         return 0
-    except BenchError as error:
+    except (BenchError, ProcessError) as error:
         report(f"benchmark failed: {error}")
         return 1
     except KeyboardInterrupt:

@@ -1,91 +1,85 @@
-"""Test harness: a real Postgres, a real fake upstream on loopback, the gateway served by uvicorn.
+"""Fixtures: a real Postgres, a real fake upstream on loopback, the gateway served by uvicorn.
 
-The database is `TEST_DATABASE_URL` when set (CI points it at the local server), else an
-embedded server. Each run creates its own database and migrates it with Alembic, so the
-migrations are tested too; tables are emptied between tests.
+The helpers themselves live in `support/`; this file only makes fixtures of them, and test
+modules import nothing from it. Isolation does not depend on test order:
+
+- the session migrates one template database (`support.database`); each test module gets
+  its own clone, and its own shared gateway on it (`shared_gateway`, module scope);
+- before each test that uses a gateway, the fake upstream is reset, every running
+  in-process gateway is drained of background work (`support.internals.drain`) and all
+  tables are emptied (the list comes from the catalog).
+
+A module can give its gateways settings of their own by overriding `gateway_settings`.
+pytest-asyncio runs every test and fixture on one session-wide event loop (pyproject.toml),
+so the module-scoped servers and pools below all live on it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import secrets
-import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
-import jwt
 import pytest
 import pytest_asyncio
-import uvicorn
-from fake_upstream import FakeUpstream
 
-from app import migrations
-from app.config import Settings
-from app.main import create_app
+from support import database, internals
+from support.fake_upstream import FakeUpstream
+from support.gateway import Gateway, GatewayFactory, make_settings, running_gateways, serve
 
-ADMIN_KEY = "test-admin-key-0123456789"
-JWT_SECRET = "test-jwt-secret-0123456789abcdef"
-TABLES = (
-    "usage_event",
-    "api_key",
-    "app_user",
-    "rate_limit_bucket",
-    "thread_message",
-    "thread",
-    "user_context_cache",
-    "image_batch_item",
-    "image_batch",
-    "image",
-    "idempotency_key",
-    "user_openai_key",
-    "limit_refusal",
-)
+SESSION = {"loop_scope": "session"}
 
 
-def _server_url() -> str:
-    url = os.environ.get("TEST_DATABASE_URL")
-    if url:
-        return url
-    from app.db import start_embedded_postgres
-
-    return start_embedded_postgres(__import__("pathlib").Path(tempfile.gettempdir()) / "gateway-test-pg")
+@pytest.fixture(scope="session")
+def database_server() -> str:
+    """The Postgres server's URL: TEST_DATABASE_URL, else an embedded server."""
+    return database.server_url()
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-@pytest_asyncio.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    server = _server_url()
-    name = f"gateway_test_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(server)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server, name)
+@pytest_asyncio.fixture(scope="session", **SESSION)
+async def template_database(database_server: str) -> AsyncIterator[str]:
+    """The name of a database migrated to head once per session; every test database is a copy of it."""
+    name = await database.create_template(database_server)
     try:
-        await asyncio.to_thread(migrations.upgrade, url)
-        yield url
+        yield name
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await database.drop(database_server, name)
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture(scope="module", **SESSION)
+async def database_url(
+    database_server: str, template_database: str, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """This module's own database, cloned from the template and dropped after the module."""
+    async with database.cloned_database(database_server, template_database, request.module.__name__) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_database(database_server: str, template_database: str) -> Callable[..., Any]:
+    """Another clone for one test: `async with fresh_database() as url:`."""
+
+    def clone(label: str = "fresh") -> contextlib.AbstractAsyncContextManager[str]:
+        return database.cloned_database(database_server, template_database, label)
+
+    return clone
+
+
+@pytest_asyncio.fixture(scope="module", **SESSION)
 async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     yield pool
     await pool.close()
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture(scope="module", **SESSION)
+async def tables(db: asyncpg.Pool) -> list[str]:
+    """Every table to empty between tests, from the catalog (all of the schema but alembic_version)."""
+    return await database.tables(db)
+
+
+@pytest_asyncio.fixture(scope="session", **SESSION)
 async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = FakeUpstream()
     await fake.start()
@@ -93,119 +87,54 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     await fake.stop()
 
 
-def make_settings(database_url: str, upstream: FakeUpstream | None, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "environment": "test",
-        "database_url": database_url,
-        "openai_api_key": upstream.api_key if upstream else None,
-        "openai_base_url": upstream.base_url if upstream else "http://127.0.0.1:9/v1",
-        "admin_api_key": ADMIN_KEY,
-        "jwt_secret": JWT_SECRET,
-        "usage_flush_interval": 0.05,
-        "upstream_retry_base_delay": 0.01,
-        "auth_failures_per_minute": 100_000,
-        "ratelimit_prune_interval": 3600,
-        "db_pool_size": 5,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+@pytest.fixture(scope="module")
+def gateway_settings() -> dict[str, Any]:
+    """Settings every gateway of the module runs with (on top of `make_settings`); modules override this."""
+    return {}
 
 
-@dataclass
-class Gateway:
-    """A running gateway: its URL, an HTTP client, and the app for peeking at its state."""
-
-    url: str
-    client: httpx.AsyncClient
-    app: Any
-
-    async def key(self, tier: str = "free", user: str | None = None) -> tuple[str, str]:
-        """A fresh key through the admin API; returns (key, user id)."""
-        user = user or f"user-{secrets.token_hex(4)}"
-        response = await self.client.post(
-            "/admin/keys", json={"user_id": user, "tier": tier}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
-        )
-        assert response.status_code == 201, response.text
-        return response.json()["key"], user
-
-    async def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.client.request(method, path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **kwargs)
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Gateway]:
-    """Run the app in uvicorn on a loopback port inside the test's event loop."""
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        try:
-            yield Gateway(url, client, app)
-        finally:
-            server.should_exit = True
-            await task
-
-
-GatewayFactory = Callable[..., contextlib.AbstractAsyncContextManager[Gateway]]
-
-
-@pytest.fixture
-def gateway_with(database_url: str, upstream: FakeUpstream) -> GatewayFactory:
-    """Start a gateway with particular settings: `async with gateway_with(fallback_to_simulated=True) as gw`."""
-
-    def start(simulated: bool = False, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Gateway]:
-        url = overrides.pop("database_url", database_url)
-        return serve(make_settings(url, None if simulated else upstream, **overrides))
-
-    return start
-
-
-@pytest_asyncio.fixture(scope="session")
-async def shared_gateway(database_url: str, upstream: FakeUpstream) -> AsyncIterator[Gateway]:
-    async with serve(make_settings(database_url, upstream)) as gateway:
+@pytest_asyncio.fixture(scope="module", **SESSION)
+async def shared_gateway(
+    database_url: str, upstream: FakeUpstream, gateway_settings: dict[str, Any]
+) -> AsyncIterator[Gateway]:
+    """The module's gateway, on the module's database; tests get it through `gateway`."""
+    async with serve(make_settings(database_url, upstream, **gateway_settings)) as gateway:
         yield gateway
 
 
-@pytest_asyncio.fixture
-async def gateway(shared_gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> AsyncIterator[Gateway]:
-    """The shared gateway, with the fake upstream and the tables reset for this test."""
+@pytest_asyncio.fixture(**SESSION)
+async def clean(upstream: FakeUpstream, db: asyncpg.Pool, tables: list[str]) -> None:
+    """Reset the fake upstream; let running gateways settle; empty every table.
+
+    Emptying is repeated (up to three times) if a gateway did anything in the meantime,
+    e.g. its batch runner took another item between the drain and the TRUNCATE.
+    """
     upstream.reset()
-    await db.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
-    yield shared_gateway
+    for _ in range(3):
+        for running in running_gateways():
+            await running.settle_requests()
+            await internals.drain(running.app)
+        await database.empty(db, tables)
+        if all(running.requests_in_flight() == 0 and internals.idle(running.app) for running in running_gateways()):
+            return
+    raise AssertionError("the running gateways kept working while their tables were being emptied")
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+@pytest_asyncio.fixture(**SESSION)
+async def gateway(shared_gateway: Gateway, clean: None) -> Gateway:
+    """The module's shared gateway, settled, with the fake upstream and the tables reset for this test."""
+    return shared_gateway
 
 
-def make_jwt(sub: str, *, expires_in: int = 300, secret: str = JWT_SECRET, **claims: Any) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + expires_in, **claims}, secret, algorithm="HS256")
+@pytest.fixture
+def gateway_with(
+    database_url: str, upstream: FakeUpstream, gateway_settings: dict[str, Any], clean: None
+) -> GatewayFactory:
+    """Start a gateway with particular settings on the module's database (tables reset first):
+    `async with gateway_with(fallback_to_simulated=True) as gw`."""
 
+    def start(simulated: bool = False, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Gateway]:
+        url = overrides.pop("database_url", database_url)
+        return serve(make_settings(url, None if simulated else upstream, **{**gateway_settings, **overrides}))
 
-async def wait_for(check: Callable[[], Awaitable[Any]], seconds: float = 5.0) -> Any:
-    """Poll until `check` returns something truthy (usage rows are written in the background)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.02)
-
-
-async def usage_rows(db: asyncpg.Pool, count: int = 1, **where: Any) -> list[asyncpg.Record]:
-    """Wait for `count` usage rows matching `where` and return them oldest first."""
-    clauses = " AND ".join(f"{name} = ${i}" for i, name in enumerate(where, 1)) or "true"
-    query = f"SELECT * FROM usage_event WHERE {clauses} ORDER BY id"
-
-    async def fetch() -> list[asyncpg.Record] | None:
-        rows = await db.fetch(query, *where.values())
-        return rows if len(rows) >= count else None
-
-    return await wait_for(fetch) or await db.fetch(query, *where.values())
+    return start

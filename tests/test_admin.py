@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 
 import asyncpg
 import httpx
 import pytest
-from conftest import ADMIN_KEY, Gateway, GatewayFactory, bearer, wait_for
-from test_foundation import assert_error
+
+from support.auth import ADMIN_KEY, bearer
+from support.errors import assert_error
+from support.gateway import Gateway, GatewayFactory
+from support.seeding import seed_refusals, seed_usage
+from support.waiting import wait_for
 
 D1, D2, D3 = date(2026, 10, 1), date(2026, 10, 2), date(2026, 10, 3)
 RANGE = {"start": "2026-10-01", "end": "2026-10-03"}
@@ -42,22 +45,6 @@ REFUSALS = [
     (at(D2, "18:00:00"), None, "/v1/chat/completions", "rate_limit_exceeded"),
     (at(D3 + timedelta(days=1)), "bob", "/v1/images/generations", "daily_quota_exceeded"),
 ]
-
-
-async def seed_usage(db: asyncpg.Pool, rows: list[tuple]) -> None:
-    await db.executemany(
-        """INSERT INTO usage_event (created_at, request_id, user_id, route, model, status, http_status, stream,
-               prompt_tokens, completion_tokens, cached_tokens, tokens_estimated, images, cost_usd, latency_ms)
-           VALUES ($1, 'req_seed', $2, $3, $4, $5, 200, false, $6, $7, $8, false, $9, $10, 12.5)""",
-        [
-            (when, user, route, model, status, p, c, cached, images, Decimal(cost))
-            for (when, user, model, route, status, p, c, cached, images, cost) in rows
-        ],
-    )
-
-
-async def seed_refusals(db: asyncpg.Pool, rows: list[tuple]) -> None:
-    await db.executemany("INSERT INTO limit_refusal (created_at, user_id, route, code) VALUES ($1, $2, $3, $4)", rows)
 
 
 @pytest.fixture
@@ -258,7 +245,7 @@ async def test_limit_refusals_are_recorded(gateway: Gateway, db: asyncpg.Pool) -
         if refused.status_code == 429:
             break
     assert_error(refused, 429, code="rate_limit_exceeded")
-    [recorded] = await wait_for(lambda: db.fetch("SELECT * FROM limit_refusal"))
+    [recorded] = await wait_for(lambda: db.fetch("SELECT * FROM limit_refusal"), what="the refusal row")
     assert (recorded["user_id"], recorded["route"], recorded["code"]) == (
         user,
         "/v1/chat/completions",

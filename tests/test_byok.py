@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,19 @@ import openai
 import pytest
 import pytest_asyncio
 from aiohttp import ClientSession, web
-from conftest import Gateway, GatewayFactory, bearer, make_jwt, usage_rows, wait_for
-from fake_upstream import CONTENT, FakeUpstream, Reply
 from pydantic import ValidationError
-from test_foundation import assert_error
 
 from app.byok.crypto import KeyCipher, UnreadableKey, key_id_of
 from app.byok.schemas import OpenAIKeyStore
 from app.config import Settings, describe_errors
 from app.upstream.user_clients import UserClient, UserClients
+from support import internals
+from support.auth import bearer, make_jwt
+from support.errors import assert_error
+from support.fake_upstream import CONTENT, FakeUpstream, Reply
+from support.gateway import Gateway, GatewayFactory, app_command_async
+from support.waiting import usage_rows, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 OWN_KEY = "sk-user-own"
 ME = "/v1/me/openai-key"
 CHAT = "/v1/chat/completions"
@@ -224,11 +225,11 @@ async def test_their_calls_use_their_key_and_everyone_else_ours(
         assert own.requests[-1].headers["authorization"] == f"Bearer {OWN_KEY}"
         await client.close()
 
-        clients = gw.app.state.runtime.upstream.user_clients
+        clients = internals.user_clients(gw.app)
         assert owner_id in clients and len(clients) == 1  # one client, reused by every call
 
         async def all_calls_gave_it_back() -> bool:  # the stream's too, when it ended
-            return clients._entries[owner_id].leases == 0
+            return internals.user_client(gw.app, owner_id).leases == 0
 
         assert await wait_for(all_calls_gave_it_back)
         rows = await usage_rows(db, 4, user_id=owner_id)
@@ -273,14 +274,14 @@ async def test_deleting_the_key_returns_them_to_ours(
         token, user = await gw.key()
         assert (await store(gw, token)).status_code == 200
         assert await chat_authorization(gw, token, own) == f"Bearer {OWN_KEY}"
-        clients = gw.app.state.runtime.upstream.user_clients
-        client = clients._entries[user]
+        clients = internals.user_clients(gw.app)
+        client = internals.user_client(gw.app, user)
 
         response = await gw.client.delete(ME, headers=bearer(token))
         assert response.status_code == 204 and response.content == b""
         assert await stored_row(db, user) is None
         assert await chat_authorization(gw, token, operator) == f"Bearer {operator.api_key}"
-        assert user not in clients and await wait_for(lambda: _closed(client))
+        assert user not in clients and await wait_for(lambda: _closed(client), what="the dropped client to close")
         assert_error(await gw.client.get(ME, headers=bearer(token)), 404, code="openai_key_not_found")
         assert_error(await gw.client.delete(ME, headers=bearer(token)), 404, code="openai_key_not_found")
 
@@ -296,19 +297,18 @@ async def test_a_change_reaches_every_process(
     async with byok_gateway(gateway_with, key_router) as first, byok_gateway(gateway_with, key_router) as second:
         token, user = await first.key()
         assert await chat_authorization(second, token, operator) == f"Bearer {operator.api_key}"  # cached there
-        authenticator = second.app.state.runtime.auth
 
         async def second_dropped_its_view() -> bool:  # the NOTIFY arrived
-            return authenticator.cached(token) is None
+            return internals.cached_principal(second.app, token) is None
 
         assert (await store(first, token)).status_code == 200
         assert await wait_for(second_dropped_its_view)
         assert await chat_authorization(second, token, own) == f"Bearer {OWN_KEY}"
-        assert user in second.app.state.runtime.upstream.user_clients
+        assert user in internals.user_clients(second.app)
 
         assert (await first.client.delete(ME, headers=bearer(token))).status_code == 204
         assert await wait_for(second_dropped_its_view)
-        assert user not in second.app.state.runtime.upstream.user_clients
+        assert user not in internals.user_clients(second.app)
         assert await chat_authorization(second, token, operator) == f"Bearer {operator.api_key}"
 
 
@@ -385,18 +385,7 @@ async def _rotate(database_url: str, keys: list[str]) -> tuple[int, str]:
     """`python -m app rotate-byok` in its own process, configured by environment like an operator's."""
     env = {**os.environ, "DATABASE_URL": database_url, "BYOK_ENCRYPTION_KEYS": ",".join(keys)}
     env.pop("OPENAI_API_KEY", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        "rotate-byok",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    return process.returncode or 0, output.decode()
+    return await app_command_async("rotate-byok", env=env)
 
 
 async def test_rotation(
@@ -469,7 +458,7 @@ async def test_the_client_cache_is_bounded_and_closes_what_it_drops() -> None:
         await asyncio.sleep(0.01)
         assert held is not None and not held.closed, "evicted while in use: kept open until released"
         clients.release(held)
-        assert await wait_for(lambda: _closed(held))
+        assert await wait_for(lambda: _closed(held), what="the released client to close")
 
         async with clients.lease("nobody") as none:
             assert none is None  # no key stored: the caller falls back to the operator's backend
@@ -494,7 +483,7 @@ async def test_the_client_cache_is_bounded_and_closes_what_it_drops() -> None:
         await asyncio.sleep(0.01)
         assert not stale.closed, "the caller that waited for it still uses it"
         clients.release(stale)
-        assert await wait_for(lambda: _closed(stale))
+        assert await wait_for(lambda: _closed(stale), what="the stale client to close")
 
         release_load.clear()  # a caller that gives up while the key loads holds no lease
         leaving = asyncio.create_task(clients.acquire("u8"))
@@ -515,13 +504,14 @@ async def test_the_client_cache_is_bounded_and_closes_what_it_drops() -> None:
         assert len(clients) == 2 and not any(client.closed for client in burst_clients)
         for client in burst_clients:
             clients.release(client)
-        assert await wait_for(lambda: _closed(burst_clients[0]))  # the one evicted at once, now idle
+        evicted = burst_clients[0]  # the one evicted at once, now idle
+        assert await wait_for(lambda: _closed(evicted), what="the evicted client to close")
 
         async with clients.lease("f1") as changed:  # the user's key changed (the auth NOTIFY)
             assert changed is not None
         assert "f1" in clients
         clients.forget("f1")
-        assert "f1" not in clients and await wait_for(lambda: _closed(changed))
+        assert "f1" not in clients and await wait_for(lambda: _closed(changed), what="the forgotten client to close")
         survivors = list(clients._entries.values())
     finally:
         await clients.close()

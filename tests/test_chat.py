@@ -10,9 +10,12 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
-from conftest import Gateway, GatewayFactory, bearer, usage_rows
-from fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
-from test_foundation import assert_error
+
+from support.auth import bearer
+from support.errors import assert_error
+from support.fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
+from support.gateway import Gateway, GatewayFactory
+from support.waiting import usage_rows
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 CHAT = "/v1/chat/completions"

@@ -21,9 +21,11 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from conftest import ADMIN_KEY, Gateway
-from test_admin import seed_refusals, seed_usage
-from test_foundation import assert_error
+
+from support.auth import ADMIN_KEY
+from support.errors import assert_error
+from support.gateway import Gateway
+from support.seeding import seed_refusals, seed_usage
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
 needs_chromium = pytest.mark.skipif(

@@ -5,35 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import openai
 import pytest
-from conftest import ADMIN_KEY, Gateway, GatewayFactory, bearer, make_jwt
 
 from app import migrations
 from app.cli import render_openapi
+from support import internals
+from support.auth import ADMIN_KEY, JWT_SECRET, bearer, make_jwt
+from support.errors import assert_error
+from support.gateway import Gateway, GatewayFactory, app_command
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def assert_error(response, status: int, *, code: str | None = None, param: str | None = None) -> dict:
-    """Our one error shape, with the request id header every response carries."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert response.headers["x-request-id"]
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-    return body["error"]
 
 
 async def test_health_and_readiness(gateway: Gateway) -> None:
@@ -139,14 +124,16 @@ async def test_jwt_principal_and_tier_change(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
-    ("token", "code"),
+    ("sub", "options", "code"),
     [
-        (make_jwt("u1", expires_in=-10), "token_expired"),
-        (make_jwt("u1", secret="another-secret-entirely-0123456789"), "invalid_api_key"),
-        (make_jwt("", expires_in=60), "invalid_api_key"),
+        ("u1", {"expires_in": -10}, "token_expired"),
+        ("u1", {"secret": "another-secret-entirely-0123456789"}, "invalid_api_key"),
+        ("", {"expires_in": 60}, "invalid_api_key"),
     ],
+    ids=["expired", "wrong-secret", "empty-subject"],
 )
-async def test_bad_jwts_are_401(gateway: Gateway, token: str, code: str) -> None:
+async def test_bad_jwts_are_401(gateway: Gateway, sub: str, options: dict, code: str) -> None:
+    token = make_jwt(sub, **options)  # made now, not at collection: its expiry counts from the test's start
     response = await gateway.client.get("/v1/models", headers=bearer(token))
     assert_error(response, 401, code=code)
     assert token not in response.text
@@ -154,7 +141,6 @@ async def test_bad_jwts_are_401(gateway: Gateway, token: str, code: str) -> None
 
 async def test_jwt_without_expiry_is_refused(gateway: Gateway) -> None:
     import jwt as pyjwt
-    from conftest import JWT_SECRET
 
     token = pyjwt.encode({"sub": "u1"}, JWT_SECRET, algorithm="HS256")
     assert_error(await gateway.client.get("/v1/models", headers=bearer(token)), 401)
@@ -236,7 +222,7 @@ async def test_last_used_at_is_written_in_batches(gateway: Gateway, db: asyncpg.
     for _ in range(3):
         await gateway.client.get("/v1/models", headers=bearer(key))
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is None
-    await gateway.app.state.runtime.auth.flush_touches()
+    await internals.flush_key_touches(gateway.app)
     assert await db.fetchval("SELECT last_used_at FROM api_key WHERE user_id = $1", user) is not None
     stored = await db.fetchval("SELECT key_hash FROM api_key WHERE user_id = $1", user)
     assert key not in stored and len(stored) == 64
@@ -257,9 +243,7 @@ async def test_failed_auth_flood_is_stopped_before_the_database(gateway_with: Ga
 
 def test_invalid_settings_stop_start_up_naming_the_variable() -> None:
     env = {**os.environ, "OPENAI_BASE_URL": "ftp://nowhere", "DB_POOL_SIZE": "zero"}
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
+    result = app_command("migrate", env=env)
     assert result.returncode != 0
     assert "OPENAI_BASE_URL" in result.stderr and "DB_POOL_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
@@ -267,26 +251,10 @@ def test_invalid_settings_stop_start_up_naming_the_variable() -> None:
 
 def test_cli_create_and_revoke_key(database_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": database_url}
-    created = subprocess.run(
-        [sys.executable, "-m", "app", "create-key", "--user", "cli-user", "--tier", "pro"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=True,
-    )
+    created = app_command("create-key", "--user", "cli-user", "--tier", "pro", env=env, check=True)
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("gw_") and len(key) > 40
-    revoked = subprocess.run(
-        [sys.executable, "-m", "app", "revoke-key", key],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=True,
-    )
+    revoked = app_command("revoke-key", key, env=env, check=True)
     assert "revoked key" in revoked.stdout and key not in revoked.stdout
 
 

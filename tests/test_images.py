@@ -1,8 +1,8 @@
 """Image generation, storage, signed URLs, history, batches, idempotency and moderation, end to end.
 
-These tests run on a database of their own (migrated by Alembic like the main one) so that
-no other gateway's batch runner takes their batch items, with images stored in a temporary
-folder and the fake upstream over loopback.
+Like every module, these tests run on a database of their own (a clone of the migrated
+template), so no other module's batch runner takes their batch items; images are stored in
+a temporary folder and the fake upstream answers over loopback.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import asyncio
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,23 +21,21 @@ import asyncpg
 import httpx
 import openai
 import pytest
-import pytest_asyncio
-from conftest import Gateway, bearer, make_settings, serve, usage_rows, wait_for
-from fake_upstream import FakeUpstream, Reply, _png
-from images_support import fresh_database, moto_s3, narrow_catalog, png_size, png_text
-from test_foundation import assert_error
 
 from app.config import Settings
 from app.images.storage import S3Storage, StoredImageMissing
+from support import internals
+from support.auth import bearer
+from support.errors import assert_error
+from support.fake_upstream import FakeUpstream, Reply, _png
+from support.gateway import Gateway, GatewayFactory, app_command, make_settings, serve
+from support.images import moto_s3, narrow_catalog, png_size, png_text
+from support.waiting import usage_rows, wait_for
 
 GENERATIONS = "/v1/images/generations"
 BATCHES = "/v1/images/batches"
 UPSTREAM_IMAGES = "/v1/images/generations"
 UPSTREAM_MODERATIONS = "/v1/moderations"
-IMAGE_TABLES = (
-    "image_batch_item, image_batch, image, idempotency_key, usage_event, api_key, app_user, rate_limit_bucket"
-)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def mini_cost(images: int) -> Decimal:
@@ -48,9 +43,8 @@ def mini_cost(images: int) -> Decimal:
     return Decimal(str(round((50 * 2.00 + 1056 * images * 8.00) / 1_000_000, 8)))
 
 
-def image_settings(
-    url: str, upstream: FakeUpstream | None, image_dir: Path, catalog: Path, **overrides: Any
-) -> Settings:
+def image_options(image_dir: Path, catalog: Path, **overrides: Any) -> dict[str, Any]:
+    """What every gateway of this module runs with: its image folder, the narrow catalog, fast batches."""
     values: dict[str, Any] = {
         "image_dir": image_dir,
         "catalog_file": catalog,
@@ -59,20 +53,13 @@ def image_settings(
         "stream_heartbeat_seconds": 0.5,
     }
     values.update(overrides)
-    return make_settings(url, upstream, **values)
+    return values
 
 
-@pytest_asyncio.fixture(scope="module")
-async def images_db_url(database_url: str) -> AsyncIterator[str]:
-    async with fresh_database(database_url) as url:
-        yield url
-
-
-@pytest_asyncio.fixture(scope="module")
-async def images_db(images_db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(images_db_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
+def image_settings(
+    url: str, upstream: FakeUpstream | None, image_dir: Path, catalog: Path, **overrides: Any
+) -> Settings:
+    return make_settings(url, upstream, **image_options(image_dir, catalog, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -85,29 +72,21 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return narrow_catalog(tmp_path_factory.mktemp("catalog"))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def images_gateway(
-    images_db_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path
-) -> AsyncIterator[Gateway]:
-    async with serve(image_settings(images_db_url, upstream, image_dir, catalog)) as gateway:
-        yield gateway
-
-
-@pytest_asyncio.fixture
-async def gw(images_gateway: Gateway, upstream: FakeUpstream, images_db: asyncpg.Pool) -> AsyncIterator[Gateway]:
-    upstream.reset()
-    await images_db.execute(f"TRUNCATE {IMAGE_TABLES} CASCADE")
-    yield images_gateway
+@pytest.fixture(scope="module")
+def gateway_settings(image_dir: Path, catalog: Path) -> dict[str, Any]:
+    """The shared gateway (`gw`) and every `start`ed one use the image folder and the narrow catalog."""
+    return image_options(image_dir, catalog)
 
 
 @pytest.fixture
-def start(images_db_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path) -> Callable[..., Any]:
-    """Another gateway on the images database: `async with start(image_moderation=True) as other:`."""
+def gw(gateway: Gateway) -> Gateway:
+    return gateway
 
-    def starter(simulated: bool = False, **overrides: Any) -> Any:
-        return serve(image_settings(images_db_url, None if simulated else upstream, image_dir, catalog, **overrides))
 
-    return starter
+@pytest.fixture
+def start(gateway_with: GatewayFactory) -> GatewayFactory:
+    """Another gateway on this module's database: `async with start(image_moderation=True) as other:`."""
+    return gateway_with
 
 
 async def generate(gateway: Gateway, key: str, **body: Any) -> httpx.Response:
@@ -139,7 +118,7 @@ def image_requests(upstream: FakeUpstream) -> list[dict[str, Any]]:
 # Generation.
 
 
-async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream, images_db, image_dir: Path) -> None:
+async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream, db, image_dir: Path) -> None:
     key, user = await gw.key("free")
     client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key)
     raw = await client.images.with_raw_response.generate(
@@ -168,7 +147,7 @@ async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream,
     assert content.content == _png("a red fox in the snow") and png_size(content.content) == (8, 8)
     assert "max-age=" in content.headers["cache-control"]
     # The row, the stored bytes, the usage row.
-    row = await images_db.fetchrow("SELECT * FROM image")
+    row = await db.fetchrow("SELECT * FROM image")
     assert (row["user_id"], row["prompt"], row["model"]) == (user, "a red fox in the snow", "gpt-image-1-mini")
     assert (row["size"], row["quality"], row["output_format"], row["content_type"]) == (
         "1024x1024",
@@ -179,7 +158,7 @@ async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream,
     assert row["bytes"] == len(content.content) and row["cost_usd"] == mini_cost(1) and row["simulated"] is False
     assert str(row["id"]) == image.model_extra["id"]
     assert (image_dir / row["storage_key"]).read_bytes() == content.content
-    [usage] = await usage_rows(images_db, user_id=user)
+    [usage] = await usage_rows(db, user_id=user)
     assert (usage["route"], usage["model"], usage["status"], usage["http_status"]) == (
         "images.generations",
         "gpt-image-1-mini",
@@ -191,7 +170,7 @@ async def test_generate_with_the_openai_sdk(gw: Gateway, upstream: FakeUpstream,
     assert usage["request_id"] == raw.headers["x-request-id"] and usage["api_key_id"] is not None
 
 
-async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, user = await gw.key("free")
     response = await generate(gw, key, n=3, response_format="b64_json")
     assert response.status_code == 200, response.text
@@ -202,9 +181,9 @@ async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, 
         assert png_size(inline) == (8, 8)
         assert (await gw.client.get(item["url"])).content == inline
     assert "response_format" not in image_requests(upstream)[0]
-    [usage] = await usage_rows(images_db, user_id=user)
+    [usage] = await usage_rows(db, user_id=user)
     assert usage["images"] == 3 and usage["cost_usd"] == mini_cost(3)
-    rows = await images_db.fetch("SELECT generation_id, cost_usd FROM image")
+    rows = await db.fetch("SELECT generation_id, cost_usd FROM image")
     assert len(rows) == 3 and len({r["generation_id"] for r in rows}) == 1
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(mini_cost(3), abs=Decimal("0.00000003"))
 
@@ -231,13 +210,13 @@ async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, 
     ],
 )
 async def test_invalid_parameters_are_400_before_any_upstream_call(
-    gw: Gateway, upstream: FakeUpstream, images_db, body: dict[str, Any], param: str
+    gw: Gateway, upstream: FakeUpstream, db, body: dict[str, Any], param: str
 ) -> None:
     key, _ = await gw.key("free")
     assert_error(await generate(gw, key, **body), 400, param=param)
     assert upstream.requests == []
     await asyncio.sleep(0.1)
-    assert await images_db.fetchval("SELECT count(*) FROM usage_event") == 0
+    assert await db.fetchval("SELECT count(*) FROM usage_event") == 0
 
 
 @pytest.mark.parametrize(
@@ -265,7 +244,7 @@ async def test_each_model_accepts_what_the_registry_says(
         assert upstream.requests == []
 
 
-async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, user = await gw.key("free")
     estimate = await gw.client.post(
         "/v1/images/estimate",
@@ -297,11 +276,11 @@ async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeU
     call = asyncio.create_task(generate(gw, key, size="1536x1024", quality="high", n=2))
 
     async def reserved() -> float | None:
-        return await images_db.fetchval("SELECT value FROM rate_limit_bucket WHERE key = $1", budget_key)
+        return await db.fetchval("SELECT value FROM rate_limit_bucket WHERE key = $1", budget_key)
 
     assert await wait_for(reserved) == pytest.approx(0.108)
     assert (await call).status_code == 200
-    await usage_rows(images_db, user_id=user)
+    await usage_rows(db, user_id=user)
 
     async def settled() -> bool:
         return await reserved() == pytest.approx(float(mini_cost(2)))
@@ -309,7 +288,7 @@ async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeU
     assert await wait_for(settled)
 
 
-async def test_simulated_mode_makes_real_pngs_offline(start, upstream: FakeUpstream, images_db) -> None:
+async def test_simulated_mode_makes_real_pngs_offline(start, upstream: FakeUpstream, db) -> None:
     upstream.reset()
     async with start(simulated=True) as sim:
         key, user = await sim.key("free")
@@ -323,9 +302,9 @@ async def test_simulated_mode_makes_real_pngs_offline(start, upstream: FakeUpstr
     assert base64.b64decode(again.json()["data"][0]["b64_json"]) == png  # deterministic per prompt
     assert base64.b64decode(other.json()["data"][0]["b64_json"]) != png
     assert upstream.requests == []
-    rows = await usage_rows(images_db, 3, user_id=user)
+    rows = await usage_rows(db, 3, user_id=user)
     assert {(r["status"], r["cost_usd"], r["images"]) for r in rows} == {("simulated", Decimal("0E-8"), 1)}
-    assert await images_db.fetchval("SELECT bool_and(simulated) FROM image WHERE user_id = $1", user)
+    assert await db.fetchval("SELECT bool_and(simulated) FROM image WHERE user_id = $1", user)
 
 
 async def test_users_switched_off_the_upstream_get_simulated_images(gw: Gateway, upstream: FakeUpstream) -> None:
@@ -361,7 +340,7 @@ async def test_users_switched_off_the_upstream_get_simulated_images(gw: Gateway,
     ],
 )
 async def test_upstream_errors_map_to_ours(
-    gw: Gateway, upstream: FakeUpstream, images_db, replies: list[Reply], status: int, code: str | None, attempts: int
+    gw: Gateway, upstream: FakeUpstream, db, replies: list[Reply], status: int, code: str | None, attempts: int
 ) -> None:
     upstream.script(UPSTREAM_IMAGES, *replies)
     key, user = await gw.key("free")
@@ -372,9 +351,9 @@ async def test_upstream_errors_map_to_ours(
     if status == 400:
         assert error["param"] == "size" and error["message"] == "bad size"
     assert len(image_requests(upstream)) == attempts
-    [row] = await usage_rows(images_db, user_id=user)
+    [row] = await usage_rows(db, user_id=user)
     assert (row["status"], row["http_status"], row["images"], row["cost_usd"]) == ("error", status, 0, 0)
-    assert await images_db.fetchval("SELECT count(*) FROM image") == 0
+    assert await db.fetchval("SELECT count(*) FROM image") == 0
 
 
 async def test_upstream_timeout_is_504(start, upstream: FakeUpstream) -> None:
@@ -385,7 +364,7 @@ async def test_upstream_timeout_is_504(start, upstream: FakeUpstream) -> None:
         assert_error(await generate(slow, key), 504, code="upstream_timeout")
 
 
-async def test_fallback_to_simulated_images(start, upstream: FakeUpstream, images_db) -> None:
+async def test_fallback_to_simulated_images(start, upstream: FakeUpstream, db) -> None:
     upstream.reset()
     upstream.script(UPSTREAM_IMAGES, *[Reply(status=503)] * 3)
     async with start(fallback_to_simulated=True) as fallback:
@@ -393,14 +372,14 @@ async def test_fallback_to_simulated_images(start, upstream: FakeUpstream, image
         response = await generate(fallback, key)
     assert response.status_code == 200
     assert response.headers["x-gateway-fallback"] == "true" and response.headers["x-gateway-simulated"] == "true"
-    [row] = await usage_rows(images_db, user_id=user)
+    [row] = await usage_rows(db, user_id=user)
     assert (row["status"], row["images"], row["cost_usd"]) == ("fallback", 1, 0)
 
 
 # Storage and signed URLs.
 
 
-async def test_s3_storage_backend(start, upstream: FakeUpstream, images_db) -> None:
+async def test_s3_storage_backend(start, upstream: FakeUpstream, db) -> None:
     from aiobotocore.session import get_session
 
     upstream.reset()
@@ -424,9 +403,7 @@ async def test_s3_storage_backend(start, upstream: FakeUpstream, images_db) -> N
                 response = await generate(gateway, key, prompt="a portrait in S3")
                 assert response.status_code == 200, response.text
                 [item] = response.json()["data"]
-                storage_key = await images_db.fetchval(
-                    "SELECT storage_key FROM image WHERE id = $1", uuid.UUID(item["id"])
-                )
+                storage_key = await db.fetchval("SELECT storage_key FROM image WHERE id = $1", uuid.UUID(item["id"]))
                 stored = await s3.get_object(Bucket="portraits", Key=storage_key)
                 assert stored["ContentType"] == "image/png"
                 async with stored["Body"] as body:
@@ -452,35 +429,39 @@ async def test_s3_storage_backend(start, upstream: FakeUpstream, images_db) -> N
             await storage.close()
 
 
-async def test_signed_urls_refuse_tampering_and_expiry(gw: Gateway, start, images_db) -> None:
-    key, _ = await gw.key("free")
-    first, second = [(await generate(gw, key, prompt=p)).json()["data"][0] for p in ("one", "two")]
-    url = httpx.URL(first["url"])
-    params = dict(url.params)
-    assert int(params["expires"]) == first["url_expires_at"] > time.time() + 3000
-    content = f"/v1/images/{first['id']}/content"
+async def test_signed_urls_refuse_tampering_and_expiry(start, db) -> None:
+    # A gateway of its own: the tables were just emptied, so the signing secret it makes at start-up is
+    # the one in Postgres (the module's shared gateway keeps the secret it made when it started).
+    async with start() as gw:
+        key, _ = await gw.key("free")
+        first, second = [(await generate(gw, key, prompt=p)).json()["data"][0] for p in ("one", "two")]
+        url = httpx.URL(first["url"])
+        params = dict(url.params)
+        assert int(params["expires"]) == first["url_expires_at"] > time.time() + 3000
+        content = f"/v1/images/{first['id']}/content"
 
-    async def get(**changes: str) -> httpx.Response:
-        return await gw.client.get(content, params={**params, **changes})
+        async def get(**changes: str) -> httpx.Response:
+            return await gw.client.get(content, params={**params, **changes})
 
-    assert (await get()).status_code == 200
-    assert_error(await get(signature=params["signature"][:-2] + "AA"), 403, code="invalid_signature")
-    assert_error(await get(expires=str(int(params["expires"]) + 60)), 403, code="invalid_signature")
-    other = dict(httpx.URL(second["url"]).params)
-    assert_error(await get(signature=other["signature"]), 403, code="invalid_signature")  # another image's signature
-    assert_error(await gw.client.get(content), 400, param="expires")
-    # A URL signed an hour ago with a one-hour TTL has expired (the signature itself is valid).
-    signer = gw.app.state.runtime.images.signer
-    expired_url, expired_at = signer.sign(gw.url + "/v1", uuid.UUID(first["id"]), now=time.time() - 3700)
-    assert expired_at < time.time()
-    assert_error(await gw.client.get(expired_url), 403, code="url_expired")
-    # The secret lives in Postgres: another replica (or a restart) verifies the same URLs.
-    assert await images_db.fetchval("SELECT count(*) FROM image_signing_key") == 1
-    async with start() as replica:
-        assert (await replica.client.get(content, params=params)).status_code == 200
-    # With IMAGE_URL_SECRET set, that secret signs instead.
-    async with start(image_url_secret="x" * 40) as configured:
-        assert_error(await configured.client.get(content, params=params), 403, code="invalid_signature")
+        assert (await get()).status_code == 200
+        assert_error(await get(signature=params["signature"][:-2] + "AA"), 403, code="invalid_signature")
+        assert_error(await get(expires=str(int(params["expires"]) + 60)), 403, code="invalid_signature")
+        other = dict(httpx.URL(second["url"]).params)
+        # Another image's signature.
+        assert_error(await get(signature=other["signature"]), 403, code="invalid_signature")
+        assert_error(await gw.client.get(content), 400, param="expires")
+        # A URL signed an hour ago with a one-hour TTL has expired (the signature itself is valid).
+        signer = internals.url_signer(gw.app)
+        expired_url, expired_at = signer.sign(gw.url + "/v1", uuid.UUID(first["id"]), now=time.time() - 3700)
+        assert expired_at < time.time()
+        assert_error(await gw.client.get(expired_url), 403, code="url_expired")
+        # The secret lives in Postgres: another replica (or a restart) verifies the same URLs.
+        assert await db.fetchval("SELECT count(*) FROM image_signing_key") == 1
+        async with start() as replica:
+            assert (await replica.client.get(content, params=params)).status_code == 200
+        # With IMAGE_URL_SECRET set, that secret signs instead.
+        async with start(image_url_secret="x" * 40) as configured:
+            assert_error(await configured.client.get(content, params=params), 403, code="invalid_signature")
 
 
 # History, regeneration, deletion.
@@ -514,7 +495,7 @@ async def test_history_is_per_user_and_paginated(gw: Gateway) -> None:
     assert_error(await gw.client.get("/v1/images"), 401)
 
 
-async def test_regenerate_keeps_or_changes_the_options(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_regenerate_keeps_or_changes_the_options(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, user = await gw.key("free")
     original = (await generate(gw, key, prompt="a lighthouse", size="1024x1536", quality="low")).json()["data"][0]
     same = await gw.client.post(f"/v1/images/{original['id']}/regenerate", headers=bearer(key))
@@ -534,14 +515,14 @@ async def test_regenerate_keeps_or_changes_the_options(gw: Gateway, upstream: Fa
         param="size",
     )
     assert_error(await gw.client.post(f"/v1/images/{uuid.uuid4()}/regenerate", headers=bearer(key)), 404)
-    rows = await usage_rows(images_db, 3, user_id=user)
+    rows = await usage_rows(db, 3, user_id=user)
     assert [r["images"] for r in rows] == [1, 1, 2]
 
 
-async def test_delete_removes_row_and_bytes(gw: Gateway, images_db, image_dir: Path) -> None:
+async def test_delete_removes_row_and_bytes(gw: Gateway, db, image_dir: Path) -> None:
     key, _ = await gw.key("free")
     item = (await generate(gw, key)).json()["data"][0]
-    storage_key = await images_db.fetchval("SELECT storage_key FROM image")
+    storage_key = await db.fetchval("SELECT storage_key FROM image")
     assert (image_dir / storage_key).exists()
     deleted = await gw.client.delete(f"/v1/images/{item['id']}", headers=bearer(key))
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
@@ -551,34 +532,26 @@ async def test_delete_removes_row_and_bytes(gw: Gateway, images_db, image_dir: P
     assert_error(await gw.client.delete(f"/v1/images/{item['id']}", headers=bearer(key)), 404)
 
 
-async def test_retention_prunes_old_images_and_expired_keys(gw: Gateway, images_db, image_dir: Path) -> None:
+async def test_retention_prunes_old_images_and_expired_keys(gw: Gateway, db, image_dir: Path) -> None:
     key, _ = await gw.key("free")
     old, new = [(await generate(gw, key, prompt=p)).json()["data"][0]["id"] for p in ("old", "new")]
-    old_key = await images_db.fetchval("SELECT storage_key FROM image WHERE id = $1", uuid.UUID(old))
-    await images_db.execute("UPDATE image SET created_at = now() - interval '31 days' WHERE id = $1", uuid.UUID(old))
+    old_key = await db.fetchval("SELECT storage_key FROM image WHERE id = $1", uuid.UUID(old))
+    await db.execute("UPDATE image SET created_at = now() - interval '31 days' WHERE id = $1", uuid.UUID(old))
     await generate(gw, key, prompt="kept")
-    await images_db.execute(
+    await db.execute(
         "INSERT INTO idempotency_key (user_id, key, request_hash, state, expires_at)"
         " VALUES ('u', 'stale', 'h', 'done', now() - interval '1 second')"
     )
-    pruned = await gw.app.state.runtime.image_retention.prune()
+    pruned = await internals.prune_images(gw.app)
     assert (pruned.images, pruned.idempotency_keys) == (1, 1)
     assert not (image_dir / old_key).exists()
-    remaining = {str(r["id"]) for r in await images_db.fetch("SELECT id FROM image")}
+    remaining = {str(r["id"]) for r in await db.fetch("SELECT id FROM image")}
     assert old not in remaining and new in remaining
 
 
-def test_prune_images_cli(images_db_url: str, image_dir: Path) -> None:
-    env = {**os.environ, "DATABASE_URL": images_db_url, "IMAGE_DIR": str(image_dir), "OPENAI_API_KEY": ""}
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "prune-images", "--days", "30"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def test_prune_images_cli(database_url: str, image_dir: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url, "IMAGE_DIR": str(image_dir), "OPENAI_API_KEY": ""}
+    done = app_command("prune-images", "--days", "30", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("pruned ") and "images" in done.stdout
 
@@ -586,7 +559,7 @@ def test_prune_images_cli(images_db_url: str, image_dir: Path) -> None:
 # Moderation.
 
 
-async def test_moderation_refuses_flagged_prompts(start, upstream: FakeUpstream, images_db) -> None:
+async def test_moderation_refuses_flagged_prompts(start, upstream: FakeUpstream, db) -> None:
     upstream.reset()
     async with start(image_moderation=True) as moderated:
         key, user = await moderated.key("free")
@@ -606,9 +579,9 @@ async def test_moderation_refuses_flagged_prompts(start, upstream: FakeUpstream,
         (UPSTREAM_MODERATIONS, ["fine", "FORBIDDEN art"]),
     ]
     assert upstream.requests[0].json["model"] == "omni-moderation-latest"
-    assert await images_db.fetchval("SELECT count(*) FROM image WHERE user_id = $1", user) == 1
-    assert await images_db.fetchval("SELECT count(*) FROM image_batch WHERE user_id = $1", user) == 0
-    rows = await usage_rows(images_db, 4, user_id=user)
+    assert await db.fetchval("SELECT count(*) FROM image WHERE user_id = $1", user) == 1
+    assert await db.fetchval("SELECT count(*) FROM image_batch WHERE user_id = $1", user) == 0
+    rows = await usage_rows(db, 4, user_id=user)
     assert [(r["route"], r["error_code"]) for r in rows if r["route"] == "images.moderation"] == [
         ("images.moderation", "content_policy_violation"),
         ("images.moderation", None),
@@ -616,7 +589,7 @@ async def test_moderation_refuses_flagged_prompts(start, upstream: FakeUpstream,
     ]
     # The refused request's reservation was given back: only the allowed image counts today.
     daily = await wait_for(
-        lambda: images_db.fetchval("SELECT value FROM rate_limit_bucket WHERE key LIKE $1", f"images_per_day:{user}:%")
+        lambda: db.fetchval("SELECT value FROM rate_limit_bucket WHERE key LIKE $1", f"images_per_day:{user}:%")
     )
     assert daily == 1
 
@@ -633,7 +606,7 @@ async def test_simulated_moderation_is_local(start, upstream: FakeUpstream) -> N
 # Idempotency.
 
 
-async def test_idempotent_retry_returns_the_first_result(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_idempotent_retry_returns_the_first_result(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, user = await gw.key("free")
     headers = {**bearer(key), "Idempotency-Key": "retry-1"}
     body = {"model": "default-image", "prompt": "a mountain", "response_format": "b64_json"}
@@ -644,7 +617,7 @@ async def test_idempotent_retry_returns_the_first_result(gw: Gateway, upstream: 
     assert [d["id"] for d in again.json()["data"]] == [d["id"] for d in first.json()["data"]]
     assert again.json()["data"][0]["b64_json"] == first.json()["data"][0]["b64_json"]  # read back from storage
     assert len(image_requests(upstream)) == 1
-    assert len(await usage_rows(images_db, user_id=user)) == 1
+    assert len(await usage_rows(db, user_id=user)) == 1
     # The same key with another body is a conflict the SDKs must not retry.
     conflict = await gw.client.post(GENERATIONS, json={**body, "prompt": "a valley"}, headers=headers)
     assert_error(conflict, 409, code="idempotency_key_reused")
@@ -656,9 +629,7 @@ async def test_idempotent_retry_returns_the_first_result(gw: Gateway, upstream: 
     ).status_code == 200
     assert len(image_requests(upstream)) == 2
     # After a day the key is free again.
-    await images_db.execute(
-        "UPDATE idempotency_key SET expires_at = now() - interval '1 second' WHERE user_id = $1", user
-    )
+    await db.execute("UPDATE idempotency_key SET expires_at = now() - interval '1 second' WHERE user_id = $1", user)
     reused = await gw.client.post(GENERATIONS, json={**body, "prompt": "a valley"}, headers=headers)
     assert reused.status_code == 200 and "idempotent-replayed" not in reused.headers
     assert_error(
@@ -714,7 +685,7 @@ async def create_batch(gateway: Gateway, key: str, prompts: list[str], **options
     )
 
 
-async def test_batch_progress_events_and_one_failure(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_batch_progress_events_and_one_failure(gw: Gateway, upstream: FakeUpstream, db) -> None:
     upstream.script(UPSTREAM_IMAGES, Reply(), Reply(status=400))
     key, user = await gw.key("free")
     created = await create_batch(gw, key, ["Ada", "Grace", "Linus"], quality="low")
@@ -746,15 +717,15 @@ async def test_batch_progress_events_and_one_failure(gw: Gateway, upstream: Fake
     assert len(completed) == 2 and all(len(item["images"]) == 1 for item in completed)
     served = await gw.client.get(completed[0]["images"][0]["url"])
     assert png_size(served.content) == (8, 8)
-    rows = await usage_rows(images_db, 3, user_id=user)
+    rows = await usage_rows(db, 3, user_id=user)
     assert sorted((r["route"], r["status"], r["images"]) for r in rows) == [
         ("images.batches", "error", 0),
         ("images.batches", "ok", 1),
         ("images.batches", "ok", 1),
     ]
-    assert await images_db.fetchval("SELECT count(*) FROM image WHERE batch_id = $1", uuid.UUID(batch["id"])) == 2
+    assert await db.fetchval("SELECT count(*) FROM image WHERE batch_id = $1", uuid.UUID(batch["id"])) == 2
     # Batch images count against the per-hour batch limit, not the per-minute request limit.
-    keys = {r["key"].split(":")[0] for r in await images_db.fetch("SELECT key FROM rate_limit_bucket")}
+    keys = {r["key"].split(":")[0] for r in await db.fetch("SELECT key FROM rate_limit_bucket")}
     assert "batch_images_per_hour" in keys and "image_requests_per_minute" not in keys
     # Others cannot see it.
     stranger, _ = await gw.key("free")
@@ -762,7 +733,7 @@ async def test_batch_progress_events_and_one_failure(gw: Gateway, upstream: Fake
     assert_error(await gw.client.get(f"{BATCHES}/{batch['id']}/events", headers=bearer(stranger)), 404)
 
 
-async def test_a_batch_waits_for_the_users_limits(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_a_batch_waits_for_the_users_limits(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, user = await gw.key("free")
     await gw.admin("PATCH", f"/admin/users/{user}", json={"limit_overrides": {"batch_images_per_hour": 1}})
     created = (await create_batch(gw, key, ["first", "second"])).json()
@@ -799,23 +770,23 @@ async def test_event_streams_beat_and_end_by_their_cap(start, upstream: FakeUpst
     assert image_requests(upstream) == []
 
 
-async def test_transient_item_failures_are_retried(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_transient_item_failures_are_retried(gw: Gateway, upstream: FakeUpstream, db) -> None:
     upstream.script(UPSTREAM_IMAGES, *[Reply(status=500)] * 3)  # one generation call, after its own retries
     key, _ = await gw.key("free")
     created = (await create_batch(gw, key, ["retry"])).json()
 
     async def requeued() -> bool:
-        row = await images_db.fetchrow("SELECT status, attempts, error_code FROM image_batch_item")
+        row = await db.fetchrow("SELECT status, attempts, error_code FROM image_batch_item")
         return row is not None and tuple(row) == ("pending", 1, "upstream_error")
 
     assert await wait_for(requeued)
-    await images_db.execute("UPDATE image_batch_item SET not_before = now()")  # skip the backoff
+    await db.execute("UPDATE image_batch_item SET not_before = now()")  # skip the backoff
     events = await read_events(gw, key, created["id"])
     assert [name for name, _ in events] == ["item.completed", "batch.completed"]
     assert events[0][1]["item"]["attempts"] == 1
 
 
-async def test_batch_creation_is_validated_and_idempotent(gw: Gateway, upstream: FakeUpstream, images_db) -> None:
+async def test_batch_creation_is_validated_and_idempotent(gw: Gateway, upstream: FakeUpstream, db) -> None:
     key, _ = await gw.key("free")
     assert_error(await create_batch(gw, key, ["a"], size="9x9"), 400, param="size")
     assert_error(await create_batch(gw, key, []), 400, param="items")
@@ -827,19 +798,22 @@ async def test_batch_creation_is_validated_and_idempotent(gw: Gateway, upstream:
     again = await gw.client.post(BATCHES, json=body, headers=headers)
     assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
-    assert await images_db.fetchval("SELECT count(*) FROM image_batch") == 1
+    assert await db.fetchval("SELECT count(*) FROM image_batch") == 1
     other = {**body, "items": [{"prompt": "three"}]}
     assert_error(await gw.client.post(BATCHES, json=other, headers=headers), 409, code="idempotency_key_reused")
-    await read_events(gw, key, first.json()["id"])
+    events = await read_events(gw, key, first.json()["id"])
+    assert [name for name, _ in events] == ["item.completed", "item.completed", "batch.completed"]
+    assert events[-1][1]["counts"]["completed"] == 2
     assert len(image_requests(upstream)) == 2
 
 
 async def test_a_batch_survives_a_restart(
-    database_url: str, upstream: FakeUpstream, image_dir: Path, catalog: Path
+    fresh_database, upstream: FakeUpstream, image_dir: Path, catalog: Path
 ) -> None:
     upstream.reset()
     upstream.script(UPSTREAM_IMAGES, Reply(), Reply(delay=10))  # the second item is under way at shutdown
-    async with fresh_database(database_url) as url:
+    # A database of its own: the module's shared gateway must not take these items.
+    async with fresh_database("batch_restart") as url:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         try:
 

@@ -6,8 +6,6 @@ import asyncio
 import io
 import logging
 import math
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,16 +13,15 @@ from pathlib import Path
 import asyncpg
 import httpx
 import orjson
-import pytest
-from conftest import Gateway, GatewayFactory, bearer, usage_rows
-from fake_upstream import CHAT_PATH, Reply
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from test_ratelimit import free_port
 
 from app.observability.logs import JsonFormatter, TextFormatter
+from support.auth import bearer
+from support.fake_upstream import CHAT_PATH, Reply
+from support.gateway import Gateway, GatewayFactory, gateway_env, gateway_process
+from support.waiting import usage_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 PROMPT = "tell me about the purple elephant 7f3a"  # must not reach a log line unless LOG_PROMPTS=true
 BODY = {"model": "default-chat", "messages": [{"role": "user", "content": PROMPT}]}
@@ -240,67 +237,45 @@ async def test_two_workers_report_the_sum(gateway: Gateway, upstream, database_u
     key, user = await gateway.key("internal")
     metrics_dir = tmp_path / "metrics"
     log_path = tmp_path / "stderr.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "OPENAI_API_KEY": upstream.api_key,
-        "OPENAI_BASE_URL": upstream.base_url,
-        "USAGE_FLUSH_INTERVAL": "0.05",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "LOG_FORMAT": "json",
-        "LOG_PROMPTS": "false",
-    }
-    port = free_port()
-    with log_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "app", "serve", "--workers", "2", "--port", str(port), "--log-level", "info"),
-            env=env,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
+    env = gateway_env(
+        database_url,
+        upstream,
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        LOG_FORMAT="json",
+        LOG_PROMPTS="false",
+    )
     sent: list[httpx.Response] = []
     no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection each time: the workers share them
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, limits=no_reuse) as client:
-            for _ in range(300):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the gateway with two workers did not start")
-            for _ in range(10):  # until both workers have answered some
-                batch = [chat(client, key) for _ in range(8)] + [stream(client, key) for _ in range(4)]
-                sent += await asyncio.gather(*batch)
-                counts = per_worker_requests(metrics_dir)
-                if len(counts) == 2 and all(counts.values()):
-                    break
-            assert all(r.status_code == 200 for r in sent)
-            total = len(sent)
+    async with gateway_process(env, log_path, "--workers", "2", log_level="info", limits=no_reuse) as process:
+        client = process.client
+        # /healthz answers once one worker is up; a second worker still starting would see no requests.
+        await process.wait_for_log("Application startup complete", count=2)
+        for _ in range(10):  # until both workers have answered some
+            batch = [chat(client, key) for _ in range(8)] + [stream(client, key) for _ in range(4)]
+            sent += await asyncio.gather(*batch)
             counts = per_worker_requests(metrics_dir)
-            assert len(counts) == 2 and all(counts.values()), f"requests did not spread: {counts}"
+            if len(counts) == 2 and all(counts.values()):
+                break
+        assert all(r.status_code == 200 for r in sent)
+        total = len(sent)
+        counts = per_worker_requests(metrics_dir)
+        assert len(counts) == 2 and all(counts.values()), f"requests did not spread: {counts}"
 
-            # Each worker counts after the response's last byte: wait for the last few, then check every scrape.
-            for _ in range(100):
-                samples = await scrape(client)
-                if value(samples, "gateway_http_requests_total", method="POST", route=CHAT, status="200") == total:
-                    break
-                await asyncio.sleep(0.02)
-            chat_calls = {"operation": "chat.completions", "model": MODEL}
-            for _ in range(8):
-                samples = await scrape(client)
-                assert value(samples, "gateway_http_requests_total", method="POST", route=CHAT, status="200") == total
-                assert value(samples, "gateway_http_request_duration_seconds_count", method="POST", route=CHAT) == total
-                assert value(samples, "gateway_upstream_calls_total", **chat_calls, status="ok") == total
-                assert value(samples, "gateway_time_to_first_token_seconds_count", **chat_calls) == total // 3
-                assert value(samples, "gateway_open_streams", route=CHAT) == 0
-                assert value(samples, "gateway_usage_queue_depth") is not None
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 30)
+        # Each worker counts after the response's last byte: wait for the last few, then check every scrape.
+        for _ in range(100):
+            samples = await scrape(client)
+            if value(samples, "gateway_http_requests_total", method="POST", route=CHAT, status="200") == total:
+                break
+            await asyncio.sleep(0.02)
+        chat_calls = {"operation": "chat.completions", "model": MODEL}
+        for _ in range(8):
+            samples = await scrape(client)
+            assert value(samples, "gateway_http_requests_total", method="POST", route=CHAT, status="200") == total
+            assert value(samples, "gateway_http_request_duration_seconds_count", method="POST", route=CHAT) == total
+            assert value(samples, "gateway_upstream_calls_total", **chat_calls, status="ok") == total
+            assert value(samples, "gateway_time_to_first_token_seconds_count", **chat_calls) == total // 3
+            assert value(samples, "gateway_open_streams", route=CHAT) == 0
+            assert value(samples, "gateway_usage_queue_depth") is not None
     assert process.returncode == 0
     assert not metrics_dir.exists() or not list(metrics_dir.glob("gauge_live*")), "workers took their gauges along"
 

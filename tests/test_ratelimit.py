@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,24 +12,20 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from conftest import Gateway, GatewayFactory, bearer, usage_rows
-from fake_upstream import FakeUpstream
-from tcp_proxy import CuttableProxy
-from test_foundation import assert_error
 
 from app.auth.principal import Principal
 from app.errors import RateLimited
 from app.ratelimit.limiter import Bucket, Limiter, _window, format_duration
+from support import internals
+from support.auth import bearer
+from support.errors import assert_error
+from support.fake_upstream import FakeUpstream
+from support.gateway import Gateway, GatewayFactory, gateway_env, gateway_process
+from support.tcp_proxy import TcpProxy
+from support.waiting import usage_rows
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 BODY = {"model": "default-chat", "messages": [{"role": "user", "content": "Say hello"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def chat(gateway: Gateway, key: str, **extra) -> httpx.Response:
@@ -86,47 +79,11 @@ async def test_several_processes_share_one_count(
 ) -> None:
     """A second gateway process on the same database: together they let exactly 10 through."""
     key, _ = await gateway.key("free")
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "OPENAI_API_KEY": upstream.api_key,
-        "OPENAI_BASE_URL": upstream.base_url,
-        "USAGE_FLUSH_INTERVAL": "0.05",
-    }
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as other:
-            for _ in range(300):
-                try:
-                    if (await other.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the second gateway process did not start")
-            requests = [
-                client.post(CHAT, json=BODY, headers=bearer(key))
-                for _ in range(15)
-                for client in (gateway.client, other)
-            ]
-            responses = await asyncio.gather(*requests)
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 20)
+    env = gateway_env(database_url, upstream)
+    async with gateway_process(env, tmp_path / "second-gateway.log") as other:
+        clients = (gateway.client, other.client)
+        requests = [client.post(CHAT, json=BODY, headers=bearer(key)) for _ in range(15) for client in clients]
+        responses = await asyncio.gather(*requests)
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 10 and statuses.count(429) == 20
     assert len(upstream.requests) == 10
@@ -184,7 +141,7 @@ def bucket(key: str, kind: str, limit: float, period: float, cost: float = 1, na
 
 @pytest.fixture
 def limiter(shared_gateway: Gateway) -> Limiter:
-    return shared_gateway.app.state.runtime.limiter
+    return internals.limiter(shared_gateway.app)
 
 
 async def test_gcra_refills_steadily(limiter: Limiter) -> None:
@@ -256,14 +213,14 @@ async def test_prune_removes_only_expired_rows(limiter: Limiter, db: asyncpg.Poo
 async def cuttable_database(database_url: str):
     if not urlsplit(database_url).port:
         pytest.skip("needs a TCP database (TEST_DATABASE_URL) to cut")
-    proxy = CuttableProxy.for_database(database_url)
+    proxy = TcpProxy.for_database(database_url)
     await proxy.start()
     yield proxy
     await proxy.stop()
 
 
 async def test_database_down_fails_closed_for_budgets_and_open_for_rates(
-    gateway_with: GatewayFactory, cuttable_database: CuttableProxy, database_url: str, db: asyncpg.Pool
+    gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str, db: asyncpg.Pool
 ) -> None:
     proxied = cuttable_database.url_for(database_url)
     async with gateway_with(database_url=proxied, ratelimit_timeout=0.5) as gw:
@@ -288,7 +245,7 @@ async def test_database_down_fails_closed_for_budgets_and_open_for_rates(
 
 
 async def test_database_down_fail_open_for_budgets_when_configured(
-    gateway_with: GatewayFactory, cuttable_database: CuttableProxy, database_url: str
+    gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str
 ) -> None:
     proxied = cuttable_database.url_for(database_url)
     async with gateway_with(database_url=proxied, ratelimit_timeout=0.5, ratelimit_fail_open_budgets=True) as gw:
@@ -300,7 +257,7 @@ async def test_database_down_fail_open_for_budgets_when_configured(
 
 
 async def test_a_lost_database_connection_is_a_503_then_recovers(
-    gateway_with: GatewayFactory, cuttable_database: CuttableProxy, database_url: str
+    gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str
 ) -> None:
     proxied = cuttable_database.url_for(database_url)
     async with gateway_with(database_url=proxied, db_pool_size=1) as gw:

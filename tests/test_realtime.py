@@ -7,9 +7,12 @@ import time
 
 import openai
 import pytest
-from conftest import Gateway, GatewayFactory, bearer, usage_rows
-from fake_upstream import FakeUpstream, Reply
-from test_foundation import assert_error
+
+from support.auth import bearer
+from support.errors import assert_error
+from support.fake_upstream import FakeUpstream, Reply
+from support.gateway import Gateway, GatewayFactory
+from support.waiting import usage_rows
 
 PATH = "/v1/realtime/client_secrets"
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,17 +22,20 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import TABLES, Gateway, GatewayFactory, bearer, make_jwt, make_settings, serve, usage_rows, wait_for
-from fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
 from sqlalchemy import event
-from test_foundation import assert_error
 
 from app.config import PACKAGE_DIR
 from app.registry import load_catalog
 from app.threads.profiles import load_profiles
 from app.threads.retention import RETENTION_LOCK, prune_idle_threads
+from support import internals
+from support.auth import bearer, make_jwt
+from support.errors import assert_error
+from support.fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
+from support.gateway import Gateway, GatewayFactory, app_command
+from support.tcp_proxy import TcpProxy
+from support.waiting import usage_rows, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 CONTEXT_TOKEN = "ctx-token-0123456789"
 
@@ -156,21 +157,16 @@ def assistants_file(context_server: ContextServer, tmp_path_factory: pytest.Temp
 THREAD_SETTINGS: dict[str, Any] = {"thread_context_token": CONTEXT_TOKEN}
 
 
-@pytest_asyncio.fixture(scope="module")
-async def threads_gateway(database_url: str, upstream: FakeUpstream, assistants_file: Path) -> AsyncIterator[Gateway]:
-    settings = make_settings(database_url, upstream, assistants_file=assistants_file, **THREAD_SETTINGS)
-    async with serve(settings) as gateway:
-        yield gateway
+@pytest.fixture(scope="module")
+def gateway_settings(assistants_file: Path) -> dict[str, Any]:
+    """The module's gateways read the test profiles."""
+    return {"assistants_file": assistants_file, **THREAD_SETTINGS}
 
 
-@pytest_asyncio.fixture
-async def gw(
-    threads_gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
-) -> AsyncIterator[Gateway]:
-    upstream.reset()
+@pytest.fixture
+def gw(gateway: Gateway, context_server: ContextServer) -> Gateway:
     context_server.reset()
-    await db.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
-    yield threads_gateway
+    return gateway
 
 
 async def user(gateway: Gateway, tier: str = "pro") -> tuple[str, dict[str, str]]:
@@ -932,7 +928,7 @@ async def test_statements_of_a_turn(gw: Gateway) -> None:
     thread_id = (await new_thread(gw, headers))["id"]
     coach_id = (await new_thread(gw, headers, profile="coach"))["id"]
     await say(gw, headers, thread_id, "warm up")  # the key is now cached: no auth lookups below
-    engine = gw.app.state.runtime.db.engine.sync_engine
+    engine = internals.sync_engine(gw.app)
     seen: list[str] = []
 
     def statement(conn, cursor, sql, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
@@ -956,6 +952,7 @@ async def test_statements_of_a_turn(gw: Gateway) -> None:
         for target, name, listener in listeners:
             event.remove(target, name, listener)
 
+    # Two connections, never one held across the upstream call.
     turn = ["CHECKOUT", "WITH locked AS", "CHECKOUT", "INSERT INTO thread_message", "CHECKOUT", "WITH touched AS"]
     assert plain == turn
     assert streamed == turn
@@ -963,83 +960,33 @@ async def test_statements_of_a_turn(gw: Gateway) -> None:
     assert with_fetch == [*turn[:2], "CHECKOUT", "INSERT INTO user_context_cache", *turn[2:]]
 
 
-class CountingProxy:
-    """A loopback TCP proxy to Postgres that logs each client write: one write, one round trip."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self.counting = False
-        self.writes: list[tuple[int, bytes]] = []  # (connection, first bytes)
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, log: bool) -> None:
-            try:
-                while data := await source.read(65536):
-                    if log and self.counting:
-                        self.writes.append((id(writer), data[:64]))
-                    sink.write(data)
-                    await sink.drain()
-            except OSError:
-                pass
-            finally:
-                sink.close()
-
-        asyncio.get_running_loop().create_task(pipe(reader, upstream_writer, True))
-        asyncio.get_running_loop().create_task(pipe(upstream_reader, writer, False))
-
-    def tally(self) -> tuple[int, int]:
-        """(round trips, of which pool pre-pings): SQLAlchemy pings asyncpg with BEGIN; ; ROLLBACK."""
-        pings, pinging = 0, set()
-        for connection, data in self.writes:
-            if data.startswith(b"Q") and data[5:].startswith(b"BEGIN;"):
-                pinging.add(connection)
-            if connection in pinging:
-                pings += 1
-                if data.startswith(b"Q") and data[5:].startswith(b"ROLLBACK;"):
-                    pinging.discard(connection)
-        return len(self.writes), pings
-
-
 async def test_wire_round_trips_of_a_turn(
     gateway_with: GatewayFactory, database_url: str, assistants_file: Path, upstream: FakeUpstream
 ) -> None:
     """Every round trip to Postgres while a turn runs, whatever pool or client made it."""
-    target = httpx.URL(database_url)
-    if not target.host:
+    if not httpx.URL(database_url).host:
         pytest.skip("needs a TCP database (TEST_DATABASE_URL) to count round trips through a proxy")
-    proxy = CountingProxy(target.host or "127.0.0.1", target.port or 5432)
+    proxy = TcpProxy.for_database(database_url)
     await proxy.start()
-    proxied = database_url.replace(f"{target.host}:{target.port or 5432}", f"127.0.0.1:{proxy.port}")
+    proxied = proxy.url_for(database_url)
     upstream.reset()
-    # No background writes in the window: usage rows wait for shutdown, a JWT caller has no key to touch.
-    async with gateway_with(database_url=proxied, assistants_file=assistants_file, usage_flush_interval=3600) as wired:
+    # No background writes in the window: usage rows wait for shutdown, a JWT caller has no key to touch,
+    # the batch runner looks for work once at start-up only (a poll landing in the window was a 7th trip).
+    quiet = {"usage_flush_interval": 3600, "image_batch_poll_seconds": 3600}
+    async with gateway_with(database_url=proxied, assistants_file=assistants_file, **quiet) as wired:
         headers = bearer(make_jwt(f"wire-{uuid.uuid4().hex[:8]}"))
         thread_id = (await new_thread(wired, headers))["id"]
         await say(wired, headers, thread_id, "warm up")  # statements prepared once per connection
         await stream_turn(wired, headers, thread_id, "warm up")
         counts = []
         for streamed in (False, True):
-            proxy.writes.clear()
-            proxy.counting = True
+            proxy.start_counting()
             if streamed:
                 assert (await stream_turn(wired, headers, thread_id, "measured"))[1][-1][1]["status"] == "completed"
             else:
                 assert (await say(wired, headers, thread_id, "measured")).status_code == 200
             await asyncio.sleep(0.05)
-            proxy.counting = False
-            counts.append(proxy.tally())
+            counts.append(proxy.stop_counting())
     await proxy.stop()
     for total, pings in counts:
         # The request rate (before any write); lock + read; the tokens and budget; the user message;
@@ -1072,20 +1019,20 @@ async def test_retention_deletes_idle_threads_with_their_messages(gw: Gateway, d
     blocker = await db.acquire()
     try:
         await blocker.execute("SELECT pg_advisory_lock($1)", RETENTION_LOCK)  # another replica is at it
-        assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30) is None
+        assert await prune_idle_threads(internals.sessionmaker(gw.app), days=30) is None
         assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", user_id) == 2
     finally:
         await blocker.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
         await db.release(blocker)
 
-    assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30, batch_size=1) == 1
+    assert await prune_idle_threads(internals.sessionmaker(gw.app), days=30, batch_size=1) == 1
     assert await db.fetchval("SELECT count(*) FROM thread WHERE id = $1", uuid.UUID(idle)) == 0
     assert await stored(db, idle) == []
     assert len(await stored(db, fresh)) == 2
     assert await db.fetchval("SELECT array_agg(profile) FROM user_context_cache WHERE user_id = $1", user_id) == [
         "coach_health"
     ]
-    assert await prune_idle_threads(gw.app.state.runtime.db.sessionmaker, days=30) == 0
+    assert await prune_idle_threads(internals.sessionmaker(gw.app), days=30) == 0
 
 
 def test_prune_threads_cli(database_url: str) -> None:
@@ -1110,12 +1057,9 @@ def test_prune_threads_cli(database_url: str) -> None:
 
     idle, fresh = asyncio.run(prepare())
     env = {**os.environ, "DATABASE_URL": database_url, "THREAD_RETENTION_DAYS": "30"}
-    command = [sys.executable, "-m", "app", "prune-threads"]
-    kept = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    kept = app_command("prune-threads", env=env, check=True)
     assert "threads idle for more than 30 days" in kept.stdout  # ours is 10 days idle: kept
-    pruned = subprocess.run(
-        [*command, "--days", "7"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60, check=True
-    )
+    pruned = app_command("prune-threads", "--days", "7", env=env, check=True)
     assert "threads idle for more than 7 days" in pruned.stdout
 
     async def remaining() -> list[str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import Gateway, usage_rows
-
 from app.usage.record import UsageRecord
+from support import internals
+from support.gateway import Gateway
+from support.waiting import usage_rows
 
 
 def record(user: str, **values) -> UsageRecord:
@@ -21,7 +22,7 @@ def record(user: str, **values) -> UsageRecord:
 
 
 async def test_a_row_the_database_rejects_does_not_block_the_others(gateway: Gateway, db) -> None:
-    writer = gateway.app.state.runtime.usage
+    writer = internals.usage_writer(gateway.app)
     writer.record(record("poison-user", error_code="x" * 500))  # longer than the column allows
     writer.record(record("healthy-user", prompt_tokens=3))
     [row] = await usage_rows(db, user_id="healthy-user")

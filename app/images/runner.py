@@ -62,6 +62,10 @@ class BatchRunner:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="image-batch-runner")
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
     async def idle(self) -> None:
         """Wait until no item is under way (tests settle the gateway with it)."""
         while self._active:

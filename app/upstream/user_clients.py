@@ -111,6 +111,10 @@ class UserClients:
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._entries
 
+    def get(self, user_id: str) -> UserClient | None:
+        """The user's cached client, without leasing or loading it (for inspection)."""
+        return self._entries.get(user_id)
+
     async def acquire(self, user_id: str) -> UserClient | None:
         """The user's client, leased: call `release` when done. None: no key is stored for them."""
         client = self._entries.get(user_id)

@@ -1,20 +1,13 @@
-"""Helpers for the image tests: PNG checks, throwaway databases, a catalog with a narrow model, S3 on loopback."""
+"""Helpers for the image tests: PNG checks, a catalog with a narrow model, S3 on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import secrets
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
-from app import migrations
 from app.config import DEFAULT_CATALOG
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,22 +63,6 @@ def narrow_catalog(folder: Path) -> Path:
     path = folder / "catalog.toml"
     path.write_text(text[:marker] + NARROW_MODEL + text[marker:])
     return path
-
-
-@contextlib.asynccontextmanager
-async def fresh_database(any_database_url: str) -> AsyncIterator[str]:
-    """A new database on the same server, migrated to head, dropped afterwards."""
-    parts = urlsplit(any_database_url)
-    name = f"gateway_images_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(any_database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(parts._replace(path=f"/{name}"))
-    try:
-        await asyncio.to_thread(migrations.upgrade, url)
-        yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @contextlib.contextmanager
