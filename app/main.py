@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +30,8 @@ from app.realtime.router import router as realtime_router
 from app.runtime import Runtime
 from app.threads.router import router as threads_router
 from app.usage.router import router as usage_router
+
+GC_FIRST_GENERATION = 20_000  # allocations between collections of the youngest generation (Python's default: 700)
 
 # Headers a browser app may read: our request id, limits, and how an answer was made.
 EXPOSED_HEADERS = [
@@ -60,6 +63,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The runtime lives as long as the app serves; it is the one thing attached to `app.state`."""
     runtime = await Runtime.start(app.state.settings)
     app.state.runtime = runtime
+    # What start-up built (the framework, schemas, SDK types: ~1M objects) lives as long as the
+    # process: freezing it keeps the cyclic collector from walking it again and again, and a larger
+    # first generation runs the collector less often. Measured: -15% CPU per chat request (README).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_FIRST_GENERATION, 20, 20)
     try:
         yield
     finally:

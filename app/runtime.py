@@ -208,7 +208,7 @@ class Runtime:
             batch_runner=batch_runner,
             image_retention=retention,
             realtime=RealtimeService(catalog, presets, limiter, calls),
-            byok=BYOKService(vault, upstream, auth),
+            byok=BYOKService(vault, upstream, auth, db),
             migration_head=migrations.head(),
             _stack=stack,
         )

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import repository
 from app.auth.keys import hash_key, new_key, visible_prefix
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, KeyNotFound
 from app.models import ApiKey, AppUser
 from app.registry import Catalog
 
@@ -42,7 +42,7 @@ async def create_key(
 async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey:
     key = await repository.revoke_key(session, key_id)
     if key is None:
-        raise NotFound(f"No active key {key_id}.")
+        raise KeyNotFound(key_id)
     await repository.notify_changed(session, f"key:{key.key_hash}")
     return key
 

@@ -30,6 +30,7 @@ from app.byok.crypto import KeyCipher, UnreadableKey
 from app.byok.schemas import OpenAIKeyPublic
 from app.byok.vault import KeyVault
 from app.config import Settings
+from app.db import Database
 from app.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, RateLimited
 from app.upstream.hub import Upstream
 
@@ -45,15 +46,19 @@ def _public(row: object) -> OpenAIKeyPublic:
 
 
 class BYOKService:
-    def __init__(self, vault: KeyVault, upstream: Upstream, authenticator: Authenticator) -> None:
+    def __init__(
+        self, vault: KeyVault, upstream: Upstream, authenticator: Authenticator, database: Database
+    ) -> None:
         self.cipher = vault.cipher
+        self.database = database
         self.upstream = upstream
         self.authenticator = authenticator
         self.checks = parse(f"{CHECKS_PER_MINUTE}/minute")
         self.check_limiter = MovingWindowRateLimiter(MemoryStorage())
 
-    async def store(self, session: AsyncSession, principal: Principal, api_key: str) -> OpenAIKeyPublic:
-        """Check the key with the upstream, then store it sealed; replaces any key stored before."""
+    async def store(self, principal: Principal, api_key: str) -> OpenAIKeyPublic:
+        """Check the key with the upstream, then store it sealed (its own transaction, opened after the
+        check); replaces any key stored before."""
         if not self.cipher.enabled:
             raise PermissionDenied(
                 "Storing your own OpenAI key is not enabled on this gateway.", code=ErrorCode.BYOK_DISABLED
@@ -73,17 +78,19 @@ class BYOKService:
                 code=ErrorCode.INVALID_OPENAI_KEY,
             )
         key_id, ciphertext = self.cipher.encrypt(principal.user_id, api_key)
-        row = await repository.put(
-            session,
-            user_id=principal.user_id,
-            key_id=key_id,
-            ciphertext=ciphertext,
-            last4=api_key[-4:],
-            validated_at=datetime.now(UTC),
-        )
-        await self._changed(session, principal.user_id)
+        async with self.database.sessionmaker.begin() as session:
+            row = await repository.put(
+                session,
+                user_id=principal.user_id,
+                key_id=key_id,
+                ciphertext=ciphertext,
+                last4=api_key[-4:],
+                validated_at=datetime.now(UTC),
+            )
+            public = _public(row)
+            await self._changed(session, principal.user_id)
         log.info("stored an own OpenAI key", extra={"user_id": principal.user_id})
-        return _public(row)
+        return public
 
     async def show(self, session: AsyncSession, principal: Principal) -> OpenAIKeyPublic:
         row = await repository.get(session, principal.user_id)
