@@ -23,11 +23,12 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from app.auth.principal import Principal
-from app.errors import ErrorCode, GatewayError, InvalidRequest
+from app.errors import ErrorCode, GatewayError, InvalidRequest, Unavailable
 from app.ratelimit.buckets import Bucket, Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import ModelSpec
@@ -35,7 +36,8 @@ from app.tokens import chars_to_tokens
 from app.upstream.errors import upstream_failed
 from app.upstream.hub import Answerer, Lease, Upstream
 from app.upstream.provider import EventStream, Provider
-from app.usage.record import Status, UsageRecord, usage_fields
+from app.usage.ledger import PendingRow, clamp_usage, new_call_id
+from app.usage.record import Status, UsageRecord
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.calls")
@@ -72,7 +74,7 @@ class FallbackPolicy:
 
 @dataclass(slots=True)
 class Spent:
-    """What one call used, as its usage row records it."""
+    """What one call used (or may use at worst: its reservation), as its usage row records it."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -80,6 +82,7 @@ class Spent:
     images: int = 0
     cost_usd: float = 0.0
     estimated: bool = False
+    flags: list[str] = field(default_factory=list)  # what had to be fixed in the upstream's report
 
 
 class Call:
@@ -88,19 +91,19 @@ class Call:
     def __init__(
         self,
         *,
+        pending: PendingRow,
         principal: Principal,
-        route: str,
-        model: str,
         spec: ModelSpec | None,
-        request_id: str,
         decision: Decision,
         lease: Lease,
         may_fall_back: bool,
         usage: UsageWriter,
-        prompt_estimate: int = 0,
-        thread_id: uuid.UUID | None = None,
+        reserved: Spent,
         detail: dict[str, Any] | None = None,
     ) -> None:
+        self.call_id = pending.call_id
+        self.created_at = pending.created_at
+        route, model, request_id, thread_id = pending.route, pending.model, pending.request_id, pending.thread_id
         self.principal = principal
         self.route = route
         self.model = model
@@ -109,7 +112,7 @@ class Call:
         self.decision = decision
         self.lease = lease
         self.may_fall_back = may_fall_back
-        self.prompt_estimate = prompt_estimate
+        self.reserved = reserved
         self.thread_id = thread_id
         self.detail = detail
         self.started = time.perf_counter()
@@ -134,14 +137,18 @@ class Call:
             return "fallback"
         return "simulated" if self.simulated else "ok"
 
-    def token_spend(self, usage: dict[str, Any] | None, completion_chars: int = 0) -> Spent:
-        """A token-priced answer: the upstream's `usage`, else our estimate (marked)."""
-        if usage is None:
-            prompt, completion, cached = self.prompt_estimate, chars_to_tokens(completion_chars), 0
+    def token_spend(self, usage: object, completion_chars: int = 0) -> Spent:
+        """A token-priced answer: the upstream's `usage` (checked and clamped, app/usage/ledger.py), else our
+        estimate from the prompt and the text received (marked estimated)."""
+        flags: list[str] = []
+        if isinstance(usage, dict):
+            prompt, completion, cached, flags = clamp_usage(usage)
         else:
-            prompt, completion, cached = usage_fields(usage)
+            if usage is not None:
+                flags = ["not_an_object"]
+            prompt, completion, cached = self.reserved.prompt_tokens, chars_to_tokens(completion_chars), 0
         cost = self.spec.token_cost(prompt, completion, cached) if self.spec is not None else 0.0
-        return Spent(prompt, completion, cached, cost_usd=cost, estimated=usage is None)
+        return Spent(prompt, completion, cached, cost_usd=cost, estimated=not isinstance(usage, dict), flags=flags)
 
     def headers(self, upstream_request_id: str | None = None) -> dict[str, str]:
         """The limits' headers, and whether a simulated provider answered."""
@@ -177,7 +184,11 @@ class Call:
         merged = {**(self.detail or {}), **(detail or {})}
         if self.lease.answerer == "own_key":
             merged["key"] = "user"
+        if spent.flags:
+            merged["usage_flags"] = spent.flags
         self.row = UsageRecord(
+            call_id=self.call_id,
+            created_at=self.created_at,
             request_id=self.request_id,
             user_id=self.principal.user_id,
             api_key_id=self.principal.api_key_id,
@@ -208,10 +219,14 @@ class Call:
         if not self.ended:
             self.ended = True
             self._release()
-            self._usage.give_back(self.decision)
+            self._usage.give_back(self.call_id, self.decision)
 
-    def fail(self, error: GatewayError, *, stream: bool = False) -> None:
-        self.finish(status="error", http_status=error.status_code, stream=stream, error_code=error.code)
+    def fail(self, error: GatewayError, *, stream: bool = False, spent: Spent | None = None) -> None:
+        """Record a failure. One that came after the upstream took the request (`billed`: a body cut
+        off, an answer that cannot be read) is charged what the call reserved: the upstream may bill it."""
+        if spent is None and getattr(error, "billed", False):
+            spent = self.reserved
+        self.finish(spent, status="error", http_status=error.status_code, stream=stream, error_code=error.code)
 
     def attach(self, stream: EventStream) -> None:
         """An open upstream stream this call holds until it is recorded."""
@@ -252,36 +267,56 @@ class Calls:
         spec: ModelSpec | None,
         request_id: str,
         buckets: Sequence[Bucket],
+        reserved: Spent | None = None,
         prior: Decision | None = None,
         model: str | None = None,
         fallback: FallbackRule = "default",
-        prompt_estimate: int = 0,
+        stream: bool = False,
         thread_id: uuid.UUID | None = None,
         detail: dict[str, Any] | None = None,
     ) -> Call:
         """Reserve the call's limits and lease who answers it. Validate the request first: an opened call
         must end with `invoke` (which records a failure), `finish`, or `give_back`. `prior` is what an
         earlier check of the same call reserved (a turn takes its request rate before any write)."""
-        decision = await self.limiter.take(buckets)
+        if self.usage.full:
+            raise Unavailable(
+                "The gateway is shedding load: its usage records are backed up; retry shortly.",
+                code=ErrorCode.SERVICE_UNAVAILABLE,
+                headers={"retry-after": "5"},
+            )
+        reserved = reserved or Spent()
+        pending = PendingRow(
+            call_id=new_call_id(),
+            created_at=datetime.now(UTC),
+            request_id=request_id,
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            route=route,
+            model=model or (spec.id if spec is not None else route),
+            stream=stream,
+            prompt_tokens=reserved.prompt_tokens,
+            completion_tokens=reserved.completion_tokens,
+            images=reserved.images,
+            cost_usd=reserved.cost_usd,
+            thread_id=thread_id,
+        )
+        decision = await self.limiter.take(buckets, pending)
         if prior is not None:
             decision = prior.joined(decision)
         try:
             lease = await self.upstream.lease(self.policy.answerer(principal), principal.user_id)
         except BaseException:
-            self.usage.give_back(decision)
+            self.usage.give_back(pending.call_id, decision)
             raise
         return Call(
+            pending=pending,
             principal=principal,
-            route=route,
-            model=model or (spec.id if spec is not None else route),
             spec=spec,
-            request_id=request_id,
             decision=decision,
             lease=lease,
             may_fall_back=self.policy.may_fall_back(fallback),
             usage=self.usage,
-            prompt_estimate=prompt_estimate,
-            thread_id=thread_id,
+            reserved=reserved,
             detail=detail,
         )
 
@@ -304,6 +339,6 @@ class Calls:
         except GatewayError as error:
             call.fail(error, stream=stream)
             raise
-        except BaseException:
-            call.finish(status="cancelled", http_status=499, stream=stream)
+        except BaseException:  # the client went away: the upstream may have taken the request
+            call.finish(call.reserved, status="cancelled", http_status=499, stream=stream)
             raise

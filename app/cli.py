@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> None:
         log_config=log_config,
         access_log=False,  # the middleware writes the access lines (app.access)
         proxy_headers=True,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
 
 

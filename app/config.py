@@ -46,12 +46,17 @@ class Settings(BaseSettings):
     database_url: str | None = None
     data_dir: Path = Path(".data")
     db_pool_size: int = Field(10, ge=1, le=200)
+    # Every wait on Postgres is bounded: a statement, a pooled connection, a new connection.
+    db_statement_timeout: float = Field(10.0, gt=0)
+    db_acquire_timeout: float = Field(5.0, gt=0)
+    db_connect_timeout: float = Field(5.0, gt=0)
 
     # Upstream (the same names the openai SDK reads). No key: simulated mode.
     openai_api_key: str | None = None
     openai_base_url: str = "https://api.openai.com/v1"
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(120.0, gt=0)
+    upstream_total_timeout: float = Field(300.0, gt=0)  # a whole plain call, retries included
     upstream_max_retries: int = Field(2, ge=0, le=10)
     upstream_retry_base_delay: float = Field(0.25, ge=0)
     upstream_max_retry_after: float = Field(5.0, ge=0)
@@ -66,6 +71,7 @@ class Settings(BaseSettings):
     jwt_default_tier: str = "free"
     auth_cache_ttl: float = Field(30.0, ge=0)
     auth_failures_per_minute: int = Field(30, ge=1)
+    auth_lookup_timeout: float = Field(3.0, gt=0)  # looking a key or user up; then 503
 
     # HTTP.
     otel_enabled: bool = False
@@ -73,6 +79,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     stream_heartbeat_seconds: float = Field(15.0, gt=0)
     stream_max_seconds: float = Field(600.0, gt=0)
+    # How long a stopping server waits for requests in flight; streams are ended with an error event at once.
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
 
     # Logs and metrics. `serve` logs JSON lines (LOG_FORMAT=text for a terminal) at LOG_LEVEL;
     # prompt text is logged only with LOG_PROMPTS=true. GET /metrics (Prometheus; keep it off
@@ -85,15 +93,28 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(None, min_length=16)
     prometheus_multiproc_dir: str | None = None
 
+    # Processes: each beats every INSTANCE_BEAT_SECONDS; one silent for INSTANCE_LEASE_SECONDS is taken
+    # for dead, and what it held (pending usage rows, turn locks, batch leases) is released.
+    instance_beat_seconds: float = Field(2.0, gt=0)
+    instance_lease_seconds: float = Field(10.0, gt=0)
+
     # Limits: what to do when Postgres cannot be reached for a check.
     ratelimit_fail_open_rates: bool = True
     ratelimit_fail_open_budgets: bool = False
     ratelimit_timeout: float = Field(2.0, gt=0)
+    # While Postgres is away, each process keeps rates and quotas itself at the tier's limit divided by this:
+    # the number of processes expected to share the load (1: each may serve the whole limit).
+    ratelimit_local_divisor: float = Field(1.0, ge=1)
     ratelimit_prune_interval: float = Field(60.0, gt=0)
 
-    # Usage writer.
+    # Usage writer. Rows it cannot write while Postgres is away go to USAGE_SPOOL_DIR (default DATA_DIR/spool,
+    # keep it on a disk that outlives the process) and are written when the database answers. Past
+    # USAGE_QUEUE_MAX rows waiting in memory, new calls are refused with 503 rather than rows lost.
     usage_flush_interval: float = Field(0.25, gt=0)
     usage_batch_size: int = Field(1000, ge=1)
+    usage_queue_max: int = Field(100_000, ge=100)
+    usage_spool_dir: Path | None = None
+    usage_replay_interval: float = Field(5.0, gt=0)
 
     # Threads (profiles are the [profile.*] tables of ASSISTANTS_FILE). A turn is capped at
     # THREAD_TURN_TIMEOUT; context URLs are called with THREAD_CONTEXT_TOKEN as bearer when set.
@@ -178,6 +199,10 @@ class Settings(BaseSettings):
         if self.image_storage == "s3" and not self.image_s3_bucket:
             raise ValueError("IMAGE_S3_BUCKET is required when IMAGE_STORAGE=s3")
         return self
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.usage_spool_dir or self.data_dir / "spool"
 
     @property
     def image_storage_dir(self) -> Path:

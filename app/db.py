@@ -57,6 +57,16 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release reset (a round trip): the pool's statements leave no session state."""
 
 
+@dataclass(frozen=True, slots=True)
+class Waits:
+    """How long anything may wait on Postgres: a statement (enforced by the server, and by the client
+    a little later, for a server that stopped answering), a connection from the pool, a new connection."""
+
+    statement: float = 10.0
+    acquire: float = 5.0
+    connect: float = 5.0
+
+
 @dataclass
 class Database:
     """The handles a process holds for its lifetime."""
@@ -64,16 +74,36 @@ class Database:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     pool: asyncpg.Pool
+    waits: Waits
 
     @classmethod
-    async def connect(cls, url: str, pool_size: int) -> Database:
+    async def connect(cls, url: str, pool_size: int, waits: Waits | None = None) -> Database:
+        waits = waits or Waits()
+        server_settings = {"statement_timeout": str(int(waits.statement * 1000))}
+        client_timeout = waits.statement + 2
         # No pool_pre_ping: under asyncpg it costs three round trips per checkout. A connection
         # that died with the server fails its request once (503) and is dropped from the pool.
-        engine = create_async_engine(sqlalchemy_url(url), pool_size=pool_size, max_overflow=pool_size)
-        pool = await asyncpg.create_pool(
-            asyncpg_url(url), min_size=1, max_size=pool_size, command_timeout=10, timeout=5, reset=_keep_session
+        engine = create_async_engine(
+            sqlalchemy_url(url),
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=waits.acquire,
+            connect_args={
+                "command_timeout": client_timeout,
+                "timeout": waits.connect,
+                "server_settings": server_settings,
+            },
         )
-        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool)
+        pool = await asyncpg.create_pool(
+            asyncpg_url(url),
+            min_size=1,
+            max_size=pool_size,
+            command_timeout=client_timeout,
+            timeout=waits.connect,
+            server_settings=server_settings,
+            reset=_keep_session,
+        )
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, waits)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -212,11 +212,26 @@ class RateLimited(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream failed or could not be reached; the client is not at fault."""
+    """The upstream failed or could not be reached; the client is not at fault.
+
+    `billed`: it failed after the upstream took the request (a body cut off, an answer that
+    cannot be read), so the upstream may bill it: the call is charged what it reserved.
+    """
 
     status_code = 502
     type = "upstream_error"
     code = ErrorCode.UPSTREAM_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        headers: dict[str, str] | None = None,
+        billed: bool = False,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.billed = billed
 
 
 class UpstreamTimeout(UpstreamError):

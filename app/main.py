@@ -48,6 +48,7 @@ EXPOSED_HEADERS = [
     "x-ratelimit-reset-tokens",
     "x-gateway-simulated",
     "x-gateway-fallback",
+    "x-gateway-max-completion-tokens",
     "x-upstream-request-id",
     "idempotent-replayed",
 ]

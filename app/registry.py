@@ -29,6 +29,8 @@ class ModelSpec(BaseModel):
     input_per_1m: float = Field(0.0, ge=0)
     cached_input_per_1m: float | None = Field(None, ge=0)
     output_per_1m: float = Field(0.0, ge=0)
+    # The most a call may write (chat): what a call that names no cap is reserved for, and capped at.
+    max_output_tokens: int = Field(16_384, ge=1)
     sizes: list[str] = []
     qualities: list[str] = []
     formats: list[str] = []

@@ -24,7 +24,7 @@ from app.byok.vault import KeyVault
 from app.calls import Calls, FallbackPolicy
 from app.chat.service import ChatService
 from app.config import Settings
-from app.db import Database, start_embedded_postgres
+from app.db import Database, Waits, start_embedded_postgres
 from app.events import EventHub
 from app.images.batches import BatchEvents, BatchService
 from app.images.generation import ImageGenerator
@@ -35,6 +35,7 @@ from app.images.runner import BatchRunner
 from app.images.service import ImageService
 from app.images.signing import UrlSigner, load_secret
 from app.images.storage import ImageStorage, open_storage
+from app.instances import Instance
 from app.jobs import Jobs
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
@@ -42,6 +43,7 @@ from app.ratelimit.limiter import Limiter
 from app.realtime.presets import load_voice_presets
 from app.realtime.service import RealtimeService
 from app.registry import Catalog, load_catalog
+from app.sse import Stopping
 from app.threads.context import ContextSource
 from app.threads.profiles import load_profiles
 from app.threads.replies import ReplyStore
@@ -49,6 +51,7 @@ from app.threads.retention import prune_idle_threads
 from app.threads.service import ThreadService
 from app.threads.turns import TurnRunner
 from app.upstream.hub import Upstream
+from app.usage.spool import Spool
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app")
@@ -72,6 +75,7 @@ def image_retention(settings: Settings, database: Database, storage: ImageStorag
 @dataclass(kw_only=True)
 class Runtime:
     settings: Settings
+    instance: Instance
     catalog: Catalog
     events: EventHub
     db: Database
@@ -109,18 +113,34 @@ class Runtime:
         presets = load_voice_presets(settings.assistants_file, catalog)
         url = settings.database_url or start_embedded_postgres(settings.data_dir)
         events = EventHub()
+        stopping = Stopping()
 
-        db = await Database.connect(url, settings.db_pool_size)
+        waits = Waits(settings.db_statement_timeout, settings.db_acquire_timeout, settings.db_connect_timeout)
+        db = await Database.connect(url, settings.db_pool_size, waits)
         stack.push_async_callback(db.close)
+        instance = Instance(
+            db.pool, lease_seconds=settings.instance_lease_seconds, beat_seconds=settings.instance_beat_seconds
+        )
+        await instance.register()
+        stack.push_async_callback(instance.retire)  # last but the database: after the usage writer drained
         limiter = Limiter(
             db.pool,
             catalog,
+            owner=instance.id,
             fail_open_rates=settings.ratelimit_fail_open_rates,
             fail_open_budgets=settings.ratelimit_fail_open_budgets,
             timeout=settings.ratelimit_timeout,
+            local_divisor=settings.ratelimit_local_divisor,
         )
         usage = UsageWriter(
-            db.pool, limiter, events, interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size
+            db.pool,
+            limiter,
+            events,
+            Spool(settings.spool_dir, instance.id),
+            interval=settings.usage_flush_interval,
+            batch_size=settings.usage_batch_size,
+            max_pending=settings.usage_queue_max,
+            acquire_timeout=settings.db_acquire_timeout,
         )
         refusals = RefusalRecorder(db.pool, interval=settings.usage_flush_interval)
         events.refusals.subscribe(refusals.record)
@@ -140,7 +160,7 @@ class Runtime:
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
-        turns = TurnRunner(settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context)
+        turns = TurnRunner(settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context, stopping)
 
         storage = await open_storage(settings)
         stack.push_async_callback(storage.close)
@@ -170,6 +190,10 @@ class Runtime:
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
 
         jobs = Jobs()
+        jobs.run("shutdown watch", stopping.watch)
+        jobs.every("instance heartbeat", settings.instance_beat_seconds, instance.beat)
+        jobs.every("usage sweep", settings.instance_beat_seconds, lambda: usage.sweep(settings.instance_lease_seconds))
+        jobs.every("usage spool replay", settings.usage_replay_interval, usage.replay, first=0.0)
         jobs.every("key last-use", TOUCH_INTERVAL, auth.flush_touches)
         jobs.every("rate-limit prune", settings.ratelimit_prune_interval, limiter.prune)
         jobs.every(
@@ -182,6 +206,7 @@ class Runtime:
 
         runtime = cls(
             settings=settings,
+            instance=instance,
             catalog=catalog,
             events=events,
             db=db,
@@ -192,7 +217,7 @@ class Runtime:
             auth=auth,
             metrics=metrics,
             calls=calls,
-            chat=ChatService(settings, catalog, limiter, calls),
+            chat=ChatService(settings, catalog, limiter, calls, stopping),
             threads=ThreadService(profiles, turns),
             images=ImageService(
                 catalog=catalog,

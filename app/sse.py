@@ -32,10 +32,11 @@ import anyio
 import orjson
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import GatewayError, UpstreamError
+from app.errors import ErrorCode, GatewayError, Unavailable, UpstreamError
 
 T = TypeVar("T")
 
@@ -153,30 +154,63 @@ def server_event(name: str, data: BaseModel | Mapping[str, Any]) -> ServerSentEv
     return ServerSentEvent(data=payload, event=name, sep="\n")
 
 
+class Stopping:
+    """Whether the server is shutting down: streams end with an error event instead of being cut.
+
+    uvicorn's exit handler (as patched by sse-starlette, which ends its own event sources the
+    same way) sets `AppStatus.should_exit`; `watch` notices it within half a second and
+    resolves the one future every running relay waits on beside its source.
+    """
+
+    def __init__(self) -> None:
+        self.signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def watch(self) -> None:
+        while not AppStatus.should_exit:  # noqa: ASYNC110  # a flag a signal handler sets: nothing to await
+            await asyncio.sleep(0.5)
+        if not self.signal.done():
+            self.signal.set_result(None)
+
+
+def shutting_down() -> Unavailable:
+    return Unavailable(
+        "The gateway is restarting; the stream ended early. Send the request again.",
+        code=ErrorCode.SERVICE_UNAVAILABLE,
+        headers={"retry-after": "1"},
+    )
+
+
 async def paced(
     source: AsyncIterator[T],
     *,
     heartbeat: float | None,
     deadline: float,
     overtime: Callable[[], GatewayError],
+    stopping: Stopping | None = None,
 ) -> AsyncIterator[T | None]:
     """`source`'s items as they arrive; None after `heartbeat` silent seconds (None: never).
 
     `deadline` is a `time.monotonic()` instant: past it the relay raises `overtime()`,
-    whether the source is silent or still sending. The source's pending read is
-    cancelled however the relay ends.
+    whether the source is silent or still sending; when the server starts shutting down it
+    raises `shutting_down()`. The source's pending read is cancelled however the relay ends.
     """
     pending: asyncio.Future[T] | None = None
+    stop = stopping.signal if stopping is not None else None
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise overtime()
+            if stop is not None and stop.done():
+                raise shutting_down()
             if pending is None:
                 pending = asyncio.ensure_future(anext(source))
             wait = left if heartbeat is None else min(heartbeat, left)
-            done, _ = await asyncio.wait((pending,), timeout=wait)
-            if not done:
+            waited = (pending,) if stop is None else (pending, stop)
+            done, _ = await asyncio.wait(waited, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if pending not in done:
+                if stop is not None and stop.done():
+                    raise shutting_down()
                 if heartbeat is not None and time.monotonic() < deadline:
                     yield None
                 continue

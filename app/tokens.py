@@ -10,6 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
+# What one image in a prompt may cost at most, in input tokens: OpenAI bills low detail at a
+# fixed 85; high and auto by tiles or patches, up to about 1,445 tokens (tiles) or 1,536 patches
+# times the model's multiplier (patches). Without the image's size at hand we reserve the bound.
+IMAGE_INPUT_TOKENS_LOW = 85
+IMAGE_INPUT_TOKENS_MAX = 2_500
+# The chat format's own tokens: a few per message and a few to prime the reply.
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
+# Request fields the upstream bills as input besides the messages.
+BILLED_FIELDS = ("tools", "functions", "response_format", "tool_choice", "function_call", "prediction")
+
 
 def chars_to_tokens(chars: int) -> int:
     return max(1, (chars + 3) // 4) if chars else 0
@@ -34,3 +47,55 @@ def prompt_chars(messages: Iterable[dict[str, Any]]) -> int:
 
 def estimate_prompt_tokens(messages: Iterable[dict[str, Any]]) -> int:
     return chars_to_tokens(prompt_chars(messages))
+
+
+def _part_cost(part: object) -> tuple[int, int]:
+    """(characters, image tokens) of one content part."""
+    if not isinstance(part, dict):
+        return len(orjson.dumps(part)), 0
+    kind = part.get("type")
+    if kind == "text" or (kind is None and "text" in part):
+        return len(str(part.get("text", ""))), 0
+    if kind == "image_url":
+        image = part.get("image_url")
+        detail = image.get("detail") if isinstance(image, dict) else None
+        return 0, IMAGE_INPUT_TOKENS_LOW if detail == "low" else IMAGE_INPUT_TOKENS_MAX
+    return len(orjson.dumps(part)), 0  # audio, files, anything new: its size as sent bounds its tokens
+
+
+def billed_input(payload: dict[str, Any]) -> tuple[int, int]:
+    """What a chat request sends the upstream that it bills as input: (characters, image tokens).
+
+    Every message's text, its name, tool calls and tool results, every content part (images by
+    their bound), and the request's tools, functions and schemas as the JSON they travel in.
+    """
+    chars = images = 0
+    messages = payload.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                part_chars, part_images = _part_cost(part)
+                chars += part_chars
+                images += part_images
+        elif content is not None:
+            chars += len(content) if isinstance(content, str) else len(orjson.dumps(content))
+        for name in ("name", "tool_calls", "function_call", "tool_call_id"):
+            value = message.get(name)
+            if value is not None:
+                chars += len(value) if isinstance(value, str) else len(orjson.dumps(value))
+    for name in BILLED_FIELDS:
+        value = payload.get(name)
+        if value is not None:
+            chars += len(value) if isinstance(value, str) else len(orjson.dumps(value))
+    return chars, images
+
+
+def estimate_input_tokens(payload: dict[str, Any]) -> int:
+    """The input tokens a chat request may be billed for, at worst (see `billed_input`)."""
+    chars, images = billed_input(payload)
+    messages = payload.get("messages")
+    count = len(messages) if isinstance(messages, list) else 0
+    return chars_to_tokens(chars) + images + TOKENS_PER_MESSAGE * count + TOKENS_PER_REPLY

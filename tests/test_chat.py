@@ -368,8 +368,10 @@ async def test_usage_is_not_lost_on_shutdown(gateway_with: GatewayFactory, db) -
             *[client.chat.completions.create(model="default-chat", messages=MESSAGES) for _ in range(20)]
         )
         await client.close()
-        assert await db.fetchval("SELECT count(*) FROM usage_event WHERE user_id = $1", user) == 0
-    assert await db.fetchval("SELECT count(*) FROM usage_event WHERE user_id = $1", user) == 20
+        rows = "SELECT count(*) FROM usage_event WHERE user_id = $1"
+        pending = "SELECT count(*) FROM usage_pending WHERE user_id = $1"
+        assert await db.fetchval(rows, user) == 0 and await db.fetchval(pending, user) == 20  # rows wait in memory
+    assert await db.fetchval(rows, user) == 20 and await db.fetchval(pending, user) == 0
 
 
 async def test_completion_without_usage_is_estimated(gateway: Gateway, upstream: FakeUpstream, db) -> None:

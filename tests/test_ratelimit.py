@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,7 +26,9 @@ from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows
 
 CHAT = "/v1/chat/completions"
-BODY = {"model": "default-chat", "messages": [{"role": "user", "content": "Say hello"}]}
+# A small completion cap: with none, a free call reserves the tier's 2,048 tokens, and the 20,000
+# tokens a minute would bind before the 10 requests a minute these tests are about.
+BODY = {"model": "default-chat", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}
 
 
 async def chat(gateway: Gateway, key: str, **extra) -> httpx.Response:
@@ -107,15 +110,20 @@ async def test_token_limit_reserves_then_settles(gateway: Gateway, db: asyncpg.P
 
 
 async def test_monthly_budget(gateway: Gateway, db: asyncpg.Pool) -> None:
+    """A call is refused when what it may cost at worst would cross what is left, not once it is spent."""
     key, user = await gateway.key("free")
-    await override(gateway, user, monthly_budget_usd=0.00001)
-    assert (await chat(gateway, key, max_tokens=16)).status_code == 200  # under budget when it started
-    await usage_rows(db, user_id=user)
+    # gpt-5-mini: $0.25 / $2.00 per 1M. A call capped at 16 tokens may cost ~$0.000038 at worst; the fake
+    # upstream reports 11 prompt (2 cached) + 7 completion tokens: ~$0.0000163.
+    await override(gateway, user, monthly_budget_usd=0.00005)
+    assert (await chat(gateway, key, max_tokens=16)).status_code == 200  # its worst case fits
+    [row] = await usage_rows(db, user_id=user)
+    assert float(row["cost_usd"]) < 0.00002  # settled at what it really cost
     await asyncio.sleep(0.1)
-    refused = await chat(gateway, key, max_tokens=16)
+    refused = await chat(gateway, key, max_tokens=16)  # its worst case is more than the ~$0.000034 left
     error = assert_error(refused, 429, code="budget_exceeded")
-    assert "$0.00" in error["message"]
+    assert "could cost up to $0.0000" in error["message"] and "is left" in error["message"]
     assert int(refused.headers["retry-after"]) > 0
+    assert (await chat(gateway, key, max_tokens=4)).status_code == 200  # a smaller cap still fits
 
 
 async def test_admin_override_and_removal(gateway: Gateway) -> None:
@@ -191,7 +199,15 @@ def test_image_buckets_follow_the_tier() -> None:
     from app.config import DEFAULT_CATALOG
     from app.registry import load_catalog
 
-    limiter = Limiter(None, load_catalog(DEFAULT_CATALOG), fail_open_rates=True, fail_open_budgets=False, timeout=1)  # type: ignore[arg-type]
+    limiter = Limiter(
+        None,  # type: ignore[arg-type]
+        load_catalog(DEFAULT_CATALOG),
+        owner=uuid.uuid4(),
+        fail_open_rates=True,
+        fail_open_budgets=False,
+        timeout=1,
+        local_divisor=1,
+    )
     principal = Principal(user_id="u", tier="free")
     single = {(b.name, b.kind, b.limit, b.cost) for b in limiter.image_buckets(principal, 2, 0.02)}
     assert single == {("requests", "g", 5, 1), ("images", "q", 50, 2), ("budget", "b", 5.0, 0.02)}

@@ -20,9 +20,7 @@ router = APIRouter(tags=["admin"], dependencies=[AdminGuard], responses=error_re
 @router.post("/keys", status_code=201, responses=error_responses(400))
 async def create_key(body: KeyCreate, session: SessionDep, catalog: CatalogDep) -> KeyCreated:
     """Create a gateway key for a user; the response is the only time the key is shown."""
-    key, raw = await management.create_key(
-        session, catalog, user_id=body.user_id, tier=body.tier, name=body.name
-    )
+    key, raw = await management.create_key(session, catalog, user_id=body.user_id, tier=body.tier, name=body.name)
     return KeyCreated(**KeyPublic.model_validate(key).model_dump(), key=raw)
 
 

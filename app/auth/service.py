@@ -174,9 +174,10 @@ class Authenticator:
     async def _lookup(
         self, query: Callable[[asyncpg.Pool, str], Awaitable[asyncpg.Record | None]], value: str
     ) -> asyncpg.Record | None:
-        """A lookup that becomes 503 when the database is unreachable: the caller is not at fault."""
+        """A lookup that becomes 503 when the database is unreachable or slow: the caller is not at fault."""
         try:
-            return await query(self.pool, value)
+            async with asyncio.timeout(self.settings.auth_lookup_timeout):
+                return await query(self.pool, value)
         except DB_ERRORS as error:
             log.error("auth lookup failed, database unreachable: %s", error)
             raise Unavailable(

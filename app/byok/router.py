@@ -12,9 +12,7 @@ router = APIRouter(tags=["me"])
 
 
 @router.put("/me/openai-key", responses=error_responses(400, 401, 403, 429, 502, 503, 504))
-async def store_openai_key(
-    body: OpenAIKeyStore, principal: PrincipalDep, service: BYOKServiceDep
-) -> OpenAIKeyPublic:
+async def store_openai_key(body: OpenAIKeyStore, principal: PrincipalDep, service: BYOKServiceDep) -> OpenAIKeyPublic:
     """Store your own OpenAI key (checked with the upstream first); your calls then use it instead of the gateway's."""
     return await service.store(principal, body.api_key.get_secret_value())
 

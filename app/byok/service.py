@@ -46,9 +46,7 @@ def _public(row: object) -> OpenAIKeyPublic:
 
 
 class BYOKService:
-    def __init__(
-        self, vault: KeyVault, upstream: Upstream, authenticator: Authenticator, database: Database
-    ) -> None:
+    def __init__(self, vault: KeyVault, upstream: Upstream, authenticator: Authenticator, database: Database) -> None:
         self.cipher = vault.cipher
         self.database = database
         self.upstream = upstream

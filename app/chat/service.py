@@ -15,33 +15,44 @@ import orjson
 from starlette.responses import Response
 
 from app.auth.principal import Principal
-from app.calls import Call, Calls
+from app.calls import Call, Calls, Spent
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings
 from app.errors import ErrorCode, GatewayError, InvalidRequest, UpstreamError
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog
-from app.sse import DONE, HEARTBEAT, ByteStream, paced
-from app.tokens import chars_to_tokens, prompt_chars
+from app.sse import DONE, HEARTBEAT, ByteStream, Stopping, paced
+from app.tokens import billed_input, estimate_input_tokens
 from app.upstream.provider import EventStream
 from app.usage.record import Status
 
 ROUTE = "chat.completions"
-# Reserved against the token limit when a request sets no completion cap; settled after.
-DEFAULT_RESERVED_COMPLETION = 512
+# Sent when the gateway set the completion cap itself (the request named none).
+CAP_HEADER = "x-gateway-max-completion-tokens"
 
 
 def _reply_chars(answer: dict[str, Any]) -> int:
     """The characters of a completion's replies, to estimate its tokens when the upstream sent no usage."""
-    return sum(len((choice.get("message") or {}).get("content") or "") for choice in answer.get("choices") or ())
+    choices = answer.get("choices")
+    total = 0
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        total += len(content) if isinstance(content, str) else 0
+    return total
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _chunk(data: bytes) -> dict[str, Any]:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        chunk = None
-    if not isinstance(chunk, dict):
+    chunk = _json_object(data)
+    if chunk is None:
         raise UpstreamError("The upstream sent a stream event that is not a JSON object.")
     return chunk
 
@@ -51,36 +62,51 @@ def stream_timeout() -> UpstreamError:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, catalog: Catalog, limiter: Limiter, calls: Calls) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, limiter: Limiter, calls: Calls, stopping: Stopping
+    ) -> None:
         self.settings = settings
+        self.stopping = stopping
         self.catalog = catalog
         self.limiter = limiter
         self.calls = calls
 
     async def create(self, principal: Principal, body: ChatCompletionRequest, raw: bytes, request_id: str) -> Response:
-        """`body` is the validated request, `raw` its bytes: the upstream gets what the client sent."""
+        """`body` is the validated request, `raw` its bytes: the upstream gets what the client sent.
+
+        The call reserves its worst case: every input the upstream bills (messages of every kind,
+        tools, schemas, images at their bound) and the most it may write, `n` times. A request that
+        names no completion cap is sent the tier's (or the model's) and says so in a header.
+        """
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
         payload = orjson.loads(raw)
         payload["model"] = spec.id
-        prompt_estimate = self._check_caps(principal, body, payload)
-        completion_cap = body.max_completion_tokens or body.max_tokens or DEFAULT_RESERVED_COMPLETION
+        self._check_caps(principal, body, payload)
+        requested = body.max_completion_tokens or body.max_tokens
+        cap = self.limiter.completion_cap(principal, spec, requested)
+        extra: dict[str, str] = {}
+        if requested is None:
+            payload["max_completion_tokens"] = cap
+            extra[CAP_HEADER] = str(cap)
+        prompt = estimate_input_tokens(payload)
+        completion = cap * (body.n or 1)
+        cost = spec.token_cost(prompt, completion)
         call = await self.calls.open(
             principal,
             route=ROUTE,
             spec=spec,
             request_id=request_id,
-            buckets=self.limiter.chat_buckets(
-                principal, prompt_estimate + completion_cap, spec.token_cost(prompt_estimate, completion_cap)
-            ),
-            prompt_estimate=prompt_estimate,
+            buckets=self.limiter.chat_buckets(principal, prompt + completion, cost),
+            reserved=Spent(prompt, completion, cost_usd=cost, estimated=True),
+            stream=bool(body.stream),
         )
         if body.stream:
             client_wants_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(call, payload, client_wants_usage)
-        return await self._complete(call, payload)
+            return await self._stream(call, payload, client_wants_usage, extra)
+        return await self._complete(call, payload, extra)
 
-    def _check_caps(self, principal: Principal, body: ChatCompletionRequest, payload: dict[str, Any]) -> int:
-        """Refuse what the tier does not allow, naming the field; returns the prompt's token estimate."""
+    def _check_caps(self, principal: Principal, body: ChatCompletionRequest, payload: dict[str, Any]) -> None:
+        """Refuse what the tier does not allow, naming the field."""
         limit = self.limiter.limit
         for name in ("max_completion_tokens", "max_tokens"):
             value = getattr(body, name)
@@ -93,28 +119,30 @@ class ChatService:
                 f"{len(body.messages)} messages sent; your tier allows at most {cap:g}.",
                 param="messages",
             )
-        chars = prompt_chars(payload["messages"])
+        chars, _ = billed_input(payload)
         cap = limit(principal, "max_prompt_chars")
         if cap is not None and chars > cap:
             raise InvalidRequest(
-                f"The prompt has {chars} characters; your tier allows at most {cap:g}.",
+                f"The prompt (messages, tools and schemas) has {chars} characters; your tier allows at most {cap:g}.",
                 param="messages",
             )
-        return chars_to_tokens(chars)
 
-    async def _complete(self, call: Call, payload: dict[str, Any]) -> Response:
+    async def _complete(self, call: Call, payload: dict[str, Any], extra: dict[str, str]) -> Response:
         reply = await self.calls.invoke(call, lambda provider: provider.chat(payload))
-        try:
-            answer = orjson.loads(reply.body)
-            usage = answer.get("usage")
-        except (orjson.JSONDecodeError, AttributeError) as error:
-            failure = UpstreamError("The upstream's answer could not be read (not a JSON object).")
+        answer = _json_object(reply.body)
+        if answer is None:
+            failure = UpstreamError("The upstream's answer could not be read (not a JSON object).", billed=True)
             call.fail(failure)
-            raise failure from error
-        call.finish(call.token_spend(usage, 0 if usage else _reply_chars(answer)), upstream_request_id=reply.request_id)
-        return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
+            raise failure
+        usage = answer.get("usage")
+        spent = call.token_spend(usage, 0 if isinstance(usage, dict) else _reply_chars(answer))
+        call.finish(spent, upstream_request_id=reply.request_id)
+        headers = {**call.headers(reply.request_id), **extra}
+        return Response(reply.body, media_type="application/json", headers=headers)
 
-    async def _stream(self, call: Call, payload: dict[str, Any], client_wants_usage: bool) -> Response:
+    async def _stream(
+        self, call: Call, payload: dict[str, Any], client_wants_usage: bool, extra: dict[str, str]
+    ) -> Response:
         # Always ask for the usage chunk: it is how a stream's tokens get recorded.
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         stream = await self.calls.invoke(call, lambda provider: provider.chat_stream(payload), stream=True)
@@ -123,9 +151,8 @@ class ChatService:
         async def gone() -> None:  # the client left before the relay could record anything
             call.finish(status="cancelled", stream=True, upstream_request_id=stream.request_id)
 
-        return ByteStream(
-            self._relay(call, stream, client_wants_usage), headers=call.headers(stream.request_id), on_close=gone
-        )
+        headers = {**call.headers(stream.request_id), **extra}
+        return ByteStream(self._relay(call, stream, client_wants_usage), headers=headers, on_close=gone)
 
     async def _relay(self, call: Call, stream: EventStream, client_wants_usage: bool) -> AsyncIterator[bytes]:
         """Forward each event as it arrives, with heartbeats while the upstream is silent."""
@@ -141,6 +168,7 @@ class ChatService:
                 heartbeat=self.settings.stream_heartbeat_seconds,
                 deadline=deadline,
                 overtime=stream_timeout,
+                stopping=self.stopping,
             ):
                 if event is None:
                     yield HEARTBEAT

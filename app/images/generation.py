@@ -85,6 +85,7 @@ class ImageGenerator:
             spec=options.spec,
             request_id=request_id,
             buckets=self.limiter.image_buckets(principal, options.n, options.estimate(), batch=batch),
+            reserved=Spent(images=options.n, cost_usd=options.estimate(), estimated=True),
         )
         if self.settings.image_moderation and not batch:  # batches are moderated when created
             try:

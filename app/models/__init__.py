@@ -4,15 +4,17 @@ from app.models.base import Base
 from app.models.byok import UserOpenAIKey
 from app.models.identity import ApiKey, AppUser
 from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem, ImageSigningKey
+from app.models.instances import GatewayInstance
 from app.models.ratelimit import RateLimitBucket
 from app.models.refusals import LimitRefusal
 from app.models.threads import Thread, ThreadMessage, UserContextCache
-from app.models.usage import UsageEvent
+from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
 
 __all__ = [
     "ApiKey",
     "AppUser",
     "Base",
+    "GatewayInstance",
     "IdempotencyKey",
     "Image",
     "ImageBatch",
@@ -23,6 +25,8 @@ __all__ = [
     "Thread",
     "ThreadMessage",
     "UsageEvent",
+    "UsagePending",
+    "UsageQuarantine",
     "UserContextCache",
     "UserOpenAIKey",
 ]

@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Numeric, String, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Numeric, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -19,16 +19,20 @@ class UsageEvent(Base):
     __table_args__ = (
         Index("ix_usage_event_user_id_created_at", "user_id", "created_at"),
         Index("ix_usage_event_created_at", "created_at"),
+        Index("uq_usage_event_call_id", "call_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # One call, one row (app/usage/ledger.py).
+    call_id: Mapped[uuid.UUID] = mapped_column(UUID, server_default=text("gen_random_uuid()"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     request_id: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[str] = mapped_column(String(200))
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     route: Mapped[str] = mapped_column(String(100))
     model: Mapped[str] = mapped_column(String(100))
-    # ok, error, cancelled, simulated, fallback
+    # ok, error, cancelled, simulated, fallback, or interrupted (its process died: settled at what it
+    # had reserved).
     status: Mapped[str] = mapped_column(String(20))
     http_status: Mapped[int] = mapped_column(Integer)
     stream: Mapped[bool] = mapped_column(Boolean)
@@ -46,3 +50,38 @@ class UsageEvent(Base):
     thread_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     # Route-specific facts (a realtime secret's role and expiry, ...).
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class UsagePending(Base):
+    """A call under way: written with its limit check, gone once its usage row is (app/usage/ledger.py)."""
+
+    __tablename__ = "usage_pending"
+
+    call_id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The gateway process the call runs in (app/instances.py).
+    owner: Mapped[uuid.UUID] = mapped_column(UUID)
+    request_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(200))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    route: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(100))
+    stream: Mapped[bool] = mapped_column(Boolean)
+    # What the call reserved: its charge if its process dies before it ends.
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(14, 8))
+    thread_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+
+
+class UsageQuarantine(Base):
+    """Usage entries the database refused even one by one: kept for an operator, never retried."""
+
+    __tablename__ = "usage_quarantine"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    call_id: Mapped[uuid.UUID] = mapped_column(UUID, server_default=text("gen_random_uuid()"))
+    error: Mapped[str] = mapped_column(Text)
+    entry: Mapped[dict[str, Any]] = mapped_column(JSONB)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,13 +28,17 @@ class Bucket:
 class Decision:
     """What a check reserved of each bucket, and the headers that tell the client where it stands.
 
-    `reserved` is each bucket's cost when the check counted it, 0 when the database was down
-    and the call was let through uncounted (its real usage is then charged in full).
+    `reserved` is each bucket's cost when Postgres counted it, 0 when the database was down and
+    this process checked the call by itself (`local`): its real usage is then charged to the
+    quotas and budget in full once the database is back, but not to the rates, which the
+    local check already applied (charging them afterwards would lock the caller out for as
+    long as the outage lasted).
     """
 
     buckets: Sequence[Bucket] = ()
     headers: dict[str, str] = field(default_factory=dict)
     reserved: Sequence[float] = ()
+    local: bool = False
 
     @classmethod
     def taken(cls, buckets: Sequence[Bucket], headers: dict[str, str]) -> Decision:
@@ -42,14 +46,25 @@ class Decision:
 
     @classmethod
     def uncounted(cls, buckets: Sequence[Bucket]) -> Decision:
-        return cls(buckets, {}, [0.0] * len(buckets))
+        return cls(buckets, {}, [0.0] * len(buckets), local=True)
 
     @property
     def counted(self) -> bool:
-        return all(amount == bucket.cost for bucket, amount in zip(self.buckets, self.reserved, strict=True))
+        return not self.local
+
+    def corrections(self, used: Callable[[Bucket], float]) -> list[tuple[Bucket, float]]:
+        """What to charge (or give back) per bucket, once the call's real use of each is known."""
+        return [
+            (bucket, used(bucket) - reserved)
+            for bucket, reserved in zip(self.buckets, self.reserved, strict=True)
+            if not (self.local and bucket.kind == "g")
+        ]
 
     def joined(self, other: Decision) -> Decision:
         """Two checks of one call as one (e.g. a turn's request rate, then its tokens and budget)."""
         return Decision(
-            [*self.buckets, *other.buckets], {**self.headers, **other.headers}, [*self.reserved, *other.reserved]
+            [*self.buckets, *other.buckets],
+            {**self.headers, **other.headers},
+            [*self.reserved, *other.reserved],
+            self.local or other.local,
         )

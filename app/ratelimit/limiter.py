@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -17,9 +18,12 @@ from app.errors import ErrorCode, RateLimited, Unavailable
 from app.ratelimit import sql
 from app.ratelimit.batcher import TakeBatcher
 from app.ratelimit.buckets import Bucket, Decision, Kind
-from app.registry import Catalog, TierSpec
+from app.ratelimit.local import LocalLimiter
+from app.registry import Catalog, ModelSpec, TierSpec
+from app.usage.ledger import PendingRow
 
 log = logging.getLogger("app.ratelimit")
+
 
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: `6m0s`, `1.5s`, `20ms`."""
@@ -55,12 +59,15 @@ class Limiter:
         pool: asyncpg.Pool,
         catalog: Catalog,
         *,
+        owner: uuid.UUID,
         fail_open_rates: bool,
         fail_open_budgets: bool,
         timeout: float,
+        local_divisor: float,
     ) -> None:
         self.pool = pool
-        self._batcher = TakeBatcher(pool, timeout)
+        self._batcher = TakeBatcher(pool, timeout, owner)
+        self._local = LocalLimiter(local_divisor)
         self._windows: dict[str, tuple[str, float]] = {}
         self.catalog = catalog
         self.fail_open_rates = fail_open_rates
@@ -106,6 +113,13 @@ class Limiter:
             cached = self._windows[unit] = (window, now + remaining)
         return cached[0], cached[1] - now
 
+    def completion_cap(self, principal: Principal, spec: ModelSpec, *caps: int | None) -> int:
+        """The most a call may write: the smallest of the caps it asked for (a profile's, the request's),
+        the tier's and the model's. Calls that name none are sent this cap: it is what they reserve."""
+        tier = self.limit(principal, "max_completion_tokens")
+        bounds = [int(cap) for cap in (*caps, tier) if cap is not None]
+        return min([*bounds, spec.max_output_tokens])
+
     def chat_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
         return [*self.chat_rate(principal), *self.token_buckets(principal, tokens, cost)]
 
@@ -129,42 +143,63 @@ class Limiter:
     def budget(self, principal: Principal, cost: float) -> list[Bucket]:
         return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, ErrorCode.BUDGET_EXCEEDED, "b")
 
-    async def take(self, buckets: Sequence[Bucket]) -> Decision:
-        """Reserve every bucket or none; a refusal raises 429 with `Retry-After`."""
-        if not buckets:
+    async def take(self, buckets: Sequence[Bucket], pending: PendingRow | None = None) -> Decision:
+        """Reserve every bucket or none, writing the call's pending usage row in the same statement;
+        a refusal raises 429 with `Retry-After`."""
+        if not buckets and pending is None:
             return Decision()
         try:
-            row = await self._batcher.take(buckets)
+            row = await self._batcher.take(buckets, pending)
         except DB_ERRORS as error:
             return self._database_down(buckets, error)
-        assert row is not None
+        if row is None:
+            return Decision()
         headers = self._headers(buckets, row["remaining"], row["reset_after"])
         if not row["allowed"]:
-            refused = buckets[row["refused"] - 1]
+            index = row["refused"] - 1
+            refused = buckets[index]
             retry = max(1, math.ceil(row["retry_after"]))
             headers["retry-after"] = str(retry)
-            raise RateLimited(self._refusal_message(refused, retry), code=refused.code, headers=headers)
+            message = self._refusal_message(refused, retry, row["remaining"][index])
+            raise RateLimited(message, code=refused.code, headers=headers)
         return Decision.taken(buckets, headers)
 
     def _database_down(self, buckets: Sequence[Bucket], error: BaseException) -> Decision:
-        money = any(b.kind != "g" for b in buckets)
-        if (money and not self.fail_open_budgets) or (not money and not self.fail_open_rates):
+        """Postgres cannot be reached: budgets fail closed (unless configured open); rates and quotas are
+        kept by this process alone (app/ratelimit/local.py), or let through when configured open."""
+        money = any(b.kind == "b" for b in buckets)
+        if (money and not self.fail_open_budgets) or not self.fail_open_rates:
             log.error("rate-limit database unreachable, refusing (fail closed): %s", error)
             raise Unavailable(
                 "Limits cannot be checked right now; try again shortly.",
                 code=ErrorCode.LIMITS_UNAVAILABLE,
                 headers={"retry-after": "5"},
             )
-        log.error("rate-limit database unreachable, allowing (fail open), usage counted later: %s", error)
+        refused = self._local.take(buckets)
+        if refused is not None:
+            raise RateLimited(
+                f"{self._refusal_message(refused, 1, 0.0)} (checked by this process while the database is away)",
+                code=refused.code,
+                headers={"retry-after": "1"},
+            )
+        log.warning("rate-limit database unreachable, checked locally; usage counted later: %s", error)
         return Decision.uncounted(buckets)
 
     @staticmethod
-    def _refusal_message(bucket: Bucket, retry: int) -> str:
+    def _refusal_message(bucket: Bucket, retry: int, remaining: float) -> str:
         if bucket.code == ErrorCode.BUDGET_EXCEEDED:
-            return f"Monthly budget of ${bucket.limit:.2f} is used up; it resets in {retry} seconds."
+            return (
+                f"This request could cost up to ${bucket.cost:.6f}, and ${max(remaining, 0.0):.6f} of the monthly "
+                f"budget of ${bucket.limit:.2f} is left; it resets in {retry} seconds."
+            )
         if bucket.code == ErrorCode.DAILY_QUOTA_EXCEEDED:
             return f"Daily quota of {bucket.limit:g} {bucket.name} is used up; it resets in {retry} seconds."
         period = format_duration(bucket.period)
+        if bucket.cost > 1:
+            return (
+                f"This request needs up to {bucket.cost:g} {bucket.name}, over the rate limit of {bucket.limit:g} "
+                f"{bucket.name} per {period}; retry in {retry} seconds."
+            )
         return f"Rate limit of {bucket.limit:g} {bucket.name} per {period} reached; retry in {retry} seconds."
 
     @staticmethod

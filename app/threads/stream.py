@@ -28,7 +28,7 @@ from sse_starlette import ServerSentEvent
 
 from app.db import DB_ERRORS
 from app.errors import ErrorCode, GatewayError, Unavailable, UpstreamError
-from app.sse import paced, server_event
+from app.sse import Stopping, paced, server_event
 from app.threads.replies import ReplyStore
 from app.threads.schemas import MessageDelta, MessagePublic, TurnDone, TurnResult
 from app.threads.turn import Turn
@@ -52,7 +52,9 @@ class TurnRelay:
         *,
         deadline: float,
         overtime: Callable[[], GatewayError],
+        stopping: Stopping,
     ) -> None:
+        self.stopping = stopping
         self.turn = turn
         self.stream = stream
         self.replies = replies
@@ -87,7 +89,11 @@ class TurnRelay:
         yield server_event("message.created", self._in_progress())
         try:
             async for event in paced(
-                self.stream.events(), heartbeat=None, deadline=self.deadline, overtime=self.overtime
+                self.stream.events(),
+                heartbeat=None,
+                deadline=self.deadline,
+                overtime=self.overtime,
+                stopping=self.stopping,
             ):
                 piece = self._take(event.data) if event is not None else None
                 if piece:

@@ -24,14 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
 from app.auth.principal import Principal
-from app.calls import Calls
+from app.calls import Calls, Spent
 from app.config import Settings
 from app.errors import Conflict, ErrorCode, InvalidRequest, ThreadNotFound, UpstreamError, UpstreamTimeout
 from app.models import ThreadMessage
 from app.ratelimit.buckets import Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog, ModelSpec
-from app.sse import EventSource
+from app.sse import EventSource, Stopping
 from app.threads import repository
 from app.threads.context import ContextSource, check_sent_context
 from app.threads.profiles import Profile, Profiles
@@ -40,12 +40,10 @@ from app.threads.replies import ReplyStore
 from app.threads.schemas import MessageCreate
 from app.threads.stream import TurnRelay
 from app.threads.turn import ROUTE, Turn
-from app.tokens import chars_to_tokens, prompt_chars
+from app.tokens import estimate_input_tokens
 
 T = TypeVar("T")
 
-# Reserved against the token limit when a profile sets no completion cap; settled after.
-DEFAULT_RESERVED_COMPLETION = 512
 # A turn lock older than the turn time limit plus this is a dead process's: it may be taken over.
 LOCK_MARGIN_SECONDS = 60.0
 
@@ -65,7 +63,9 @@ class TurnRunner:
         replies: ReplyStore,
         writes: async_sessionmaker[AsyncSession],
         context: ContextSource,
+        stopping: Stopping,
     ) -> None:
+        self.stopping = stopping
         self.settings = settings
         self.catalog = catalog
         self.profiles = profiles
@@ -162,6 +162,7 @@ class TurnRunner:
         sent_context: dict[str, Any],
         rate: Decision,
     ) -> Turn:
+        stream = body.stream
         """The prompt (with the app's context) and the call, its tokens and budget reserved."""
         profile = turn_profile or self.profiles.get(opened.profile)
         spec = self.resolve_model(principal, profile)
@@ -188,21 +189,20 @@ class TurnRunner:
         payload: dict[str, Any] = {"model": spec.id, "messages": messages}
         if profile.temperature is not None:
             payload["temperature"] = profile.temperature
-        tier_cap = self.limiter.limit(principal, "max_completion_tokens")
-        caps = [int(cap) for cap in (profile.max_tokens, tier_cap) if cap is not None]
-        if caps:
-            payload["max_completion_tokens"] = min(caps)
-        estimate = chars_to_tokens(prompt_chars(messages))
-        reserved = min(caps) if caps else DEFAULT_RESERVED_COMPLETION
+        # The worst case is reserved: the prompt as sent and the most the reply may be, a cap the upstream is told.
+        cap = payload["max_completion_tokens"] = self.limiter.completion_cap(principal, spec, profile.max_tokens)
+        estimate = estimate_input_tokens(payload)
+        cost = spec.token_cost(estimate, cap)
         call = await self.calls.open(
             principal,
             route=ROUTE,
             spec=spec,
             request_id=request_id,
-            buckets=self.limiter.token_buckets(principal, estimate + reserved, spec.token_cost(estimate, reserved)),
+            buckets=self.limiter.token_buckets(principal, estimate + cap, cost),
+            reserved=Spent(estimate, cap, cost_usd=cost, estimated=True),
             prior=rate,
             fallback=profile.fallback,
-            prompt_estimate=estimate,
+            stream=stream,
             thread_id=thread_id,
         )
         return Turn(
@@ -229,7 +229,7 @@ class TurnRunner:
             turn.call, lambda provider: self._within(deadline, provider.chat_stream(turn.payload)), stream=True
         )
         turn.call.attach(stream)
-        relay = TurnRelay(turn, stream, self.replies, deadline=deadline, overtime=turn_timeout)
+        relay = TurnRelay(turn, stream, self.replies, deadline=deadline, overtime=turn_timeout, stopping=self.stopping)
         return EventSource(
             relay.events(),
             heartbeat=self.settings.stream_heartbeat_seconds,

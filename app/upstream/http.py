@@ -9,6 +9,7 @@ routes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,17 @@ from app.upstream.provider import UpstreamReply
 from app.upstream.retry import RetryPolicy, StatusFailure
 
 log = logging.getLogger("app.upstream")
+
+
+async def read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The body of an answer whose status line has come: a break now is not retried."""
+    try:
+        return await response.read()
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        log.warning("upstream answer broke off: %r", error)
+        raise UpstreamError("The upstream's answer broke off.", billed=True) from error
+    except TimeoutError as error:
+        raise UpstreamTimeout("The upstream stopped sending its answer.", billed=True) from error
 
 
 class UpstreamStream:
@@ -54,6 +66,7 @@ class UpstreamHTTP:
 
     def __init__(self, settings: Settings, api_key: str) -> None:
         self.retry = RetryPolicy(settings)
+        self.total_timeout = settings.upstream_total_timeout
         self.base_url = settings.openai_base_url
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.session = aiohttp.ClientSession(
@@ -73,20 +86,28 @@ class UpstreamHTTP:
         await self.session.close()
 
     async def post(self, path: str, body: bytes) -> UpstreamReply:
+        """The whole answer, within UPSTREAM_TOTAL_TIMEOUT. Attempts are retried only until the upstream
+        answers: once its status line has come, a body that breaks off is a failure, never a retry (the
+        upstream took the request and may bill it)."""
+
         async def attempt(number: int) -> UpstreamReply:
             async with self.session.post(self.base_url + path, data=body, headers=self.headers) as response:
-                payload = await response.read()
+                payload = await read_body(response)
                 if response.status >= 300:
                     raise StatusFailure(response.status, payload, response.headers)
                 return UpstreamReply(payload, response.headers.get("x-request-id"), number)
 
-        return await self.retry.run(attempt)
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                return await self.retry.run(attempt)
+        except TimeoutError as error:
+            raise UpstreamTimeout("The upstream did not answer in time.", billed=True) from error
 
     async def open_stream(self, path: str, body: bytes, rule: StreamRule) -> UpstreamStream:
         async def attempt(number: int) -> UpstreamStream:
             response = await self.session.post(self.base_url + path, data=body, headers=self.headers)
             if response.status >= 300:
-                payload = await response.read()
+                payload = await read_body(response)
                 response.release()
                 raise StatusFailure(response.status, payload, response.headers)
             return UpstreamStream(response, rule, number)

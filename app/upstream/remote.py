@@ -54,8 +54,17 @@ class RemoteProvider:
         return await self.http.open_stream("/chat/completions", orjson.dumps(payload), CHAT_COMPLETIONS)
 
     async def images(self, params: dict[str, Any]) -> Generation:
-        raw = await self.retry.run(lambda _: self.sdk.images.with_raw_response.generate(**params))
-        return await asyncio.to_thread(parse_generation, raw.http_response.content, raw.request_id)
+        """Retried until the upstream answers; a body that breaks off after that is billed, not retried."""
+
+        async def attempt(_: int) -> tuple[bytes, str | None]:
+            async with self.sdk.images.with_streaming_response.generate(**params) as response:
+                try:
+                    return await response.read(), response.request_id
+                except Exception as error:
+                    raise UpstreamError("The upstream's image answer broke off.", billed=True) from error
+
+        body, request_id = await self.retry.run(attempt)
+        return await asyncio.to_thread(parse_generation, body, request_id)
 
     async def moderate(self, texts: list[str], model: str) -> Moderation:
         result = await self.retry.run(lambda _: self.sdk.moderations.with_raw_response.create(input=texts, model=model))
@@ -86,9 +95,11 @@ def parse_generation(body: bytes, request_id: str | None) -> Generation:
             for item in parsed["data"]
         ]
     except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error) as error:
-        raise UpstreamError("The upstream's image answer could not be read (no base64 image data).") from error
+        raise UpstreamError(
+            "The upstream's image answer could not be read (no base64 image data).", billed=True
+        ) from error
     if not images:
-        raise UpstreamError("The upstream answered without any image.")
+        raise UpstreamError("The upstream answered without any image.", billed=True)
     usage = parsed.get("usage") or {}
     return Generation(
         images=images,

@@ -1,7 +1,8 @@
 """One retry policy for every upstream call, whichever client makes it.
 
 Connection failures, 408/409/429/5xx are retried with exponential backoff and jitter,
-before any byte reaches the client. A `retry-after` longer than
+before any byte reaches the client, and only until the upstream answers: a body that breaks
+off after its status line is a failure of its own, never retried (app/upstream/http.py). A `retry-after` longer than
 `UPSTREAM_MAX_RETRY_AFTER` is not slept through: it is passed on to the client, whose
 SDK backs off by itself. A read timeout is not retried: the upstream took the request,
 and trying again would double the wait (and, for images, the bill).
@@ -59,8 +60,8 @@ def classify(failure: Exception, max_retry_after: float) -> Verdict | None:
         return _status_verdict(failure.status_code, response.content, response.headers, max_retry_after)
     if isinstance(failure, aiohttp.ConnectionTimeoutError):
         return Verdict(UpstreamTimeout("Could not connect to the upstream in time."), retryable=True)
-    if isinstance(failure, TimeoutError | openai.APITimeoutError):
-        return Verdict(UpstreamTimeout("The upstream did not answer in time."), retryable=False)
+    if isinstance(failure, TimeoutError | openai.APITimeoutError):  # it took the request: it may bill it
+        return Verdict(UpstreamTimeout("The upstream did not answer in time.", billed=True), retryable=False)
     if isinstance(failure, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | openai.APIConnectionError):
         log.warning("upstream unreachable: %r", failure)
         return Verdict(UpstreamError("Could not reach the upstream."), retryable=True)

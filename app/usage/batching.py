@@ -1,10 +1,12 @@
 """Rows queued on the response path and written in batches by one background task.
 
 Queuing is a list append. The task writes a batch every `interval` seconds, or at once
-when a batch is full; a failed write keeps its rows and is retried with backoff, and
-shutdown flushes what is left, so a clean stop loses nothing. `max_pending` caps what
-an outage may hold in memory: rows over it are counted, logged and dropped rather than
-ever blocking a response.
+when a batch is full. The task is supervised: whatever a write raises is logged and
+handed to `failed`, which may deal with the batch (the usage writer spools or
+quarantines it); otherwise the rows are kept and retried with backoff. Shutdown flushes
+what is left and hands anything still unwritten to `leftover`. `max_pending` caps what an
+outage may hold in memory: rows over it are counted, logged and dropped rather than ever
+blocking a response (the usage writer sheds calls before it gets there).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import logging
 import time
 from typing import Generic, TypeVar
 
-from app.db import DB_ERRORS
-
 log = logging.getLogger("app.usage")
 
 Row = TypeVar("Row")
@@ -24,8 +24,8 @@ MAX_BACKOFF = 5.0
 
 
 class BatchWriter(Generic[Row]):
-    """Subclasses say how a batch is written (`write`), and may deal with a batch the
-    database keeps refusing (`refused`)."""
+    """Subclasses say how a batch is written (`write`), and may deal with a batch that could
+    not be written (`failed`) and with rows left at shutdown (`leftover`)."""
 
     what = "rows"
     shutdown_deadline = 15.0
@@ -58,9 +58,13 @@ class BatchWriter(Generic[Row]):
     async def write(self, batch: list[Row]) -> None:
         raise NotImplementedError
 
-    async def refused(self, batch: list[Row], error: Exception, failures: int) -> bool:
+    async def failed(self, batch: list[Row], error: Exception, failures: int) -> bool:
         """A write failed `failures` times in a row; True when the batch has been dealt with."""
         return False
+
+    async def leftover(self, rows: list[Row]) -> None:
+        """Rows still unwritten when shutdown's deadline passed."""
+        log.error("shutdown: %d %s could not be written", len(rows), self.what)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"{self.what}-writer")
@@ -75,7 +79,8 @@ class BatchWriter(Generic[Row]):
             if not await self.flush():
                 await asyncio.sleep(0.5)
         if self._pending:
-            log.error("shutdown: %d %s could not be written", len(self._pending), self.what)
+            rows, self._pending = self._pending, []
+            await self.leftover(rows)
 
     async def drain(self) -> None:
         """Write everything queued so far (retrying while the database refuses)."""
@@ -104,10 +109,15 @@ class BatchWriter(Generic[Row]):
         batch = self._pending[: self.batch_size]
         try:
             await self.write(batch)
-        except DB_ERRORS as error:
+        except Exception as error:
             self._failures += 1
-            log.warning("flush of %d %s failed (attempt %d): %s", len(batch), self.what, self._failures, error)
-            if not await self.refused(batch, error, self._failures):
+            log.warning("flush of %d %s failed (attempt %d): %r", len(batch), self.what, self._failures, error)
+            try:
+                handled = await self.failed(batch, error, self._failures)
+            except Exception:
+                log.exception("could not deal with %d %s that failed to be written; kept", len(batch), self.what)
+                handled = False
+            if not handled:
                 return False
         del self._pending[: len(batch)]
         self._failures = 0

@@ -1,57 +1,47 @@
-"""What one upstream call leaves behind."""
+"""What one upstream call leaves behind: its usage row, and the reservation it settles."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import orjson
-
+from app.errors import ErrorCode
 from app.ratelimit.buckets import Bucket, Decision
 
 Status = Literal["ok", "error", "cancelled", "simulated", "fallback"]
 
+# The columns the writer settles, with the array type asyncpg sends for each.
 COLUMNS = (
-    "created_at",
-    "request_id",
-    "user_id",
-    "api_key_id",
-    "route",
-    "model",
-    "status",
-    "http_status",
-    "stream",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "tokens_estimated",
-    "images",
-    "cost_usd",
-    "latency_ms",
-    "ttft_ms",
-    "upstream_request_id",
-    "error_code",
-    "thread_id",
-    "detail",
+    ("call_id", "uuid[]"),
+    ("created_at", "timestamptz[]"),
+    ("request_id", "text[]"),
+    ("user_id", "text[]"),
+    ("api_key_id", "uuid[]"),
+    ("route", "text[]"),
+    ("model", "text[]"),
+    ("status", "text[]"),
+    ("http_status", "int[]"),
+    ("stream", "bool[]"),
+    ("prompt_tokens", "int[]"),
+    ("completion_tokens", "int[]"),
+    ("cached_tokens", "int[]"),
+    ("tokens_estimated", "bool[]"),
+    ("images", "int[]"),
+    ("cost_usd", "float8[]"),
+    ("latency_ms", "float8[]"),
+    ("ttft_ms", "float8[]"),
+    ("upstream_request_id", "text[]"),
+    ("error_code", "text[]"),
+    ("thread_id", "uuid[]"),
+    ("detail", "jsonb[]"),
 )
-
-
-def usage_fields(usage: dict[str, Any] | None) -> tuple[int, int, int]:
-    """(prompt, completion, cached) tokens of an OpenAI `usage` object."""
-    if not usage:
-        return 0, 0, 0
-    details = usage.get("prompt_tokens_details") or {}
-    return (
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
-        int(details.get("cached_tokens") or 0),
-    )
 
 
 @dataclass(slots=True)
 class UsageRecord:
+    call_id: uuid.UUID
     request_id: str
     user_id: str
     api_key_id: uuid.UUID | None
@@ -76,11 +66,6 @@ class UsageRecord:
     # The limits this call reserved, settled against its real usage when written.
     decision: Decision | None = None
 
-    def row(self) -> tuple[object, ...]:
-        values = [getattr(self, name) for name in COLUMNS]
-        values[-1] = orjson.dumps(self.detail).decode() if self.detail is not None else None  # jsonb as text
-        return tuple(values)
-
     def used(self, bucket: Bucket) -> float:
         """How much of a bucket this call really used."""
         if bucket.name == "tokens":
@@ -93,6 +78,41 @@ class UsageRecord:
 
     def corrections(self) -> list[tuple[Bucket, float]]:
         """Real usage minus what was reserved (nothing was, if the limits were not counted)."""
-        if self.decision is None:
-            return []
-        return [(b, self.used(b) - r) for b, r in zip(self.decision.buckets, self.decision.reserved, strict=True)]
+        return self.decision.corrections(self.used) if self.decision is not None else []
+
+    def to_json(self) -> dict[str, Any]:
+        """The row and its reservation as JSON, for the spool."""
+        values = {name: getattr(self, name) for name, _ in COLUMNS}
+        values["call_id"] = str(self.call_id)
+        values["api_key_id"] = str(self.api_key_id) if self.api_key_id else None
+        values["thread_id"] = str(self.thread_id) if self.thread_id else None
+        values["created_at"] = self.created_at.isoformat()
+        values["decision"] = decision_json(self.decision)
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> UsageRecord:
+        fields = dict(values)
+        fields["call_id"] = uuid.UUID(fields["call_id"])
+        fields["api_key_id"] = uuid.UUID(fields["api_key_id"]) if fields.get("api_key_id") else None
+        fields["thread_id"] = uuid.UUID(fields["thread_id"]) if fields.get("thread_id") else None
+        fields["created_at"] = datetime.fromisoformat(fields["created_at"])
+        fields["decision"] = decision_from_json(fields.get("decision"))
+        return cls(**fields)
+
+
+def decision_json(decision: Decision | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    return {
+        "buckets": [asdict(bucket) for bucket in decision.buckets],
+        "reserved": list(decision.reserved),
+        "local": decision.local,
+    }
+
+
+def decision_from_json(values: dict[str, Any] | None) -> Decision | None:
+    if values is None:
+        return None
+    buckets = [Bucket(**{**bucket, "code": ErrorCode(bucket["code"])}) for bucket in values["buckets"]]
+    return Decision(buckets, {}, list(values["reserved"]), bool(values["local"]))

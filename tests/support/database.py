@@ -24,7 +24,10 @@ import asyncpg
 from app import migrations
 
 EMBEDDED_DATA_DIR = Path(tempfile.gettempdir()) / "gateway-test-pg"
-TABLES_QUERY = "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+TABLES_QUERY = (
+    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    " AND tablename NOT IN ('alembic_version', 'gateway_instance')"  # migrations; the running gateways
+)
 
 
 def server_url() -> str:
