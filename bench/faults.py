@@ -613,7 +613,7 @@ async def call_until(stop: asyncio.Event, gateway: Gateway, key: str, prefix: st
         try:
             response = await chat(gateway, key, request_id, seconds=10)
             if response.status_code == 200 and response.json().get("choices"):
-                answered.append(request_id)
+                answered.append(response.headers.get("x-request-id", request_id))  # what the gateway calls it
         except (httpx.HTTPError, ValueError):
             await asyncio.sleep(0.05)
 
