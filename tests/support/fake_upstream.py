@@ -1,4 +1,10 @@
-"""A scriptable fake OpenAI-compatible HTTP server that runs inside the test's event loop."""
+"""A scriptable fake OpenAI-compatible HTTP server that runs inside the test's event loop.
+
+Besides well-behaved answers it can misbehave the ways real upstreams do (bench/faults.py
+uses these): report any usage (huge, negative, not a number), answer bytes that are not
+JSON, cut a body short, trickle a stream, put garbage in one. Like a real model, it never
+reports more completion tokens than the request's `max_completion_tokens` / `max_tokens`.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +54,12 @@ class Reply:
     drop_after: int | None = None
     error_after: int | None = None
     hang: bool = False
+    # Misbehaviours (all off by default).
+    raw: bytes | None = None  # the body sent as these bytes, whatever they are (not JSON, an array, ...)
+    truncate_at: int | None = None  # a plain body declared in full, cut after this many bytes
+    usage: JSONDict | Callable[[JSONDict], JSONDict] | None = None  # a chat answer's usage (or from the request)
+    pieces: int | None = None  # content pieces of a default stream (default: CONTENT_PIECES)
+    garbage_after: int | None = None  # a `data:` line that is not JSON after this many stream events
 
 
 @dataclass
@@ -69,6 +81,7 @@ class FakeUpstream:
         self.requests: list[Recorded] = []
         self.streams_open = 0
         self._scripts: dict[str, deque[Reply]] = {}
+        self._defaults: dict[str, Reply] = {}
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._stopping = asyncio.Event()
@@ -101,9 +114,21 @@ class FakeUpstream:
         """Queue replies for a path; they are used first in, first out."""
         self._scripts.setdefault(path, deque()).extend(replies)
 
+    def set_default(self, path: str, reply: Reply | None) -> None:
+        """The reply for a path once its script is used up (None: behave normally again)."""
+        if reply is None:
+            self._defaults.pop(path, None)
+        else:
+            self._defaults[path] = reply
+
+    def received(self, path: str = CHAT_PATH) -> list[Recorded]:
+        """The requests received on a path, oldest first."""
+        return [recorded for recorded in self.requests if recorded.path == path]
+
     def reset(self) -> None:
-        """Forget scripted replies and recorded requests."""
+        """Forget scripted replies, defaults and recorded requests."""
         self._scripts.clear()
+        self._defaults.clear()
         self.requests.clear()
 
     # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
@@ -129,7 +154,7 @@ class FakeUpstream:
             out_headers.update(RATE_LIMIT_HEADERS)
 
         queue = self._scripts.get(request.path)
-        reply = queue.popleft() if queue else Reply()
+        reply = queue.popleft() if queue else self._defaults.get(request.path, Reply())
         out_headers.update(reply.headers)
         if reply.hang:
             await self._stopping.wait()
@@ -137,9 +162,11 @@ class FakeUpstream:
         if reply.delay:
             await asyncio.sleep(reply.delay)
 
+        if reply.raw is not None:
+            return await self._plain(request, reply, reply.raw, out_headers)
         if not 200 <= reply.status < 300 or reply.body is not None:
             body = reply.body if reply.body is not None else _error_body(reply.status)
-            return _json_response(reply.status, body, out_headers)
+            return await self._plain(request, reply, orjson.dumps(body), out_headers)
         wants_stream = payload is not None and payload.get("stream") is True
         if request.path == CHAT_PATH and (wants_stream or reply.chunks is not None):
             return await self._stream(request, reply, out_headers, payload or {}, n)
@@ -151,7 +178,26 @@ class FakeUpstream:
         if request.method == "POST" and payload is None:
             message = "We could not parse the JSON body of your request."
             return _json_response(400, _error_body(400, message), out_headers)
-        return _json_response(reply.status, route(payload or {}, n), out_headers)
+        answer = route(payload or {}, n)
+        if request.path == CHAT_PATH:
+            answer["usage"] = _reported_usage(reply, payload or {})
+        return await self._plain(request, reply, orjson.dumps(answer), out_headers)
+
+    async def _plain(
+        self, request: web.Request, reply: Reply, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A JSON-typed body; with `truncate_at`, declared in full and cut short by a dropped connection."""
+        if reply.truncate_at is None:
+            return web.Response(status=reply.status, body=body, headers=headers, content_type="application/json")
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        response.content_type = "application/json"
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: reply.truncate_at])
+        response.force_close()
+        if request.transport is not None:
+            request.transport.close()
+        return response
 
     async def _stream(
         self,
@@ -162,7 +208,13 @@ class FakeUpstream:
         n: int,
     ) -> web.StreamResponse:
         """Write an SSE chat stream, honouring chunk_delay, drop_after and error_after."""
-        events = reply.chunks if reply.chunks is not None else _chat_chunks(payload, n)
+        if reply.chunks is not None:
+            events = reply.chunks
+        else:
+            pieces = CONTENT_PIECES if reply.pieces is None else tuple(f" piece{i}" for i in range(reply.pieces))
+            events = _chat_chunks(payload, n, pieces, _reported_usage(reply, payload))
+        if reply.garbage_after is not None:
+            events = [*events[: reply.garbage_after], "data: {not json at all\n\n", *events[reply.garbage_after :]]
         response = web.StreamResponse(status=reply.status, headers=headers)
         response.content_type = "text/event-stream"
         self.streams_open += 1
@@ -265,7 +317,24 @@ def _chat_completion(payload: JSONDict, n: int) -> JSONDict:
     }
 
 
-def _chat_chunks(payload: JSONDict, n: int) -> list[JSONDict | str]:
+def _reported_usage(reply: Reply, payload: JSONDict) -> JSONDict:
+    """The usage a chat answer reports: the reply's (or the default), never more completion tokens
+    than the request allowed, as a real model stops at its cap."""
+    scripted = reply.usage(payload) if callable(reply.usage) else reply.usage
+    usage = dict(scripted) if scripted is not None else _usage()
+    cap = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    completion = usage.get("completion_tokens")
+    if isinstance(cap, int) and isinstance(completion, int) and completion > cap:
+        usage["completion_tokens"] = cap
+        prompt = usage.get("prompt_tokens")
+        if isinstance(prompt, int):
+            usage["total_tokens"] = prompt + cap
+    return usage
+
+
+def _chat_chunks(
+    payload: JSONDict, n: int, pieces: tuple[str, ...] = CONTENT_PIECES, usage: JSONDict | None = None
+) -> list[JSONDict | str]:
     """The default chat.completion.chunk sequence, with a usage chunk if asked for."""
     options = payload.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -283,10 +352,10 @@ def _chat_chunks(payload: JSONDict, n: int) -> list[JSONDict | str]:
         return {**base, "choices": [choice], **extra}
 
     chunks: list[JSONDict | str] = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": piece}) for piece in CONTENT_PIECES]
+    chunks += [chunk({"content": piece}) for piece in pieces]
     chunks.append(chunk({}, "stop"))
     if include_usage:
-        chunks.append({**base, "choices": [], "usage": _usage()})
+        chunks.append({**base, "choices": [], "usage": usage if usage is not None else _usage()})
     return chunks
 
 

@@ -89,6 +89,13 @@ def _kill_group(proc: Proc) -> None:
         proc.popen.kill()
 
 
+async def kill_process_async(proc: Proc) -> None:
+    """SIGKILL the process and its whole session, as a crash or the OOM killer would, and reap it."""
+    if proc.popen.poll() is None:
+        _kill_group(proc)
+    await asyncio.to_thread(proc.popen.wait)
+
+
 def stop_process(proc: Proc, grace: float = 20.0) -> bool:
     """SIGTERM, then SIGKILL after `grace` seconds; True if it stopped on its own."""
     if proc.popen.poll() is not None:
