@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from app.auth.principal import Principal
-from app.errors import ErrorCode, GatewayError, InvalidRequest, Unavailable
+from app.errors import ErrorCode, GatewayError, InvalidRequest, Unavailable, UpstreamError
 from app.ratelimit.buckets import Bucket, Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import ModelSpec
@@ -36,7 +36,7 @@ from app.tokens import chars_to_tokens
 from app.upstream.errors import upstream_failed
 from app.upstream.hub import Answerer, Lease, Upstream
 from app.upstream.provider import EventStream, Provider
-from app.usage.ledger import PendingRow, clamp_usage, new_call_id
+from app.usage.ledger import MalformedUsage, PendingRow, clamp_usage, new_call_id
 from app.usage.record import Status, UsageRecord
 from app.usage.writer import UsageWriter
 
@@ -137,18 +137,27 @@ class Call:
             return "fallback"
         return "simulated" if self.simulated else "ok"
 
-    def token_spend(self, usage: object, completion_chars: int = 0) -> Spent:
+    def token_spend(self, usage: object, completion_chars: int = 0, *, strict: bool = False) -> Spent:
         """A token-priced answer: the upstream's `usage` (checked and clamped, app/usage/ledger.py), else our
-        estimate from the prompt and the text received (marked estimated)."""
+        estimate from the prompt and the text received (marked estimated). A `usage` that is not numbers
+        is a malformed answer: with `strict` a 502 (charged the reservation), else estimated and flagged
+        (a stream whose text already went out)."""
         flags: list[str] = []
         if isinstance(usage, dict):
-            prompt, completion, cached, flags = clamp_usage(usage)
-        else:
-            if usage is not None:
-                flags = ["not_an_object"]
+            try:
+                prompt, completion, cached, flags = clamp_usage(usage)
+            except MalformedUsage as error:
+                if strict:
+                    raise UpstreamError(f"The upstream's answer is malformed: {error}.", billed=True) from error
+                usage, flags = None, ["malformed"]
+        elif usage is not None:
+            if strict:
+                raise UpstreamError("The upstream's answer is malformed: usage is not an object.", billed=True)
+            usage, flags = None, ["malformed"]
+        if usage is None:
             prompt, completion, cached = self.reserved.prompt_tokens, chars_to_tokens(completion_chars), 0
         cost = self.spec.token_cost(prompt, completion, cached) if self.spec is not None else 0.0
-        return Spent(prompt, completion, cached, cost_usd=cost, estimated=not isinstance(usage, dict), flags=flags)
+        return Spent(prompt, completion, cached, cost_usd=cost, estimated=usage is None, flags=flags)
 
     def headers(self, upstream_request_id: str | None = None) -> dict[str, str]:
         """The limits' headers, and whether a simulated provider answered."""

@@ -135,7 +135,11 @@ class ChatService:
             call.fail(failure)
             raise failure
         usage = answer.get("usage")
-        spent = call.token_spend(usage, 0 if isinstance(usage, dict) else _reply_chars(answer))
+        try:
+            spent = call.token_spend(usage, 0 if isinstance(usage, dict) else _reply_chars(answer), strict=True)
+        except UpstreamError as failure:
+            call.fail(failure)
+            raise
         call.finish(spent, upstream_request_id=reply.request_id)
         headers = {**call.headers(reply.request_id), **extra}
         return Response(reply.body, media_type="application/json", headers=headers)

@@ -114,13 +114,14 @@ class TurnRunner:
             )
             try:
                 text, usage = _reply(reply.body)
+                spent = turn.call.token_spend(usage, len(text), strict=True)
             except UpstreamError as error:
                 turn.call.fail(error)
                 raise
         except BaseException:
             await self.replies.abandon(thread_id, opened.lock, message_id)
             raise
-        turn.call.finish(turn.call.token_spend(usage, len(text)), upstream_request_id=reply.request_id)
+        turn.call.finish(spent, upstream_request_id=reply.request_id)
         result = await self.replies.store(turn, text=text, status="completed", reason=None)
         return Response(
             result.model_dump_json().encode(),
@@ -246,4 +247,4 @@ def _reply(body: bytes) -> tuple[str, dict[str, Any] | None]:
         message = choice.get("message") or {}
         return str(message.get("content") or message.get("refusal") or ""), payload.get("usage")
     except (orjson.JSONDecodeError, AttributeError, IndexError) as error:
-        raise UpstreamError("The upstream's answer could not be read.") from error
+        raise UpstreamError("The upstream's answer could not be read.", billed=True) from error

@@ -23,6 +23,7 @@ absurd values are clamped and flagged on the row (`detail.usage_flags`).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import uuid
@@ -86,20 +87,27 @@ def pending_arrays(rows: list[tuple[int, PendingRow]]) -> list[list[Any]]:
     return arrays
 
 
+class MalformedUsage(ValueError):
+    """A `usage` the upstream sent that is not numbers at all (text, objects): its answer is malformed."""
+
+
 def clamp_usage(usage: dict[str, Any]) -> tuple[int, int, int, list[str]]:
     """(prompt, completion, cached) tokens of an OpenAI `usage` object, each a sane integer, and flags
-    saying what had to be fixed: `not_integer`, `negative`, `absurd`, `cached_over_prompt`."""
+    saying what had to be fixed: `not_integer` (a fraction, rounded up), `negative`, `absurd`,
+    `cached_over_prompt`. A field that is not a number at all raises MalformedUsage."""
     flags: list[str] = []
 
     def field(value: object) -> int:
         if value is None:
             return 0
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MalformedUsage(f"usage holds {value!r} where a token count belongs")
+        if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise MalformedUsage(f"usage holds {value!r} where a token count belongs")
+            if not value.is_integer():
                 flags.append("not_integer")
-                return 0
+            value = math.ceil(value)
         if value < 0:
             flags.append("negative")
             return 0

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 # Postgres's ReadyForQuery with transaction status "idle": the last message of the server's answer
@@ -30,11 +31,28 @@ class _Link:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter | None = None
     wrote: bool = False  # the client sent an armed trap's pattern: the next commit on this link springs it
+    # The text of each statement the client prepared, by name: a client that prepared a statement once
+    # sends only its name afterwards (Bind), so a Bind of a matching statement arms the trap too.
+    statements: dict[bytes, bytes] = field(default_factory=dict)
 
     def abort(self) -> None:
         for writer in (self.client, self.server):
             if writer is not None:
                 writer.transport.abort()
+
+
+def _messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The frontend messages of a chunk (type, body), as far as whole ones are in it."""
+    found = []
+    offset = 0
+    while offset + 5 <= len(data):
+        kind = data[offset : offset + 1]
+        (length,) = struct.unpack(">I", data[offset + 1 : offset + 5])
+        if length < 4 or not kind.isalpha():
+            break  # the startup packet, or not the start of a message
+        found.append((kind, data[offset + 5 : offset + 1 + length]))
+        offset += 1 + length
+    return found
 
 
 @dataclass
@@ -201,8 +219,18 @@ class TcpProxy:
         self.bytes_sent += len(data)
         if self.counting:
             self.writes.append((link.number, data[:64]))
-        if self._trap is not None and self._trap.pattern.search(data):
+        trap = self._trap
+        if trap is not None and trap.pattern.search(data):
             link.wrote = True
+        for kind, body in _messages(data):
+            if kind == b"P":  # Parse: statement name, query text
+                name, _, query = body.partition(b"\x00")
+                if name:
+                    link.statements[name] = query
+            elif kind == b"B" and trap is not None:  # Bind: portal name, statement name
+                name = body.partition(b"\x00")[2].partition(b"\x00")[0]
+                if trap.pattern.search(link.statements.get(name, b"")):
+                    link.wrote = True
 
     def _springs(self, link: _Link, data: bytes) -> float | None:
         """When this answer from the server commits what armed the trap: the hold before the drop."""
