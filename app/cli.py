@@ -164,8 +164,10 @@ def prune_threads(args: argparse.Namespace) -> None:
 
 def prune_images(args: argparse.Namespace) -> None:
     from app.db import Database
+    from app.images.idempotency import IdempotencyStore
     from app.images.retention import Pruned
     from app.images.storage import open_storage
+    from app.instances import Instance
     from app.runtime import image_retention
 
     settings = get_settings()
@@ -175,7 +177,10 @@ def prune_images(args: argparse.Namespace) -> None:
         database = await Database.connect(url, 2)
         storage = await open_storage(settings)
         try:
-            return await image_retention(settings, database, storage).prune(args.days)
+            lease, beat = settings.instance_lease_seconds, settings.instance_beat_seconds
+            instance = Instance(database.pool, lease_seconds=lease, beat_seconds=beat)
+            idempotency = IdempotencyStore(database.pool, settings.idempotency_ttl_seconds, instance)
+            return await image_retention(settings, database, storage, idempotency).prune(args.days)
         finally:
             await storage.close()
             await database.close()

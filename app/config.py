@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     usage_batch_size: int = Field(1000, ge=1)
     usage_queue_max: int = Field(100_000, ge=100)
     usage_spool_dir: Path | None = None
-    usage_replay_interval: float = Field(5.0, gt=0)
+    usage_replay_interval: float = Field(1.0, gt=0)
 
     # Threads (profiles are the [profile.*] tables of ASSISTANTS_FILE). A turn is capped at
     # THREAD_TURN_TIMEOUT; context URLs are called with THREAD_CONTEXT_TOKEN as bearer when set.
@@ -149,7 +149,6 @@ class Settings(BaseSettings):
     image_batch_items_per_minute: float = Field(30.0, gt=0)
     image_batch_concurrency: int = Field(4, ge=1, le=64)
     image_batch_poll_seconds: float = Field(1.0, gt=0)
-    image_batch_lease_seconds: float = Field(600.0, gt=0)
     image_batch_max_attempts: int = Field(3, ge=1, le=20)
     image_retention_days: int = Field(30, ge=0)  # 0 keeps images forever
     image_retention_interval: float = Field(3600.0, gt=0)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -245,6 +246,14 @@ class Unavailable(GatewayError):
     code = ErrorCode.SERVICE_UNAVAILABLE
 
 
+# What a lost or refused connection to Postgres raises when it reaches the error renderer unwrapped.
+CONNECTION_LOST = (
+    ConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+
 # The refusals of a caller's own limits (not the upstream's), which operators count.
 LIMIT_CODES = frozenset({ErrorCode.RATE_LIMIT_EXCEEDED, ErrorCode.DAILY_QUOTA_EXCEEDED, ErrorCode.BUDGET_EXCEEDED})
 
@@ -315,8 +324,9 @@ def error_renderer(on_refusal: RefusalHook) -> Renderer:
             return error_response(invalid_request(error.errors()))
         if isinstance(error, StarletteHTTPException):
             return error_response(_http_error(request, error))
-        if isinstance(error, DBAPIError) and error.connection_invalidated:
-            log.warning("database connection lost: %s", type(error.orig).__name__)
+        if (isinstance(error, DBAPIError) and error.connection_invalidated) or isinstance(error, CONNECTION_LOST):
+            cause = error.orig if isinstance(error, DBAPIError) else error
+            log.warning("database connection lost: %s", type(cause).__name__)
             return error_response(
                 Unavailable(
                     "The database is unavailable; try again shortly.",

@@ -57,19 +57,10 @@ from app.usage.writer import UsageWriter
 log = logging.getLogger("app")
 
 
-def idempotency_store(settings: Settings, database: Database) -> IdempotencyStore:
-    # A claim still pending after the longest a generation can take belongs to a dead process.
-    lease = settings.upstream_read_timeout * (settings.upstream_max_retries + 1) + 60
-    return IdempotencyStore(database.pool, settings.idempotency_ttl_seconds, lease)
-
-
-def image_retention(settings: Settings, database: Database, storage: ImageStorage) -> ImageRetention:
-    return ImageRetention(
-        database.sessionmaker,
-        storage,
-        idempotency_store(settings, database),
-        days=settings.image_retention_days,
-    )
+def image_retention(
+    settings: Settings, database: Database, storage: ImageStorage, idempotency: IdempotencyStore
+) -> ImageRetention:
+    return ImageRetention(database.sessionmaker, storage, idempotency, days=settings.image_retention_days)
 
 
 @dataclass(kw_only=True)
@@ -160,18 +151,20 @@ class Runtime:
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
-        turns = TurnRunner(settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context, stopping)
+        turns = TurnRunner(
+            settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context, stopping, instance
+        )
 
         storage = await open_storage(settings)
         stack.push_async_callback(storage.close)
         signer = UrlSigner(await load_secret(db.pool, settings.image_url_secret), settings.image_url_ttl_seconds)
-        idempotency = idempotency_store(settings, db)
+        idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl_seconds, instance)
         history = ImageHistory(storage, signer)
         generator = ImageGenerator(settings, limiter, calls, history)
         batch_events = BatchEvents()
         events.batches.subscribe(batch_events.notify)
-        batch_runner = BatchRunner(settings, catalog, generator, db, events)
-        retention = image_retention(settings, db, storage)
+        batch_runner = BatchRunner(settings, catalog, generator, db, events, instance)
+        retention = image_retention(settings, db, storage, idempotency)
 
         # Running parts: their stops run before the clients above close, in reverse order.
         await usage.start()
@@ -204,6 +197,16 @@ class Runtime:
         jobs.every("image retention", settings.image_retention_interval, retention.prune)
         stack.push_async_callback(jobs.stop)
 
+        images = ImageService(
+            catalog=catalog,
+            database=db,
+            generator=generator,
+            history=history,
+            signer=signer,
+            idempotency=idempotency,
+            public_base_url=settings.image_public_base_url,
+        )
+        stack.push_async_callback(images.close)
         runtime = cls(
             settings=settings,
             instance=instance,
@@ -219,15 +222,7 @@ class Runtime:
             calls=calls,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             threads=ThreadService(profiles, turns),
-            images=ImageService(
-                catalog=catalog,
-                database=db,
-                generator=generator,
-                history=history,
-                signer=signer,
-                idempotency=idempotency,
-                public_base_url=settings.image_public_base_url,
-            ),
+            images=images,
             image_history=history,
             batches=BatchService(settings, catalog, db, generator, idempotency, batch_events, batch_runner.wake),
             batch_runner=batch_runner,

@@ -852,17 +852,29 @@ async def test_a_streamed_turn_holds_the_thread_until_it_ends(
     assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
 
 
-async def test_a_dead_turns_lock_goes_stale(gw: Gateway, db: asyncpg.Pool) -> None:
+async def test_a_dead_turns_lock_is_released_with_its_process(gw: Gateway, db: asyncpg.Pool) -> None:
+    """A lock names its process: held while that process beats, free as soon as it stops."""
     _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    await db.execute("UPDATE thread SET running_since = now() WHERE id = $1", uuid.UUID(thread_id))
-    assert_error(await say(gw, headers, thread_id, "hello"), 409, code="thread_busy")
-    # A process that died mid-turn: its lock is older than the turn limit (600 s) plus the margin.
+    thread_id = uuid.UUID((await new_thread(gw, headers))["id"])
+    alive = internals.runtime(gw.app).instance.id
+    lock = "UPDATE thread SET running_since = now(), running_owner = $2 WHERE id = $1"
+    await db.execute(lock, thread_id, alive)  # a turn running in this (live) gateway
+    assert_error(await say(gw, headers, str(thread_id), "hello"), 409, code="thread_busy")
+    dead = uuid.uuid4()  # a process that died mid-turn: it never beats again
+    await db.execute("INSERT INTO gateway_instance (id, host, pid, heartbeat_at) VALUES ($1, 'gone', 1, now())", dead)
+    await db.execute(lock, thread_id, dead)
+    assert_error(await say(gw, headers, str(thread_id), "hello"), 409, code="thread_busy")  # within its lease
+    await db.execute("UPDATE gateway_instance SET heartbeat_at = now() - interval '11 seconds' WHERE id = $1", dead)
+    assert (await say(gw, headers, str(thread_id), "hello")).status_code == 200  # its lease (10 s) is over
+    row = await db.fetchrow("SELECT running_since, running_owner FROM thread WHERE id = $1", thread_id)
+    assert row["running_since"] is None and row["running_owner"] is None
+    # A lock older than the turn limit (600 s) plus a margin is stale whoever holds it.
     await db.execute(
-        "UPDATE thread SET running_since = now() - interval '11 minutes' WHERE id = $1", uuid.UUID(thread_id)
+        "UPDATE thread SET running_since = now() - interval '11 minutes', running_owner = $2 WHERE id = $1",
+        thread_id,
+        alive,
     )
-    assert (await say(gw, headers, thread_id, "hello")).status_code == 200
-    assert await db.fetchval("SELECT running_since FROM thread WHERE id = $1", uuid.UUID(thread_id)) is None
+    assert (await say(gw, headers, str(thread_id), "hello")).status_code == 200
 
 
 # --- context from the app ---------------------------------------------------------------------

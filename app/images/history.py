@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -22,6 +24,8 @@ from app.images.signing import Links, UrlSigner
 from app.images.storage import ImageStorage
 from app.models import Image
 from app.upstream.provider import Generation
+
+log = logging.getLogger("app.images.history")
 
 
 def public(image: Image, links: Links) -> ImagePublic:
@@ -143,6 +147,14 @@ class ImageHistory:
             has_more=has_more,
             next_cursor=encode_cursor(page[-1]) if has_more else None,
         )
+
+    async def discard(self, images: Sequence[Image]) -> None:
+        """Delete the stored bytes of images that will not be kept (their rows were never added)."""
+        for image in images:
+            try:
+                await self.storage.delete(image.storage_key)
+            except Exception as error:  # the orphan sweep finds it later
+                log.warning("could not delete the bytes of discarded image %s: %s", image.id, error)
 
     async def delete(self, session: AsyncSession, image: Image) -> ImageDeleted:
         """The row goes first (flushed, not committed): if the bytes cannot be deleted, the row stays too."""

@@ -14,6 +14,7 @@ from sqlalchemy import case, delete, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import affected_rows
+from app.instances import owner_alive
 from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserOpenAIKey
 
 ACTIVE_BATCH = ("queued", "running")
@@ -49,6 +50,11 @@ async def list_images(
         query = query.where(Image.batch_id == batch_id)
     query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(limit + 1)
     return list(await session.scalars(query))
+
+
+async def stored_keys(session: AsyncSession, keys: Sequence[str]) -> set[str]:
+    """Which of these storage keys image rows name."""
+    return set(await session.scalars(select(Image.storage_key).where(Image.storage_key.in_(keys))))
 
 
 async def delete_images(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:
@@ -142,13 +148,16 @@ class ClaimedItem:
 
 
 # One statement, so an idle poll costs one round trip: pick the next due item of a batch whose
-# pace allows one now (SKIP LOCKED: replicas share the work), mark it running under a lease,
-# and move the batch's next slot on by its interval.
-CLAIM_ITEM = """
+# pace allows one now (SKIP LOCKED: replicas share the work), or one whose process died (its
+# lease is that process's heartbeat, app/instances.py), mark it running as this process's, and
+# move the batch's next slot on by its interval. A process that is alive keeps its item however
+# long the generation takes.
+CLAIM_ITEM = f"""
 WITH next AS (
     SELECT i.id AS item_id, b.id AS batch_id
     FROM image_batch_item i JOIN image_batch b ON b.id = i.batch_id
-    WHERE ((i.status = 'pending' AND i.not_before <= now()) OR (i.status = 'running' AND i.locked_until < now()))
+    WHERE ((i.status = 'pending' AND i.not_before <= now())
+           OR (i.status = 'running' AND NOT {owner_alive("i.claimed_by", "$2")}))
       AND b.status IN ('queued', 'running') AND b.next_run_at <= now()
     ORDER BY b.next_run_at, i.index
     LIMIT 1
@@ -159,15 +168,15 @@ WITH next AS (
     RETURNING b.id, b.user_id, b.api_key_id, b.request_id, b.model, b.options
 )
 UPDATE image_batch_item i
-SET status = 'running', locked_until = now() + make_interval(secs => $1), updated_at = now()
+SET status = 'running', claimed_by = $1, locked_until = NULL, updated_at = now()
 FROM next, batch WHERE i.id = next.item_id
 RETURNING i.id, i.batch_id, i.index, i.prompt, i.attempts,
           batch.user_id, batch.api_key_id, batch.request_id, batch.model, batch.options
 """
 
 
-async def claim_item(pool: asyncpg.Pool, lease: float) -> ClaimedItem | None:
-    row = await pool.fetchrow(CLAIM_ITEM, float(lease))
+async def claim_item(pool: asyncpg.Pool, owner: uuid.UUID, lease: float) -> ClaimedItem | None:
+    row = await pool.fetchrow(CLAIM_ITEM, owner, float(lease))
     if row is None:
         return None
     options = row["options"]
@@ -188,6 +197,7 @@ async def claim_item(pool: asyncpg.Pool, lease: float) -> ClaimedItem | None:
 async def requeue_item(
     session: AsyncSession,
     item_id: uuid.UUID,
+    owner: uuid.UUID,
     *,
     delay: float,
     failed_attempt: bool,
@@ -197,7 +207,7 @@ async def requeue_item(
     """Back to pending, due again after `delay` seconds (a limit or a transient failure)."""
     values: dict[str, Any] = {
         "status": "pending",
-        "locked_until": None,
+        "claimed_by": None,
         "not_before": func.now() + timedelta(seconds=delay),
         "updated_at": func.now(),
         "error_code": error_code,
@@ -206,7 +216,9 @@ async def requeue_item(
     if failed_attempt:
         values["attempts"] = ImageBatchItem.attempts + 1
     await session.execute(
-        update(ImageBatchItem).where(ImageBatchItem.id == item_id, ImageBatchItem.status == "running").values(**values)
+        update(ImageBatchItem)
+        .where(ImageBatchItem.id == item_id, ImageBatchItem.status == "running", ImageBatchItem.claimed_by == owner)
+        .values(**values)
     )
 
 
@@ -221,6 +233,7 @@ async def pause_batch(session: AsyncSession, batch_id: uuid.UUID, seconds: float
 async def end_item(
     session: AsyncSession,
     item_id: uuid.UUID,
+    owner: uuid.UUID,
     *,
     status: str,
     image_ids: list[str] | None = None,
@@ -232,7 +245,7 @@ async def end_item(
     """Record an item's outcome; False when it was no longer ours to end (cancelled, or taken over)."""
     values: dict[str, Any] = {
         "status": status,
-        "locked_until": None,
+        "claimed_by": None,
         "updated_at": func.now(),
         "finished_at": func.now(),
         "image_ids": image_ids or [],
@@ -244,7 +257,7 @@ async def end_item(
         values["attempts"] = ImageBatchItem.attempts + 1
     result = await session.execute(
         update(ImageBatchItem)
-        .where(ImageBatchItem.id == item_id, ImageBatchItem.status == "running")
+        .where(ImageBatchItem.id == item_id, ImageBatchItem.status == "running", ImageBatchItem.claimed_by == owner)
         .values(**values)
         .returning(ImageBatchItem.id)
     )

@@ -20,11 +20,17 @@ log = logging.getLogger("app.images.retention")
 SLICE = 500
 
 
+# Bytes stored without a row this much later were orphaned (a process died, or a commit failed, between
+# storing them and writing the row): the sweep deletes them.
+ORPHAN_AFTER = timedelta(hours=1)
+
+
 @dataclass(frozen=True, slots=True)
 class Pruned:
     images: int
     batches: int
     idempotency_keys: int
+    orphans: int = 0
 
 
 class ImageRetention:
@@ -60,4 +66,17 @@ class ImageRetention:
             async with self.sessionmaker() as session, session.begin():
                 batches = await repository.delete_finished_batches(session, cutoff)
         keys = await self.idempotency.prune()
-        return Pruned(images, batches, keys)
+        return Pruned(images, batches, keys, await self.sweep_orphans())
+
+    async def sweep_orphans(self, older_than: timedelta = ORPHAN_AFTER) -> int:
+        """Delete stored bytes that no image row names, written more than `older_than` ago."""
+        deleted = 0
+        async for keys in self.storage.keys_before(datetime.now(UTC) - older_than):
+            async with self.sessionmaker() as session:
+                kept = await repository.stored_keys(session, keys)
+            orphans = [key for key in keys if key not in kept]
+            await asyncio.gather(*(self.storage.delete(key) for key in orphans))
+            deleted += len(orphans)
+        if deleted:
+            log.info("deleted %d stored images that no row names", deleted)
+        return deleted

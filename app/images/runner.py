@@ -1,11 +1,13 @@
 """The batch runner: a task in every process that takes due items with `FOR UPDATE SKIP LOCKED`.
 
-Replicas share the work and a restart resumes it: an item is `running` under a lease
-while a process works on it; a clean shutdown puts it back to `pending` at once, and a
-process that died lets its lease run out. Each batch is paced by its own interval (fixed
-at creation). A refusal by the user's limits pauses the batch until the limit allows and
-is not a failure; transient upstream failures are retried with backoff, up to
-IMAGE_BATCH_MAX_ATTEMPTS; one item's failure never fails the others.
+Replicas share the work and a restart resumes it: an item is `running` as one process's
+while it works on it; a clean shutdown puts it back to `pending` at once, and the item of a
+process that died is taken over once that process's lease runs out (app/instances.py). A
+process that lost its item (it was presumed dead) does not add the images it made. Each
+batch is paced by its own interval (fixed at creation). A refusal by the user's limits
+pauses the batch until the limit allows and is not a failure; transient upstream failures
+are retried with backoff, up to IMAGE_BATCH_MAX_ATTEMPTS; one item's failure never fails
+the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from app.images import repository
 from app.images.generation import ImageGenerator
 from app.images.options import resolve_options
 from app.images.repository import ClaimedItem
+from app.instances import Instance
 from app.registry import Catalog
 
 log = logging.getLogger("app.images.runner")
@@ -43,9 +46,18 @@ def _retry_after(error: GatewayError, default: float) -> float:
 
 class BatchRunner:
     def __init__(
-        self, settings: Settings, catalog: Catalog, generator: ImageGenerator, database: Database, events: EventHub
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        generator: ImageGenerator,
+        database: Database,
+        events: EventHub,
+        instance: Instance,
     ) -> None:
         self.settings = settings
+        self.instance = instance
+        self.owner = instance.id
+        self.history = generator.history
         self.catalog = catalog
         self.generator = generator
         self.pool = database.pool
@@ -101,7 +113,7 @@ class BatchRunner:
             self._wake.clear()
 
     async def _claim(self) -> ClaimedItem | None:
-        return await repository.claim_item(self.pool, self.settings.image_batch_lease_seconds)
+        return await repository.claim_item(self.pool, self.owner, self.instance.lease_seconds)
 
     async def _run(self, item: ClaimedItem) -> None:
         try:
@@ -140,7 +152,13 @@ class BatchRunner:
             async with self.sessionmaker() as session, session.begin():
                 await repository.pause_batch(session, item.batch_id, _retry_after(error, 1))
                 await repository.requeue_item(
-                    session, item.id, delay=0, failed_attempt=False, error_code=error.code, error_message=error.message
+                    session,
+                    item.id,
+                    self.owner,
+                    delay=0,
+                    failed_attempt=False,
+                    error_code=error.code,
+                    error_message=error.message,
                 )
             return
         except GatewayError as error:
@@ -150,11 +168,16 @@ class BatchRunner:
             return
         cost = float(sum(image.cost_usd for image in produced.images))
         async with self.sessionmaker() as session, session.begin():
+            image_ids = [str(image.id) for image in produced.images]
+            if not await repository.end_item(
+                session, item.id, self.owner, status="completed", image_ids=image_ids, cost=cost
+            ):
+                # Cancelled, or taken over by a replica that thought this process dead: the item is not
+                # completed twice. The generation was made (and recorded); its images are not kept.
+                log.warning("batch item %s is no longer this process's; its images are discarded", item.id)
+                await self.history.discard(produced.images)
+                return
             session.add_all(produced.images)
-            await session.flush()
-            await repository.end_item(
-                session, item.id, status="completed", image_ids=[str(image.id) for image in produced.images], cost=cost
-            )
             await repository.finish_batch_if_done(session, item.batch_id)
 
     async def _principal(self, item: ClaimedItem) -> Principal | None:
@@ -180,19 +203,25 @@ class BatchRunner:
             backoff = delay if delay is not None else min(5.0 * 2**item.attempts, MAX_BACKOFF)
             async with self.sessionmaker() as session, session.begin():
                 await repository.requeue_item(
-                    session, item.id, delay=backoff, failed_attempt=True, error_code=code, error_message=message
+                    session,
+                    item.id,
+                    self.owner,
+                    delay=backoff,
+                    failed_attempt=True,
+                    error_code=code,
+                    error_message=message,
                 )
             return
         await self._end(item, "failed", error_code=code, error_message=message, failed_attempt=True)
 
     async def _end(self, item: ClaimedItem, status: str, **values: object) -> None:
         async with self.sessionmaker() as session, session.begin():
-            await repository.end_item(session, item.id, status=status, **values)  # type: ignore[arg-type]
+            await repository.end_item(session, item.id, self.owner, status=status, **values)  # type: ignore[arg-type]
             await repository.finish_batch_if_done(session, item.batch_id)
 
     async def _hand_back(self, item: ClaimedItem) -> None:
         try:
             async with self.sessionmaker() as session, session.begin():
-                await repository.requeue_item(session, item.id, delay=0, failed_attempt=False)
+                await repository.requeue_item(session, item.id, self.owner, delay=0, failed_attempt=False)
         except Exception as error:  # its lease frees it later
             log.warning("could not hand back batch item %s: %s", item.id, error)

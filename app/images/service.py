@@ -7,24 +7,33 @@ in one transaction).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from app.auth.principal import Principal
-from app.db import Database
-from app.errors import ImageNotFound
+from app.db import DB_ERRORS, Database
+from app.errors import ErrorCode, ImageNotFound
 from app.images import repository
-from app.images.generation import ImageGenerator
+from app.images.generation import ImageGenerator, Produced
 from app.images.history import ImageHistory
-from app.images.idempotency import Claim, IdempotencyStore, Stored, request_hash
+from app.images.idempotency import Claim, IdempotencyStore, Stored, StoredLater, request_hash
 from app.images.options import ImageOptions, resolve_options
 from app.images.responses import images_response, stored_result
 from app.images.schemas import ImageEstimate, ImageEstimateRequest, ImageGenerateRequest, ImageRegenerateRequest
 from app.images.signing import Links, UrlSigner
 from app.registry import Catalog
+
+log = logging.getLogger("app.images")
+
+# How long an outcome the database could not take right away is retried in the background.
+STORE_LATER_SECONDS = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,7 @@ class ImageService:
         self.signer = signer
         self.idempotency = idempotency
         self.public_base_url = public_base_url
+        self._storing: set[asyncio.Task[None]] = set()
 
     def links(self, request_base_url: str) -> Links:
         base = self.public_base_url or request_base_url
@@ -108,9 +118,7 @@ class ImageService:
                 principal, ctx.request_id, prompt, options, regenerated_from=regenerated_from
             )
             result = stored_result(produced)
-            async with self.database.sessionmaker.begin() as session:
-                session.add_all(produced.images)
-                await claim.complete(session, 200, result)
+            await self._store(produced, claim, result)
             return await images_response(
                 produced.images,
                 result,
@@ -132,6 +140,46 @@ class ImageService:
 
         fingerprint_hash = request_hash(ctx.method, ctx.path, fingerprint)
         return await self.idempotency.once(principal.user_id, ctx.idempotency_key, fingerprint_hash, run, replay)
+
+    async def _store(self, produced: Produced, claim: Claim, result: dict[str, Any]) -> None:
+        """The images' rows and the request's outcome, in one transaction. If the database went away
+        after the upstream answered, they are stored later, in the background: the generation is
+        paid for and is not made twice (a retry with the key gets 409 until it lands, then the outcome)."""
+        try:
+            await self._write(produced, claim, result)
+        except (SQLAlchemyError, *DB_ERRORS) as error:
+            task = asyncio.create_task(self._store_later(produced, claim, result), name="image-store-later")
+            self._storing.add(task)
+            task.add_done_callback(self._storing.discard)
+            raise StoredLater(
+                "The images were made but cannot be saved right now; they are saved as soon as the database "
+                "is back. Retry with the same Idempotency-Key to get them.",
+                code=ErrorCode.SERVICE_UNAVAILABLE,
+                headers={"retry-after": "2"},
+            ) from error
+
+    async def _write(self, produced: Produced, claim: Claim, result: dict[str, Any]) -> None:
+        async with self.database.sessionmaker.begin() as session:
+            session.add_all(produced.images)
+            await claim.complete(session, 200, result)
+
+    async def _store_later(self, produced: Produced, claim: Claim, result: dict[str, Any]) -> None:
+        deadline = time.monotonic() + STORE_LATER_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                await self._write(produced, claim, result)
+            except (SQLAlchemyError, *DB_ERRORS):
+                continue
+            log.info("stored images of request %s once the database was back", produced.call.request_id)
+            return
+        log.error("could not store images of request %s; their bytes are left to the orphan sweep", result)
+
+    async def close(self) -> None:
+        """At shutdown: outcomes still waiting to be stored are given up (their keys' leases end)."""
+        for task in list(self._storing):
+            task.cancel()
+        await asyncio.gather(*self._storing, return_exceptions=True)
 
     def estimate(self, principal: Principal, body: ImageEstimateRequest) -> ImageEstimate:
         values = body.model_dump(exclude_unset=True, exclude={"prompt", "count"})

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:  # stubs only (types-aiobotocore-s3): aiobotocore itself is im
     from types_aiobotocore_s3 import S3Client
 
 log = logging.getLogger("app.images.storage")
+
+LIST_PAGE = 1000
 
 
 class StoredImageMissing(NotFound):
@@ -41,6 +45,7 @@ class ImageStorage(Protocol):
     async def put(self, key: str, data: bytes, content_type: str) -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def delete(self, key: str) -> None: ...
+    def keys_before(self, cutoff: datetime) -> AsyncIterator[list[str]]: ...
     async def close(self) -> None: ...
 
 
@@ -88,6 +93,21 @@ class LocalStorage:
             await asyncio.to_thread(self._path(key).unlink, True)
         except OSError as error:
             raise storage_unavailable(error) from error
+
+    async def keys_before(self, cutoff: datetime) -> AsyncIterator[list[str]]:
+        """Keys of the files last written before `cutoff`, in pages."""
+        paths = await asyncio.to_thread(self._files_before, cutoff.timestamp())
+        for start in range(0, len(paths), LIST_PAGE):
+            yield paths[start : start + LIST_PAGE]
+
+    def _files_before(self, cutoff: float) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".") and path.stat().st_mtime < cutoff:
+                found.append(path.relative_to(self.root).as_posix())
+        return found
 
     async def close(self) -> None:
         return None
@@ -147,6 +167,14 @@ class S3Storage:
             await self.client.delete_object(Bucket=self.bucket, Key=key)  # absent keys are not an error in S3
         except Exception as error:
             raise storage_unavailable(error) from error
+
+    async def keys_before(self, cutoff: datetime) -> AsyncIterator[list[str]]:
+        """Keys of the objects last written before `cutoff`, in pages."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, PaginationConfig={"PageSize": LIST_PAGE}):
+            keys = [item["Key"] for item in page.get("Contents", []) if item["LastModified"] < cutoff]
+            if keys:
+                yield keys
 
     async def close(self) -> None:
         await self._stack.aclose()

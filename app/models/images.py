@@ -40,6 +40,7 @@ class Image(Base):
         # History pages, newest first, per user; retention scans by age.
         Index("ix_image_user_id_created_at_id", "user_id", "created_at", "id"),
         Index("ix_image_created_at", "created_at"),
+        Index("ix_image_storage_key", "storage_key"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True, default=uuid.uuid4)
@@ -112,6 +113,8 @@ class ImageBatchItem(Base):
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # A running item whose lease passed belongs to a process that died: it is due again.
     locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The process running the item (app/instances.py); its lease is that process's heartbeat.
+    claimed_by: Mapped[uuid.UUID | None] = mapped_column(UUID)
     image_ids: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(14, 8))
     error_code: Mapped[str | None] = mapped_column(String(100))
@@ -136,6 +139,8 @@ class IdempotencyKey(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The process doing the work of a pending key (app/instances.py): it may be taken over once that dies.
+    owner: Mapped[uuid.UUID | None] = mapped_column(UUID)
 
 
 class ImageSigningKey(Base):

@@ -57,6 +57,8 @@ class Thread(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Set while a turn runs (the per-thread turn lock, see app/threads/repository.py); NULL when idle.
     running_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The process running the turn (app/instances.py): its death releases the lock within a lease.
+    running_owner: Mapped[uuid.UUID | None] = mapped_column(UUID)
 
 
 class ThreadMessage(Base):

@@ -3,11 +3,12 @@
 The per-thread turn lock is `thread.running_since`, taken with a conditional UPDATE
 and cleared when the turn ends. A transaction held open with `SELECT ... FOR UPDATE`
 would also serialize turns, but it would pin a pooled connection for the whole upstream
-call (minutes, for a stream) and could not span the two short transactions a streamed
-turn needs (the user message is committed before streaming starts). The column costs
-nothing extra: taking it is the same statement that checks ownership and reads the
-history, and clearing it is the same statement that stores the reply. A process that
-dies mid-turn leaves the lock behind; it goes stale after the turn time limit.
+call (minutes, for a stream) and could not span the short statements a turn is made of.
+The column costs nothing extra: taking it is the same statement that checks ownership and
+reads the history, and clearing it is the same statement that stores the reply. The lock
+names its process (`running_owner`): one that dies mid-turn leaves the lock behind, and it
+may be taken over as soon as that process's lease runs out (app/instances.py), or once it
+is older than the turn time limit.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ from sqlalchemy import column, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.instances import owner_alive
 from app.models import Thread, ThreadMessage, UserContextCache
 
 # Lock a caller's idle thread, and read what the prompt needs, in one round trip: the
 # thread's profile, its newest messages (newest first, empty replies left out) and the
 # user's cached context for the turn's profile. No row: not the caller's thread, or busy.
+OWNER_ALIVE = owner_alive("thread.running_owner", ":lease")
 OPEN_TURN = text(
-    """
+    f"""
     WITH locked AS (
         UPDATE thread
-        SET running_since = clock_timestamp(), updated_at = now()
+        SET running_since = clock_timestamp(), running_owner = :owner, updated_at = now()
         WHERE id = :thread_id AND user_id = :user_id
-          AND (running_since IS NULL OR running_since < now() - make_interval(secs => :stale_after))
+          AND (running_since IS NULL
+               OR running_since < now() - make_interval(secs => :stale_after)
+               OR NOT {OWNER_ALIVE})
         RETURNING id, profile, running_since
     )
     SELECT locked.profile,
@@ -61,6 +66,7 @@ FINISH_TURN = text(
     WITH touched AS (
         UPDATE thread
         SET updated_at = now(),
+            running_owner = CASE WHEN running_since = :lock THEN NULL ELSE running_owner END,
             running_since = CASE WHEN running_since = :lock THEN NULL ELSE running_since END
         WHERE id = :thread_id
         RETURNING id
@@ -80,7 +86,7 @@ FINISH_TURN = text(
 ABANDON_TURN = text(
     """
     WITH released AS (
-        UPDATE thread SET running_since = NULL WHERE id = :thread_id AND running_since = :lock
+        UPDATE thread SET running_since = NULL, running_owner = NULL WHERE id = :thread_id AND running_since = :lock
     )
     DELETE FROM thread_message WHERE id = :user_message_id
     """
@@ -179,6 +185,8 @@ async def open_turn(
     context_profile: str | None,
     history_limit: int,
     stale_after: float,
+    owner: uuid.UUID,
+    lease: float,
 ) -> OpenedTurn | None:
     """Take the thread's turn lock and read the prompt's inputs; None when not taken."""
     row = (
@@ -190,6 +198,8 @@ async def open_turn(
                 "context_profile": context_profile,
                 "history_limit": history_limit,
                 "stale_after": stale_after,
+                "owner": owner,
+                "lease": lease,
             },
         )
     ).one_or_none()

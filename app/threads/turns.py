@@ -27,6 +27,7 @@ from app.auth.principal import Principal
 from app.calls import Calls, Spent
 from app.config import Settings
 from app.errors import Conflict, ErrorCode, InvalidRequest, ThreadNotFound, UpstreamError, UpstreamTimeout
+from app.instances import Instance
 from app.models import ThreadMessage
 from app.ratelimit.buckets import Decision
 from app.ratelimit.limiter import Limiter
@@ -64,8 +65,10 @@ class TurnRunner:
         writes: async_sessionmaker[AsyncSession],
         context: ContextSource,
         stopping: Stopping,
+        instance: Instance,
     ) -> None:
         self.stopping = stopping
+        self.instance = instance
         self.settings = settings
         self.catalog = catalog
         self.profiles = profiles
@@ -141,6 +144,8 @@ class TurnRunner:
                 context_profile=turn_profile.name if turn_profile else None,
                 history_limit=self.profiles.max_history,
                 stale_after=self.stale_after,
+                owner=self.instance.id,
+                lease=self.instance.lease_seconds,
             )
             if opened is not None:
                 return opened
