@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     upstream_retry_base_delay: float = Field(0.25, ge=0)
     upstream_max_retry_after: float = Field(5.0, ge=0)
     upstream_max_connections: int = Field(1024, ge=1)  # one per open stream
+    upstream_pool_timeout: float = Field(10.0, gt=0)  # waiting for a free connection when all are in use
     fallback_to_simulated: bool = False
 
     # Auth.

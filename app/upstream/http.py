@@ -72,6 +72,8 @@ class UpstreamHTTP:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(
+                # `connect` covers waiting for a free pooled connection too: every open stream holds one.
+                connect=settings.upstream_pool_timeout + settings.upstream_connect_timeout,
                 sock_connect=settings.upstream_connect_timeout,
                 sock_read=settings.upstream_read_timeout,
             ),
