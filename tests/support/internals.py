@@ -8,6 +8,7 @@ so a change in the runtime's parts changes only this file.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from sqlalchemy import Engine
@@ -31,6 +32,17 @@ def runtime(app: Any) -> Runtime:
 
 def usage_writer(app: Any) -> UsageWriter:
     return runtime(app).usage
+
+
+def usage_writer_running(app: Any) -> bool:
+    """Whether the usage writer's background task is alive (started, and neither crashed nor stopped)."""
+    task = runtime(app).usage._task
+    return task is not None and not task.done()
+
+
+def instance_id(app: Any) -> uuid.UUID:
+    """The id this process registered in `gateway_instance` (what it owns in Postgres names it)."""
+    return runtime(app).instance.id
 
 
 def limiter(app: Any) -> Limiter:
