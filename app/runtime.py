@@ -132,6 +132,7 @@ class Runtime:
             batch_size=settings.usage_batch_size,
             max_pending=settings.usage_queue_max,
             acquire_timeout=settings.db_acquire_timeout,
+            uncertain_delay=settings.db_statement_timeout + 1.0,
         )
         refusals = RefusalRecorder(db.pool, interval=settings.usage_flush_interval)
         events.refusals.subscribe(refusals.record)

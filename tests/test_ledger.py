@@ -464,47 +464,66 @@ async def test_another_processs_spool_is_written_at_start_up(
     assert (event["prompt_tokens"], event["completion_tokens"]) == (11, 7)
 
 
-# App bugs.
+# Limit checks whose answer was lost.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "APP BUG: a limit check whose commit answer is lost is refused with 503 (budgets fail closed), but its "
-        "pending row and reservation were committed and are never given back; once its process is gone the "
-        "sweeper charges it as `interrupted`, at the reservation"
-    ),
-)
-async def test_app_bug_a_limit_check_whose_answer_was_lost_is_not_charged(
+@pytest.mark.parametrize("given_back", ["while running", "at shutdown"])
+async def test_a_limit_check_whose_answer_was_lost_is_not_charged(
     gateway: Gateway,
     gateway_with: GatewayFactory,
     cuttable_database: TcpProxy,
     database_url: str,
     upstream: FakeUpstream,
     db: asyncpg.Pool,
+    given_back: str,
 ) -> None:
     """Postgres commits a call's limit check (its reservation and pending row), and the answer is lost on the way
     back. The gateway cannot tell whether the check counted and refuses the call (503, fail closed): the
-    upstream never hears of it, so nothing of it may be charged. The module's gateway (`gateway`) is a live
-    replica: it settles what the stopped one left pending.
-
-    One pooled connection: the check's statement is then prepared on it by the first call, and the trap springs
-    on the answer that commits the second call's check (on a connection where it is not prepared yet, the answer
-    to preparing it would end the same way, before anything ran)."""
+    upstream never hears of it, so nothing of it may be charged. The reservation is given back once the
+    database's statement timeout has ended the check either way (2 s here), or when the gateway stops first.
+    The module's gateway (`gateway`) is a live replica: it would settle what the stopped one left pending."""
     proxied = cuttable_database.url_for(database_url)
-    async with gateway_with(database_url=proxied, ratelimit_timeout=0.5, db_pool_size=1) as gw:
+    timeout = 1.0 if given_back == "while running" else 60.0
+    async with gateway_with(database_url=proxied, ratelimit_timeout=0.5, db_statement_timeout=timeout) as gw:
         key, user = await gw.key("free")
-        assert (await chat(gw, key)).status_code == 200  # the key is known, the check's statement prepared
+        assert (await chat(gw, key)).status_code == 200
         [first] = await usage_rows(db, user_id=user)
         spent = await bucket_value(db, budget_key(user))
         cuttable_database.cut_after_commit(re.compile(rb"ratelimit_take"))
         assert_error(await chat(gw, key), 503, code="limits_unavailable")
         assert cuttable_database.commits_cut == 1 and len(upstream.received()) == 1
+        assert await bucket_value(db, budget_key(user)) > spent  # the lost check did reserve
+        if given_back == "while running":
+            await wait_for(lambda: _nothing_pending(db, user), what="the lost check's reservation given back")
+            assert await bucket_value(db, budget_key(user)) == pytest.approx(spent)
 
-    async def settled() -> bool:
-        return await pending_calls(db, user) == []
-
-    await wait_for(settled, what="nothing of the user's left pending once the gateway stopped")
+    await wait_for(lambda: _nothing_pending(db, user), what="nothing of the user's left pending")
     rows = await db.fetch("SELECT status, cost_usd FROM usage_event WHERE user_id = $1", user)
     assert [(r["status"], r["cost_usd"]) for r in rows] == [("ok", first["cost_usd"])]  # not also "interrupted"
     assert await bucket_value(db, budget_key(user)) == pytest.approx(spent)
+
+
+async def test_a_call_let_through_locally_whose_check_had_counted_is_charged_once(
+    gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str, db: asyncpg.Pool
+) -> None:
+    """Budgets configured to fail open: a check whose answer is lost lets the call through on this process's
+    own count. Postgres had counted the check all the same (reserved its worst case, written it pending), so
+    the settled row corrects that reservation instead of charging its cost on top of it."""
+    proxied = cuttable_database.url_for(database_url)
+    async with gateway_with(database_url=proxied, ratelimit_timeout=0.5, ratelimit_fail_open_budgets=True) as gw:
+        key, user = await gw.key("free")
+        assert (await chat(gw, key)).status_code == 200
+        cuttable_database.cut_after_commit(re.compile(rb"ratelimit_take"))
+        assert (await chat(gw, key)).status_code == 200
+        assert cuttable_database.commits_cut == 1
+
+        async def both_settled() -> list[asyncpg.Record]:
+            rows = await usage_rows(db, user_id=user)
+            return rows if len(rows) == 2 and not await pending_calls(db, user) else []
+
+        rows = await wait_for(both_settled, what="both calls settled")
+        assert await bucket_value(db, budget_key(user)) == pytest.approx(float(sum(row["cost_usd"] for row in rows)))
+
+
+async def _nothing_pending(db: asyncpg.Pool, user: str) -> bool:
+    return await pending_calls(db, user) == []

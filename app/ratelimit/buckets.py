@@ -52,6 +52,11 @@ class Decision:
     def counted(self) -> bool:
         return not self.local
 
+    def as_counted(self) -> Decision:
+        """A local decision whose check Postgres turned out to have counted (its answer was lost): each
+        bucket reserved its cost."""
+        return Decision.taken(self.buckets, self.headers) if self.local else self
+
     def corrections(self, used: Callable[[Bucket], float]) -> list[tuple[Bucket, float]]:
         """What to charge (or give back) per bucket, once the call's real use of each is known."""
         return [

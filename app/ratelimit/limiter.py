@@ -166,7 +166,9 @@ class Limiter:
 
     def _database_down(self, buckets: Sequence[Bucket], error: BaseException) -> Decision:
         """Postgres cannot be reached: budgets fail closed (unless configured open); rates and quotas are
-        kept by this process alone (app/ratelimit/local.py), or let through when configured open."""
+        kept by this process alone (app/ratelimit/local.py), or let through when configured open. A refusal
+        is raised from the database's error: the check may have been committed all the same (its answer
+        lost), so the caller gives its reservation back (`Calls.open`)."""
         money = any(b.kind == "b" for b in buckets)
         if (money and not self.fail_open_budgets) or not self.fail_open_rates:
             log.error("rate-limit database unreachable, refusing (fail closed): %s", error)
@@ -174,14 +176,14 @@ class Limiter:
                 "Limits cannot be checked right now; try again shortly.",
                 code=ErrorCode.LIMITS_UNAVAILABLE,
                 headers={"retry-after": "5"},
-            )
+            ) from error
         refused = self._local.take(buckets)
         if refused is not None:
             raise RateLimited(
                 f"{self._refusal_message(refused, 1, 0.0)} (checked by this process while the database is away)",
                 code=refused.code,
                 headers={"retry-after": "1"},
-            )
+            ) from error
         log.warning("rate-limit database unreachable, checked locally; usage counted later: %s", error)
         return Decision.uncounted(buckets)
 

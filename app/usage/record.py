@@ -76,9 +76,12 @@ class UsageRecord:
             return float(self.images)
         return 1.0
 
-    def corrections(self) -> list[tuple[Bucket, float]]:
-        """Real usage minus what was reserved (nothing was, if the limits were not counted)."""
-        return self.decision.corrections(self.used) if self.decision is not None else []
+    def corrections(self, counted: bool) -> list[tuple[Bucket, float]]:
+        """Real usage minus what was reserved: nothing was if the limits were checked locally, unless
+        Postgres had `counted` the check all the same (the call's pending row was there)."""
+        if self.decision is None:
+            return []
+        return (self.decision.as_counted() if counted else self.decision).corrections(self.used)
 
     def to_json(self) -> dict[str, Any]:
         """The row and its reservation as JSON, for the spool."""

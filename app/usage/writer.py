@@ -14,6 +14,7 @@ limits of exactly the calls this flush settled. What a flush cannot write:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -39,7 +40,9 @@ _ARRAYS = ", ".join(f"${number}::{kind}" for number, (_, kind) in enumerate(COLU
 _SETTLED = ", ".join(f"{name} = EXCLUDED.{name}" for name in _NAMES if name not in ("call_id", "created_at"))
 # The rows of a batch, each written once: a call already in the ledger is left alone (a replayed
 # flush), unless a replica had settled it as interrupted (its process only seemed dead). The calls
-# leave `usage_pending`. The ids returned are the calls this statement settled.
+# leave `usage_pending`. Returned: the calls this statement settled, and whether Postgres had counted
+# each one's limit check (its pending row was there, or its interrupted row: the main query reads
+# `usage_event` as it was before the statement). A check decided locally can have been counted too.
 SETTLE = f"""
 WITH batch AS (SELECT * FROM unnest({_ARRAYS}) AS r({", ".join(_NAMES)})),
 settled AS (
@@ -47,9 +50,10 @@ settled AS (
     ON CONFLICT (call_id) DO UPDATE SET {_SETTLED} WHERE u.status = 'interrupted'
     RETURNING call_id
 ), cleared AS (
-    DELETE FROM usage_pending WHERE call_id IN (SELECT call_id FROM batch)
+    DELETE FROM usage_pending WHERE call_id IN (SELECT call_id FROM batch) RETURNING call_id
 )
-SELECT call_id FROM settled
+SELECT s.call_id, c.call_id IS NOT NULL OR e.call_id IS NOT NULL AS counted
+FROM settled s LEFT JOIN cleared c USING (call_id) LEFT JOIN usage_event e USING (call_id)
 """
 GIVE_BACK = "DELETE FROM usage_pending WHERE call_id = ANY($1::uuid[]) RETURNING call_id"
 # Calls whose process stopped beating: settled as interrupted at what they reserved (app/instances.py).
@@ -73,13 +77,14 @@ QUARANTINE = "INSERT INTO usage_quarantine (call_id, error, entry) VALUES ($1, $
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """A reservation given back whole: its call never reached the upstream (its pending row goes)."""
+    """A reservation given back whole: its call never reached the upstream. Given back only where its
+    pending row was found (and deleted): then Postgres had counted the check, however it was decided."""
 
     call_id: uuid.UUID
     decision: Decision
 
-    def corrections(self) -> list[tuple[Bucket, float]]:
-        return self.decision.corrections(lambda bucket: 0.0)
+    def corrections(self, counted: bool) -> list[tuple[Bucket, float]]:
+        return self.decision.as_counted().corrections(lambda bucket: 0.0)
 
     def to_json(self) -> dict[str, Any]:
         return {"settlement": str(self.call_id), "decision": decision_json(self.decision)}
@@ -130,8 +135,11 @@ class UsageWriter(BatchWriter[Entry]):
         batch_size: int,
         max_pending: int,
         acquire_timeout: float,
+        uncertain_delay: float,
     ) -> None:
         super().__init__(interval=interval, batch_size=batch_size, max_pending=max_pending)
+        self.uncertain_delay = uncertain_delay
+        self._later: dict[uuid.UUID, tuple[asyncio.TimerHandle, Settlement]] = {}
         self.pool = pool
         self.limiter = limiter
         self.events = events
@@ -148,20 +156,40 @@ class UsageWriter(BatchWriter[Entry]):
         self.queue(record)
         self.events.usage.publish(record)
 
-    def give_back(self, call_id: uuid.UUID, decision: Decision) -> None:
-        """Queue the return of a call's reservation: it never reached the upstream."""
-        self.queue(Settlement(call_id, decision))
+    def give_back(self, call_id: uuid.UUID, decision: Decision, *, uncertain: bool = False) -> None:
+        """Queue the return of a call's reservation: it never reached the upstream. An `uncertain` check
+        (its answer lost) may still be committing: it is given back once the database's statement timeout
+        has ended it either way (or at shutdown, whichever comes first)."""
+        settlement = Settlement(call_id, decision)
+        if not uncertain:
+            self.queue(settlement)
+            return
+        handle = asyncio.get_running_loop().call_later(self.uncertain_delay, self._give_back_now, settlement)
+        self._later[call_id] = (handle, settlement)
+
+    def _give_back_now(self, settlement: Settlement) -> None:
+        self._later.pop(settlement.call_id, None)
+        self.queue(settlement)
+
+    async def stop(self) -> None:
+        for handle, settlement in list(self._later.values()):
+            handle.cancel()
+            self._give_back_now(settlement)
+        await super().stop()
 
     async def write(self, batch: list[Entry]) -> None:
         records = [entry for entry in batch if isinstance(entry, UsageRecord)]
         returned = [entry.call_id for entry in batch if isinstance(entry, Settlement)]
         async with self.pool.acquire(timeout=self.acquire_timeout) as connection, connection.transaction():
-            settled: set[uuid.UUID] = set()
+            settled: dict[uuid.UUID, bool] = {}  # call -> whether Postgres had counted its check
             if records:
-                settled.update(row["call_id"] for row in await connection.fetch(SETTLE, *_arrays(records)))
+                rows = await connection.fetch(SETTLE, *_arrays(records))
+                settled.update((row["call_id"], row["counted"]) for row in rows)
             if returned:
-                settled.update(row["call_id"] for row in await connection.fetch(GIVE_BACK, returned))
-            corrections = (c for entry in batch if entry.call_id in settled for c in entry.corrections())
+                settled.update((row["call_id"], True) for row in await connection.fetch(GIVE_BACK, returned))
+            corrections = (
+                c for entry in batch if entry.call_id in settled for c in entry.corrections(settled[entry.call_id])
+            )
             await self.limiter.charge(corrections, connection=connection)
 
     async def failed(self, batch: list[Entry], error: Exception, failures: int) -> bool:

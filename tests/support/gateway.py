@@ -14,6 +14,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ def make_settings(database_url: str, upstream: FakeUpstream | None, **overrides:
         "auth_failures_per_minute": 100_000,
         "ratelimit_prune_interval": 3600,
         "db_pool_size": 5,
+        # Its own spool: a gateway replays whatever it finds in its spool folder, other tests' files included.
+        "usage_spool_dir": Path(tempfile.mkdtemp(prefix="gateway-spool-")),
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -31,8 +31,8 @@ class _Link:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter | None = None
     wrote: bool = False  # the client sent an armed trap's pattern: the next commit on this link springs it
-    # The text of each statement the client prepared, by name: a client that prepared a statement once
-    # sends only its name afterwards (Bind), so a Bind of a matching statement arms the trap too.
+    # The text of each statement the client prepared, by name: a statement runs when it is bound (Bind),
+    # by name only once prepared, so the trap is armed by a Bind of a matching statement (or a simple Query).
     statements: dict[bytes, bytes] = field(default_factory=dict)
 
     def abort(self) -> None:
@@ -69,8 +69,8 @@ class TcpProxy:
     unreachable for real. `blackhole()` keeps every connection (and accepts new ones) but
     forwards nothing in either direction until `restore()`, like a network that went silent:
     what was sent meanwhile is delivered after, as TCP would once the path is back.
-    `cut_after_commit()` arms a trap: once a client has sent `pattern` (a regex over its
-    messages, e.g. the INSERT or COPY of a table; default: a COMMIT), the server's answer
+    `cut_after_commit()` arms a trap: once a client has run a statement matching `pattern` (a
+    regex over its text, e.g. the INSERT or COPY of a table; default: a COMMIT), the server's answer
     that commits it (the COMMIT's, or the statement's own in autocommit: the answer ending
     in ReadyForQuery "idle") is held `hold` seconds, then dropped with the connection. The
     server has committed; the client never learns it.
@@ -220,14 +220,15 @@ class TcpProxy:
         if self.counting:
             self.writes.append((link.number, data[:64]))
         trap = self._trap
-        if trap is not None and trap.pattern.search(data):
-            link.wrote = True
         for kind, body in _messages(data):
-            if kind == b"P":  # Parse: statement name, query text
+            if kind == b"P":  # Parse: statement name, query text (preparing runs nothing)
                 name, _, query = body.partition(b"\x00")
-                if name:
-                    link.statements[name] = query
-            elif kind == b"B" and trap is not None:  # Bind: portal name, statement name
+                link.statements[name] = query
+            elif trap is None:
+                continue
+            elif kind == b"Q" and trap.pattern.search(body):  # a simple query: runs at once
+                link.wrote = True
+            elif kind == b"B":  # Bind: portal name, statement name (b"" is the unnamed one)
                 name = body.partition(b"\x00")[2].partition(b"\x00")[0]
                 if trap.pattern.search(link.statements.get(name, b"")):
                     link.wrote = True
