@@ -313,7 +313,7 @@ class Calls:
             decision = await self.limiter.take(buckets, pending)
         except GatewayError as refusal:
             if refusal.__cause__ is not None:  # refused for want of the database: the check may have counted
-                self.usage.give_back(pending.call_id, Decision.taken(buckets, {}), uncertain=True)
+                self.usage.give_back(pending.call_id, Decision(buckets), uncertain=True)
             raise
         if prior is not None:
             decision = prior.joined(decision)

@@ -74,6 +74,11 @@ class Database:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     pool: asyncpg.Pool
+    # Where limit checks run (app/ratelimit/batcher.py: one batch in flight, one more while a timed-out
+    # batch is cancelled), apart from the pool's other work, and committed without waiting for the WAL
+    # flush: a check commits before every upstream call, and the flush was most of its latency. What a
+    # database crash loses of such commits is settled exactly all the same (app/usage/ledger.py).
+    checks: asyncpg.Pool
     waits: Waits
 
     @classmethod
@@ -103,9 +108,19 @@ class Database:
             server_settings=server_settings,
             reset=_keep_session,
         )
-        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, waits)
+        checks = await asyncpg.create_pool(
+            asyncpg_url(url),
+            min_size=0,
+            max_size=2,
+            command_timeout=client_timeout,
+            timeout=waits.connect,
+            server_settings=server_settings | {"synchronous_commit": "off"},
+            reset=_keep_session,
+        )
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, checks, waits)
 
     async def close(self) -> None:
+        await self.checks.close()
         await self.pool.close()
         await self.engine.dispose()
 

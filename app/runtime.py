@@ -117,6 +117,7 @@ class Runtime:
         limiter = Limiter(
             db.pool,
             catalog,
+            checks=db.checks,
             owner=instance.id,
             fail_open_rates=settings.ratelimit_fail_open_rates,
             fail_open_budgets=settings.ratelimit_fail_open_budgets,

@@ -167,6 +167,25 @@ async def test_a_give_back_written_twice_refunds_once(gateway: Gateway, db: asyn
     assert await events_of(db, refused_on_the_way.call_id) == []  # given back: no row
 
 
+async def test_a_call_whose_check_a_database_crash_lost_is_charged_in_full(
+    gateway: Gateway, db: asyncpg.Pool
+) -> None:
+    """Limit checks commit without waiting for the WAL flush: a database crash can lose one, its reservation and
+    pending row together, after the gateway was told it passed. The call settles all the same, charged its
+    real cost in full (not its cost minus a reservation that is no longer there)."""
+    user = new_user()
+    pending, decision = await reserve(gateway, user, 1000, 0.01)
+    async with db.acquire() as connection, connection.transaction():  # what the crash took back
+        await connection.execute("DELETE FROM usage_pending WHERE call_id = $1", pending.call_id)
+        await connection.execute("DELETE FROM rate_limit_bucket WHERE key LIKE '%' || $1 || '%'", user)
+
+    writer = internals.usage_writer(gateway.app)
+    await writer.write([answered(pending, decision, prompt_tokens=100, completion_tokens=200, cost_usd=0.004)])
+    [event] = await events_of(db, pending.call_id)
+    assert event["status"] == "ok"
+    assert await bucket_value(db, budget_key(user)) == pytest.approx(0.004)
+
+
 async def test_a_flush_whose_commit_went_unanswered_is_replayed_once(
     gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str, db: asyncpg.Pool, tmp_path: Path
 ) -> None:

@@ -202,6 +202,7 @@ def test_image_buckets_follow_the_tier() -> None:
     limiter = Limiter(
         None,  # type: ignore[arg-type]
         load_catalog(DEFAULT_CATALOG),
+        checks=None,  # type: ignore[arg-type]
         owner=uuid.uuid4(),
         fail_open_rates=True,
         fail_open_budgets=False,

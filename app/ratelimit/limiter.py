@@ -59,6 +59,7 @@ class Limiter:
         pool: asyncpg.Pool,
         catalog: Catalog,
         *,
+        checks: asyncpg.Pool,
         owner: uuid.UUID,
         fail_open_rates: bool,
         fail_open_budgets: bool,
@@ -66,7 +67,7 @@ class Limiter:
         local_divisor: float,
     ) -> None:
         self.pool = pool
-        self._batcher = TakeBatcher(pool, timeout, owner)
+        self._batcher = TakeBatcher(checks, timeout, owner)
         self._local = LocalLimiter(local_divisor)
         self._windows: dict[str, tuple[str, float]] = {}
         self.catalog = catalog
@@ -162,7 +163,7 @@ class Limiter:
             headers["retry-after"] = str(retry)
             message = self._refusal_message(refused, retry, row["remaining"][index])
             raise RateLimited(message, code=refused.code, headers=headers)
-        return Decision.taken(buckets, headers)
+        return Decision(buckets, headers)
 
     def _database_down(self, buckets: Sequence[Bucket], error: BaseException) -> Decision:
         """Postgres cannot be reached: budgets fail closed (unless configured open); rates and quotas are
@@ -185,7 +186,7 @@ class Limiter:
                 headers={"retry-after": "1"},
             ) from error
         log.warning("rate-limit database unreachable, checked locally; usage counted later: %s", error)
-        return Decision.uncounted(buckets)
+        return Decision(buckets, local=True)
 
     @staticmethod
     def _refusal_message(bucket: Bucket, retry: int, remaining: float) -> str:

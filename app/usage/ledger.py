@@ -5,11 +5,15 @@ answer never came, the database away):
 
 1. **Pending.** The statement that takes a call's limits also writes the call into
    `usage_pending`, with what it reserved (tokens, images, cost) and this process as
-   `owner` (app/ratelimit/sql.py). Nothing reaches the upstream before that commit.
+   `owner` (app/ratelimit/sql.py). Nothing reaches the upstream before that commit. (It does not
+   wait for the WAL flush, app/db.py: a database crash can lose it, with the reservation it made,
+   and the call is then charged in full when it settles, 2.)
 2. **Settled once.** The usage writer inserts the call's row into `usage_event`, whose
    `call_id` is unique, and removes it from `usage_pending`, in one statement that returns
    the ids it settled; only those calls' reservations are corrected. A replayed flush (an
-   ambiguous commit, a spool read twice) settles nothing again.
+   ambiguous commit, a spool read twice) settles nothing again. A call's reservation is corrected
+   against what Postgres holds: its worst case if the call was pending, nothing if it was not
+   (checked by the process alone while the database was away, or its check's commit lost).
 3. **Interrupted.** A pending call whose owner stopped beating (app/instances.py) is
    settled by any live replica as `interrupted`, at what it reserved: the reservation
    stands as the charge. (If its process was only slow to beat, its real row replaces it.)

@@ -77,11 +77,8 @@ class UsageRecord:
         return 1.0
 
     def corrections(self, counted: bool) -> list[tuple[Bucket, float]]:
-        """Real usage minus what was reserved: nothing was if the limits were checked locally, unless
-        Postgres had `counted` the check all the same (the call's pending row was there)."""
-        if self.decision is None:
-            return []
-        return (self.decision.as_counted() if counted else self.decision).corrections(self.used)
+        """Real usage minus what Postgres holds reserved for the call (see `Decision.corrections`)."""
+        return self.decision.corrections(self.used, counted=counted) if self.decision is not None else []
 
     def to_json(self) -> dict[str, Any]:
         """The row and its reservation as JSON, for the spool."""
@@ -109,7 +106,6 @@ def decision_json(decision: Decision | None) -> dict[str, Any] | None:
         return None
     return {
         "buckets": [asdict(bucket) for bucket in decision.buckets],
-        "reserved": list(decision.reserved),
         "local": decision.local,
     }
 
@@ -118,4 +114,4 @@ def decision_from_json(values: dict[str, Any] | None) -> Decision | None:
     if values is None:
         return None
     buckets = [Bucket(**{**bucket, "code": ErrorCode(bucket["code"])}) for bucket in values["buckets"]]
-    return Decision(buckets, {}, list(values["reserved"]), bool(values["local"]))
+    return Decision(buckets, {}, bool(values["local"]))

@@ -78,13 +78,13 @@ QUARANTINE = "INSERT INTO usage_quarantine (call_id, error, entry) VALUES ($1, $
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """A reservation given back whole: its call never reached the upstream. Given back only where its
-    pending row was found (and deleted): then Postgres had counted the check, however it was decided."""
+    pending row was found (and deleted), which says Postgres had counted its check."""
 
     call_id: uuid.UUID
     decision: Decision
 
     def corrections(self, counted: bool) -> list[tuple[Bucket, float]]:
-        return self.decision.as_counted().corrections(lambda bucket: 0.0)
+        return self.decision.corrections(lambda bucket: 0.0, counted=counted)
 
     def to_json(self) -> dict[str, Any]:
         return {"settlement": str(self.call_id), "decision": decision_json(self.decision)}
