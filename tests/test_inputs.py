@@ -9,7 +9,6 @@ is left behind.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from support import internals
 from support.auth import ADMIN_KEY, bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream
@@ -90,9 +90,11 @@ def stored_files(image_dir: Path) -> list[Path]:
     return [path for path in image_dir.rglob("*") if path.is_file()]
 
 
-async def assert_nothing_done(db: asyncpg.Pool, upstream: FakeUpstream, image_dir: Path) -> None:
-    """Nothing reached the upstream, and nothing was written (usage rows are flushed in the background)."""
-    await asyncio.sleep(0.2)  # several usage flush intervals: a row on its way would have landed
+async def assert_nothing_done(gateway: Gateway, db: asyncpg.Pool, upstream: FakeUpstream, image_dir: Path) -> None:
+    """Nothing reached the upstream, and nothing was written (a usage row on its way would have landed:
+    the gateway's background writes are drained first)."""
+    await gateway.settle_requests()
+    await internals.drain(gateway.app)
     assert upstream.requests == []
     for table in WRITTEN:
         assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0, table
@@ -114,7 +116,7 @@ async def refused(
     response = await send(gateway, headers, method, path, body, **(params or {}))
     error = assert_error(response, 400, param=param)
     assert error["type"] == "invalid_request_error"
-    await assert_nothing_done(db, upstream, image_dir)
+    await assert_nothing_done(gateway, db, upstream, image_dir)
     return error
 
 
@@ -150,7 +152,7 @@ async def test_chat_nesting_beyond_the_parser_names_the_field(
     body = encoded(chat())[:-1] + b', "tools": ' + b"[" * 300 + b"]" * 300 + b"}"
     response = await send(gateway, caller, "POST", CHAT, body)
     assert assert_error(response, 400)["param"].startswith("tools.0.0.0")
-    await assert_nothing_done(db, upstream, image_dir)
+    await assert_nothing_done(gateway, db, upstream, image_dir)
 
 
 async def test_chat_passes_a_nul_in_a_message_through(gateway: Gateway, upstream: FakeUpstream, caller) -> None:
@@ -373,7 +375,7 @@ async def test_a_user_id_at_the_column_width_is_taken(gateway: Gateway) -> None:
 async def test_usage_with_an_over_long_subject(gateway: Gateway, upstream, db, image_dir: Path) -> None:
     response = await gateway.client.get("/v1/usage", headers=bearer(make_jwt(LONG_USER)))
     assert_error(response, 401)
-    await assert_nothing_done(db, upstream, image_dir)
+    await assert_nothing_done(gateway, db, upstream, image_dir)
 
 
 @pytest.mark.xfail(
@@ -397,4 +399,4 @@ async def test_an_error_can_name_a_key_with_a_lone_surrogate(gateway: Gateway, d
     response = await send(gateway, caller, "POST", "/v1/threads", {"profile": "coach", "metadata": {LONE: "v"}})
     param = assert_error(response, 400)["param"]
     assert param.startswith("metadata.a") and param.endswith("b.[key]")
-    await assert_nothing_done(db, upstream, image_dir)
+    await assert_nothing_done(gateway, db, upstream, image_dir)
