@@ -8,6 +8,7 @@ generated SDK can switch on.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -268,12 +269,21 @@ STATUS_ERRORS: dict[int, type[GatewayError]] = {
 }
 
 
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        # A message quoting a client's lone surrogate ("\ud800"), which orjson cannot encode: the
+        # standard library escapes it. Rendering an error must never fail into a 500.
+        return json.dumps(body).encode()
+
+
 def error_response(error: GatewayError, request_id: str | None = None) -> Response:
     headers = dict(error.headers)
     if request_id:
         headers["x-request-id"] = request_id
     return Response(
-        orjson.dumps(error.body()),
+        _dumps(error.body()),
         status_code=error.status_code,
         media_type="application/json",
         headers=headers,
@@ -285,9 +295,14 @@ def request_id_of(request: Request) -> str:
     return str(state.get("request_id", ""))
 
 
+def _printable(part: str) -> str:
+    """A location part as plain text: a dict key may hold NUL or a lone surrogate, escaped here."""
+    return part if part.isprintable() else "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in part)
+
+
 def param_of(location: Sequence[Any]) -> str | None:
     """`("body", "messages", 0, "role")` -> `"messages.0.role"`: the field as the client sent it."""
-    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    parts = [_printable(str(part)) for part in location if part not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 
 
@@ -296,7 +311,11 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = param_of(first.get("loc", ()))
     if first.get("type") == "json_invalid":
-        return InvalidRequest("The request body is not valid JSON.")
+        context = first.get("ctx")
+        reason = context.get("error") if isinstance(context, dict) else None  # where the parser stopped
+        return InvalidRequest(
+            f"The request body is not valid JSON: {reason}." if reason else "The request body is not valid JSON."
+        )
     if param is None:
         return InvalidRequest("The request body is missing or not a JSON object.")
     return InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param)

@@ -18,6 +18,7 @@ from app.admin.reports_repository import DIMENSIONS, MAX_GROUPS, METRICS, Period
 from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageReport
 from app.deps import AdminGuard, SessionDep
 from app.errors import InvalidRequest, error_responses
+from app.validation import UserId
 
 MAX_DAYS = 366
 DEFAULT_DAYS = 30
@@ -72,6 +73,19 @@ def to_csv(name: str, period: Period, header: Sequence[str], rows: Iterable[Base
     return Response(out.getvalue(), media_type="text/csv", headers=headers)
 
 
+# A range's bounds are days and the next midnight after `end`, as UTC instants: the first and the
+# last day of Python's calendar cannot take that arithmetic (OverflowError, a 500), so a range lies
+# between the two days inside them. MAX_DAYS bounds its length.
+EARLIEST, LATEST = date.min + timedelta(days=1), date.max - timedelta(days=1)
+DEFAULT_SPAN = timedelta(days=DEFAULT_DAYS - 1)
+
+
+def _within_calendar(day: date, param: str) -> date:
+    if not EARLIEST <= day <= LATEST:
+        raise InvalidRequest(f"'{param}' ({day}) must lie between {EARLIEST} and {LATEST}.", param=param)
+    return day
+
+
 async def report_period(
     start: Annotated[
         date | None,
@@ -79,8 +93,11 @@ async def report_period(
     ] = None,
     end: Annotated[date | None, Query(description="Last UTC day, included (YYYY-MM-DD); default today.")] = None,
 ) -> Period:
-    end = end or datetime.now(UTC).date()
-    start = start or end - timedelta(days=DEFAULT_DAYS - 1)
+    end = _within_calendar(end, "end") if end else datetime.now(UTC).date()
+    if start:
+        start = _within_calendar(start, "start")
+    else:  # never before the first day a range may start on
+        start = end - DEFAULT_SPAN if end - EARLIEST >= DEFAULT_SPAN else EARLIEST
     if end < start:
         raise InvalidRequest(f"'end' ({end}) is before 'start' ({start}).", param="end")
     period = Period(start, end)
@@ -114,8 +131,10 @@ async def usage_report(
     request: Request,
     session: SessionDep,
     period: PeriodDep,
-    group_by: Annotated[str, Query(description="Comma-separated dimensions: day, model, user, route.")] = "day",
-    user_id: Annotated[str | None, Query(max_length=200, description="Only this user's calls.")] = None,
+    group_by: Annotated[
+        str, Query(max_length=100, description="Comma-separated dimensions: day, model, user, route.")
+    ] = "day",
+    user_id: Annotated[UserId | None, Query(description="Only this user's calls.")] = None,
 ) -> Response:
     """Requests, tokens, images and cost over a range of UTC days, grouped by day, model, user and/or route."""
     dimensions = parse_group_by(group_by)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
-from app.chat.schemas import ChatCompletion, ChatCompletionRequest
+from app.chat.parsing import parse_chat_request
+from app.chat.schemas import ChatCompletion
 from app.deps import bearer_token, principal_for, runtime_of
-from app.errors import error_responses, invalid_request, request_id_of
+from app.errors import error_responses, request_id_of
 from app.lean import LeanRoute
 
 router = APIRouter(tags=["chat"], route_class=LeanRoute)
@@ -21,13 +21,6 @@ REQUEST_BODY = {
     "required": True,
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
 }
-
-
-def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as error:
-        raise invalid_request(error.errors()) from None
 
 
 @router.post(

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Plain `str`, not `app.validation.Text`: nothing of a chat body is stored, and the body goes
+# upstream as the client sent it (app/chat/parsing.py says what is refused on the way).
+
 
 class ChatMessage(BaseModel):
     """One message of the conversation."""

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from app.auth.principal import Principal
 from app.calls import Call, Calls, Spent
+from app.chat.parsing import chat_payload
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings
 from app.errors import ErrorCode, GatewayError, InvalidRequest, UpstreamError
@@ -79,7 +80,7 @@ class ChatService:
         names no completion cap is sent the tier's (or the model's) and says so in a header.
         """
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
-        payload = orjson.loads(raw)
+        payload = chat_payload(raw)
         payload["model"] = spec.id
         self._check_caps(principal, body, payload)
         requested = body.max_completion_tokens or body.max_tokens

@@ -24,6 +24,7 @@ from app.images.signing import Links, UrlSigner
 from app.images.storage import ImageStorage
 from app.models import Image
 from app.upstream.provider import Generation
+from app.validation import utc_instant
 
 log = logging.getLogger("app.images.history")
 
@@ -59,7 +60,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, _, image_id = raw.partition("|")
-        return datetime.fromisoformat(created), uuid.UUID(image_id)
+        # Ours carry UTC: an instant at another offset (year 1 at +14:00) may not even exist in UTC.
+        return utc_instant(created), uuid.UUID(image_id)
     except ValueError as error:
         raise InvalidRequest("Invalid value for 'after': not a cursor from this API.", param="after") from error
 

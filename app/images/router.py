@@ -149,7 +149,7 @@ async def list_images(
     session: SessionDep,
     links: LinksDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    after: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
     batch_id: uuid.UUID | None = None,
 ) -> ImageList:
     """Your images, newest first."""

@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ErrorBody
 from app.models.images import BatchStatus, ItemStatus
+from app.validation import Text
+
+# Longer than any model name or option value of the registry (and than their columns, 100 and 20):
+# a longer one is refused as such instead of being quoted back in an "unsupported" message.
+MODEL_MAX = 100
+OPTION_MAX = 20
 
 
 class ImageOptionsIn(BaseModel):
@@ -17,24 +23,24 @@ class ImageOptionsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default-image", min_length=1, examples=["default-image"])
+    model: Text = Field("default-image", min_length=1, max_length=MODEL_MAX, examples=["default-image"])
     n: int | None = Field(None, description="Images per prompt, 1 to the model's max_n.")
-    size: str | None = Field(None, examples=["1024x1024"])
-    quality: str | None = Field(None, examples=["medium"])
-    output_format: str | None = Field(None, examples=["png"])
-    background: str | None = Field(None, examples=["auto"])
+    size: Text | None = Field(None, max_length=OPTION_MAX, examples=["1024x1024"])
+    quality: Text | None = Field(None, max_length=OPTION_MAX, examples=["medium"])
+    output_format: Text | None = Field(None, max_length=OPTION_MAX, examples=["png"])
+    background: Text | None = Field(None, max_length=OPTION_MAX, examples=["auto"])
     output_compression: int | None = Field(None, ge=0, le=100)
 
 
 class ImageGenerateRequest(ImageOptionsIn):
     """OpenAI's image generation request; `model` may be an alias from the registry."""
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: Text = Field(min_length=1, max_length=32000)
     moderation: Literal["low", "auto"] | None = None
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="`url` (default): our signed URL. `b64_json`: the image inline as well."
     )
-    user: str | None = Field(None, max_length=200)
+    user: Text | None = Field(None, max_length=200)
     stream: Literal[False] | None = Field(None, description="Streaming partial images is not supported.")
 
 
@@ -43,23 +49,23 @@ class ImageRegenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1, max_length=32000)
-    model: str | None = Field(None, min_length=1)
+    prompt: Text | None = Field(None, min_length=1, max_length=32000)
+    model: Text | None = Field(None, min_length=1, max_length=MODEL_MAX)
     n: int | None = None
-    size: str | None = None
-    quality: str | None = None
-    output_format: str | None = None
-    background: str | None = None
+    size: Text | None = Field(None, max_length=OPTION_MAX)
+    quality: Text | None = Field(None, max_length=OPTION_MAX)
+    output_format: Text | None = Field(None, max_length=OPTION_MAX)
+    background: Text | None = Field(None, max_length=OPTION_MAX)
     output_compression: int | None = Field(None, ge=0, le=100)
     moderation: Literal["low", "auto"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    user: str | None = Field(None, max_length=200)
+    user: Text | None = Field(None, max_length=200)
 
 
 class ImageEstimateRequest(ImageOptionsIn):
     """The options of a generation request (the prompt does not change the price)."""
 
-    prompt: str | None = Field(None, max_length=32000)
+    prompt: Text | None = Field(None, max_length=32000)
     count: int = Field(1, ge=1, le=1000, description="How many such requests, e.g. a batch's prompts.")
 
 
@@ -144,8 +150,8 @@ class ImageDeleted(BaseModel):
 class BatchItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=32000)
-    custom_id: str | None = Field(None, max_length=200, description="Yours, echoed back (e.g. a student id).")
+    prompt: Text = Field(min_length=1, max_length=32000)
+    custom_id: Text | None = Field(None, max_length=200, description="Yours, echoed back (e.g. a student id).")
 
 
 class ImageBatchCreate(ImageOptionsIn):

@@ -6,12 +6,39 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.validation import Text
+
 
 class ExpiresAfter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     anchor: Literal["created_at"] = "created_at"
     seconds: int = Field(description="Within the preset's bounds (OpenAI allows 10..7200).")
+
+
+class SessionOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    voice: Text | None = Field(None, max_length=50, description="One of the role's allowed voices.")
+
+
+class SessionAudio(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output: SessionOutput | None = None
+
+
+class SessionChoices(BaseModel):
+    """What a client may say of the session: each field typed, so a list where a name belongs is a
+    400 naming it. Any other field is refused by the service as the server's to set (`extra` is kept
+    for that, not forwarded)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Text | None = Field(None, max_length=50, description="`realtime`, when sent.")
+    model: Text | None = Field(None, max_length=100, description="The role's model (or an alias of it), when sent.")
+    instructions: Text | None = Field(None, description="Appended to the role's, when the role allows it.")
+    audio: SessionAudio | None = None
 
 
 class ClientSecretCreate(BaseModel):
@@ -25,10 +52,10 @@ class ClientSecretCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: str = Field(examples=["student"])
-    language: str = Field("en", examples=["en", "es"])
+    role: Text = Field(max_length=100, examples=["student"])
+    language: Text = Field("en", max_length=35, examples=["en", "es"])
     expires_after: ExpiresAfter | None = None
-    session: dict[str, Any] | None = None
+    session: SessionChoices | None = None
 
 
 class ClientSecret(BaseModel):

@@ -9,7 +9,7 @@ from app.calls import Calls
 from app.errors import InvalidRequest
 from app.ratelimit.limiter import Limiter
 from app.realtime.presets import VoicePreset, VoicePresets
-from app.realtime.schemas import ClientSecretCreate
+from app.realtime.schemas import ClientSecretCreate, SessionAudio, SessionChoices
 from app.registry import Catalog, ModelSpec
 
 ROUTE = "realtime.client_secrets"
@@ -42,7 +42,7 @@ class RealtimeService:
                 f"expires_after.seconds must be {preset.min_ttl_seconds}..{preset.max_ttl_seconds} for this role.",
                 param="expires_after.seconds",
             )
-        session = self._session(preset, spec, instructions, body.session or {})
+        session = self._session(preset, spec, instructions, body.session or SessionChoices())
         request = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
         call = await self.calls.open(
             principal,
@@ -57,28 +57,33 @@ class RealtimeService:
         return secret.body, call.headers()
 
     def _session(
-        self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: dict[str, Any]
+        self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: SessionChoices
     ) -> dict[str, Any]:
-        """The session sent upstream; anything the client may not choose is a 400 naming it."""
-        unknown = set(asked) - {"type", "model", "instructions", "audio"}
+        """The session sent upstream; anything the client may not choose is a 400 naming it.
+
+        `model_fields_set` tells a field sent as null (refused where a value is needed) from one
+        left out (the preset's choice).
+        """
+        sent = asked.model_fields_set
+        unknown = set(asked.model_extra or {})
         if unknown:
             field = sorted(unknown)[0]
             raise InvalidRequest(f"session.{field} is set by the server for this role.", param=f"session.{field}")
-        if asked.get("type", "realtime") != "realtime":
+        if "type" in sent and asked.type != "realtime":
             raise InvalidRequest("Only realtime sessions can be created here.", param="session.type")
-        if "model" in asked and self.catalog.by_name.get(asked["model"]) != spec:
+        if "model" in sent and (asked.model is None or self.catalog.by_name.get(asked.model) != spec):
             raise InvalidRequest(f"This role uses the model '{spec.id}'.", param="session.model")
-        if "instructions" in asked:
-            extra = asked["instructions"]
+        if "instructions" in sent:
+            extra = asked.instructions
             if not preset.allow_instructions_append:
                 raise InvalidRequest("This role's instructions cannot be changed.", param="session.instructions")
-            if not isinstance(extra, str) or len(extra) > MAX_APPENDED_INSTRUCTIONS:
+            if extra is None or len(extra) > MAX_APPENDED_INSTRUCTIONS:
                 raise InvalidRequest(
                     f"session.instructions must be text of at most {MAX_APPENDED_INSTRUCTIONS} characters.",
                     param="session.instructions",
                 )
             instructions = f"{instructions}\n\n{extra}"
-        voice = self._voice(preset, asked.get("audio"))
+        voice = self._voice(preset, asked.audio)
         return {
             "type": "realtime",
             "model": spec.id,
@@ -87,13 +92,12 @@ class RealtimeService:
         }
 
     @staticmethod
-    def _voice(preset: VoicePreset, audio: Any) -> str:
+    def _voice(preset: VoicePreset, audio: SessionAudio | None) -> str:
         if audio is None:
             return preset.voice
-        output = audio.get("output") if isinstance(audio, dict) else None
-        if not isinstance(output, dict) or set(audio) != {"output"} or set(output) - {"voice"}:
+        if audio.output is None:
             raise InvalidRequest("Only session.audio.output.voice may be chosen.", param="session.audio")
-        voice = output.get("voice", preset.voice)
+        voice = audio.output.voice if "voice" in audio.output.model_fields_set else preset.voice
         if voice not in preset.voices:
             raise InvalidRequest(
                 f"Voice '{voice}' is not allowed for this role; allowed: {', '.join(preset.voices)}.",

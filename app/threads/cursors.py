@@ -15,6 +15,10 @@ import orjson
 
 from app.errors import InvalidRequest
 from app.models import Thread, ThreadMessage
+from app.validation import BIGINT_MAX, utc_instant
+
+# Ours are well under 100 characters; a longer one is not ours and is not decoded.
+MAX_CURSOR_LENGTH = 200
 
 
 def _encode(parts: list[object]) -> str:
@@ -45,10 +49,8 @@ def parse_thread_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         kind, created_at, thread_id = parts
         if kind != "t":
             raise ValueError(kind)
-        when = datetime.fromisoformat(str(created_at))
-        if when.tzinfo is None:
-            raise ValueError(created_at)
-        return when, uuid.UUID(str(thread_id))
+        # Our instants are UTC: another offset could put it outside the years Postgres is sent.
+        return utc_instant(str(created_at)), uuid.UUID(str(thread_id))
     except (TypeError, ValueError) as error:
         raise _invalid() from error
 
@@ -60,5 +62,7 @@ def message_cursor(message: ThreadMessage) -> str:
 def parse_message_cursor(cursor: str) -> int:
     parts = _decode(cursor)
     if len(parts) != 2 or parts[0] != "m" or not isinstance(parts[1], int) or isinstance(parts[1], bool):
+        raise _invalid()
+    if not 0 <= parts[1] <= BIGINT_MAX:  # `seq` is a bigint: beyond it the driver, not we, would refuse
         raise _invalid()
     return parts[1]

@@ -12,6 +12,7 @@ from app.deps import PrincipalDep, SessionDep, ThreadServiceDep
 from app.errors import ThreadNotFound, error_responses, request_id_of
 from app.models import Thread
 from app.threads import repository
+from app.threads.cursors import MAX_CURSOR_LENGTH
 from app.threads.schemas import (
     MessageCreate,
     MessageList,
@@ -22,11 +23,14 @@ from app.threads.schemas import (
     ThreadUpdate,
     TurnResult,
 )
+from app.validation import ProfileName
 
 router = APIRouter(tags=["threads"], responses=error_responses(401))
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1 to 100.")]
-Cursor = Annotated[str | None, Query(description="The `next_cursor` of the previous page.")]
+Cursor = Annotated[
+    str | None, Query(max_length=MAX_CURSOR_LENGTH, description="The `next_cursor` of the previous page.")
+]
 
 
 async def valid_thread(thread_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> Thread:
@@ -73,7 +77,7 @@ async def list_threads(
     service: ThreadServiceDep,
     limit: Limit = 20,
     cursor: Cursor = None,
-    profile: Annotated[str | None, Query(description="Only threads of this profile.")] = None,
+    profile: Annotated[ProfileName | None, Query(description="Only threads of this profile.")] = None,
 ) -> ThreadList:
     """Your threads, newest first."""
     return await service.list_threads(session, principal, limit=limit, cursor=cursor, profile=profile)

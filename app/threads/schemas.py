@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.models import Thread, ThreadMessage
+from app.validation import PROFILE_MAX, Text, check_json
 
 MAX_METADATA_PAIRS = 16
 
@@ -25,10 +26,22 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
 
 
 Metadata = Annotated[
-    dict[str, str],
+    dict[Text, Text],
     AfterValidator(_check_metadata),
     Field(description="Up to 16 string pairs the app keeps with the thread (keys 64, values 512 characters)."),
 ]
+
+
+# The context is rendered into the prompt and measured as JSON (orjson stops at 255 levels, with
+# a 500): a real app's facts about its user nest a few levels, so deeper is refused as a 400.
+CONTEXT_MAX_DEPTH = 16
+
+
+def _check_context(value: dict[str, Any]) -> dict[str, Any]:
+    return check_json(value, CONTEXT_MAX_DEPTH)
+
+
+Context = Annotated[dict[str, Any], AfterValidator(_check_context)]
 
 
 class ThreadCreate(BaseModel):
@@ -36,9 +49,9 @@ class ThreadCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: str | None = Field(None, max_length=100, examples=["coach"])
-    chat_type: str | None = Field(None, max_length=100, examples=["general"])
-    title: str | None = Field(None, max_length=200)
+    profile: Text | None = Field(None, max_length=PROFILE_MAX, examples=["coach"])
+    chat_type: Text | None = Field(None, max_length=100, examples=["general"])
+    title: Text | None = Field(None, max_length=200)
     metadata: Metadata = {}
 
 
@@ -47,7 +60,7 @@ class ThreadUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    title: str | None = Field(None, max_length=200)
+    title: Text | None = Field(None, max_length=200)
     metadata: Metadata | None = None
 
 
@@ -149,18 +162,21 @@ class MessageCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    content: str = Field(
+    content: Text = Field(
         min_length=1,
         max_length=100_000,
         description="The user's message; a profile shortcut such as `/progress` expands to its full prompt.",
     )
-    chat_type: str | None = Field(
+    chat_type: Text | None = Field(
         None, max_length=100, description="Answer this turn with the profile this chat type maps to."
     )
-    goal_id: str | None = Field(None, max_length=200)
-    context: dict[str, Any] | None = Field(
+    goal_id: Text | None = Field(None, max_length=200)
+    context: Context | None = Field(
         None,
-        description="Facts about the user from the app's own data; size-capped (THREAD_CONTEXT_MAX_BYTES).",
+        description=(
+            "Facts about the user from the app's own data; size-capped (THREAD_CONTEXT_MAX_BYTES),"
+            f" nested at most {CONTEXT_MAX_DEPTH} levels deep."
+        ),
     )
     stream: bool = Field(
         False,
