@@ -17,6 +17,7 @@ from app import migrations
 from app.config import Settings, get_settings
 
 if TYPE_CHECKING:  # annotations only: each verb imports what it needs when it runs
+    import asyncpg
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from app.byok.service import Rotation
@@ -90,30 +91,45 @@ def migrate(_: argparse.Namespace) -> None:
     print(f"database at {migrations.head()}")
 
 
-def _in_session(work: Callable[[AsyncSession, Catalog], Awaitable[T]]) -> T:
-    """Run `work(session, catalog)` in one committed transaction on a migrated database."""
+def _in_session(work: Callable[[AsyncSession, Catalog, asyncpg.Pool], Awaitable[T]]) -> T:
+    """Run `work(session, catalog, pool)` in one committed transaction on a migrated database."""
     settings = get_settings()
     url = prepare_database(settings)  # before the event loop: Alembic's env runs its own
     return asyncio.run(_with_session(url, settings, work))
 
 
-async def _with_session(url: str, settings: Settings, work: Callable[[AsyncSession, Catalog], Awaitable[T]]) -> T:
+async def _with_session(
+    url: str, settings: Settings, work: Callable[[AsyncSession, Catalog, asyncpg.Pool], Awaitable[T]]
+) -> T:
     from app.db import Database
     from app.registry import load_catalog
 
     database = await Database.connect(url, 1)
     try:
         async with database.sessionmaker() as session, session.begin():
-            return await work(session, load_catalog(settings.catalog_file))
+            return await work(session, load_catalog(settings.catalog_file), database.pool)
     finally:
         await database.close()
 
 
 def create_key(args: argparse.Namespace) -> None:
     from app.auth import management
+    from app.auth.keys import KeySigner
+    from app.keyring import shared_secret
 
-    async def work(session: AsyncSession, catalog: Catalog) -> tuple[ApiKey, str]:
-        return await management.create_key(session, catalog, user_id=args.user, tier=args.tier, name=args.name)
+    settings = get_settings()
+
+    async def work(session: AsyncSession, catalog: Catalog, pool: asyncpg.Pool) -> tuple[ApiKey, str]:
+        signer = KeySigner(await shared_secret(pool, "api_key"))
+        return await management.create_key(
+            session,
+            catalog,
+            signer,
+            user_id=args.user,
+            tier=args.tier,
+            name=args.name,
+            jwt_user_prefix=settings.jwt_user_prefix,
+        )
 
     key, raw = _in_session(work)
     print(f"created key {key.id} ({key.prefix}...) for user {key.user_id}; it is shown only once:")
@@ -127,7 +143,7 @@ def revoke_key(args: argparse.Namespace) -> None:
     from app.auth.keys import hash_key
     from app.models import ApiKey
 
-    async def work(session: AsyncSession, _catalog: Catalog) -> ApiKey:
+    async def work(session: AsyncSession, _catalog: Catalog, _pool: asyncpg.Pool) -> ApiKey:
         try:
             key_id = uuid.UUID(args.key)
         except ValueError:

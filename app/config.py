@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_default_tier: str = "free"
+    # JWT users are user `JWT_USER_PREFIX` + `sub`: their own namespace, apart from the users keys are made for.
+    # Set it to "" only to make a JWT's `sub` the same user as the key user of that id, on purpose.
+    jwt_user_prefix: str = Field("jwt:", max_length=50)
     auth_cache_ttl: float = Field(30.0, ge=0)
     auth_failures_per_minute: int = Field(30, ge=1)
     auth_lookup_timeout: float = Field(3.0, gt=0)  # looking a key or user up; then 503

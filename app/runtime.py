@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app import migrations
 from app.admin.refusals import RefusalRecorder
+from app.auth.keys import KeySigner
 from app.auth.service import TOUCH_INTERVAL, Authenticator
 from app.byok.service import BYOKService
 from app.byok.vault import KeyVault
@@ -37,6 +38,7 @@ from app.images.signing import UrlSigner, load_secret
 from app.images.storage import ImageStorage, open_storage
 from app.instances import Instance
 from app.jobs import Jobs
+from app.keyring import shared_secret
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
@@ -143,7 +145,7 @@ class Runtime:
         vault = KeyVault(settings, db.pool)
         upstream = Upstream(settings, vault.load, events)
         stack.push_async_callback(upstream.close)
-        auth = Authenticator(settings, db.pool, url, events)
+        auth = Authenticator(settings, db.pool, url, events, KeySigner(await shared_secret(db.pool, "api_key")))
         calls = Calls(
             limiter=limiter,
             upstream=upstream,

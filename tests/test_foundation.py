@@ -113,7 +113,7 @@ async def test_jwt_principal_and_tier_change(gateway: Gateway) -> None:
     free = await gateway.client.get("/v1/models", headers=bearer(token))
     assert free.status_code == 200
     assert "gpt-5" not in {m["id"] for m in free.json()["data"]}
-    changed = await gateway.admin("PATCH", "/admin/users/supabase-user-1", json={"tier": "pro"})
+    changed = await gateway.admin("PATCH", "/admin/users/jwt:supabase-user-1", json={"tier": "pro"})
     assert changed.status_code == 200 and changed.json()["tier"] == "pro"
     for _ in range(100):
         pro = await gateway.client.get("/v1/models", headers=bearer(token))

@@ -456,7 +456,7 @@ async def test_signed_urls_refuse_tampering_and_expiry(start, db) -> None:
         assert expired_at < time.time()
         assert_error(await gw.client.get(expired_url), 403, code="url_expired")
         # The secret lives in Postgres: another replica (or a restart) verifies the same URLs.
-        assert await db.fetchval("SELECT count(*) FROM image_signing_key") == 1
+        assert await db.fetchval("SELECT count(*) FROM gateway_secret WHERE name = 'image_url'") == 1
         async with start() as replica:
             assert (await replica.client.get(content, params=params)).status_code == 200
         # With IMAGE_URL_SECRET set, that secret signs instead.

@@ -167,9 +167,7 @@ async def test_a_give_back_written_twice_refunds_once(gateway: Gateway, db: asyn
     assert await events_of(db, refused_on_the_way.call_id) == []  # given back: no row
 
 
-async def test_a_call_whose_check_a_database_crash_lost_is_charged_in_full(
-    gateway: Gateway, db: asyncpg.Pool
-) -> None:
+async def test_a_call_whose_check_a_database_crash_lost_is_charged_in_full(gateway: Gateway, db: asyncpg.Pool) -> None:
     """Limit checks commit without waiting for the WAL flush: a database crash can lose one, its reservation and
     pending row together, after the gateway was told it passed. The call settles all the same, charged its
     real cost in full (not its cost minus a reservation that is no longer there)."""

@@ -362,9 +362,9 @@ async def test_another_users_thread_is_a_404_everywhere(gw: Gateway, db: asyncpg
     assert len(upstream.requests) == 1
     assert [r["content"] for r in await stored(db, thread_id)] == ["secret", CONTENT]
     assert (await gw.client.get(f"/v1/threads/{thread_id}", headers=owner)).json()["title"] == "private"
-    # The same user through a JWT sees the same thread.
+    # A JWT whose subject is the owner's id is another user (JWT_USER_PREFIX): it sees nothing.
     via_jwt = await gw.client.get(f"/v1/threads/{thread_id}", headers=bearer(make_jwt(owner_id)))
-    assert via_jwt.status_code == 200
+    assert_error(via_jwt, 404, code="thread_not_found")
 
 
 async def test_threads_are_listed_newest_first_in_stable_pages(gw: Gateway) -> None:

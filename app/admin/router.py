@@ -10,12 +10,14 @@ from fastapi import APIRouter, Path, Query
 
 from app.admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, UserPublic, UserUpdate
 from app.auth import management, repository
-from app.deps import AdminGuard, CatalogDep, SessionDep
+from app.deps import AdminGuard, CatalogDep, RuntimeDep, SessionDep
 from app.errors import InvalidRequest, error_responses
 from app.registry import TierSpec
 from app.validation import UserId
 
 LIMIT_NAMES = set(TierSpec.model_fields) - {"models"}
+
+
 # Each limit's least value as the catalog's tiers take it: 0 for rates and budgets, 1 for the caps.
 def _floor(name: str) -> float:
     bounds = [c.ge for c in TierSpec.model_fields[name].metadata if isinstance(c, Ge)]
@@ -28,9 +30,17 @@ router = APIRouter(tags=["admin"], dependencies=[AdminGuard], responses=error_re
 
 
 @router.post("/keys", status_code=201, responses=error_responses(400))
-async def create_key(body: KeyCreate, session: SessionDep, catalog: CatalogDep) -> KeyCreated:
+async def create_key(body: KeyCreate, session: SessionDep, catalog: CatalogDep, runtime: RuntimeDep) -> KeyCreated:
     """Create a gateway key for a user; the response is the only time the key is shown."""
-    key, raw = await management.create_key(session, catalog, user_id=body.user_id, tier=body.tier, name=body.name)
+    key, raw = await management.create_key(
+        session,
+        catalog,
+        runtime.auth.signer,
+        user_id=body.user_id,
+        tier=body.tier,
+        name=body.name,
+        jwt_user_prefix=runtime.settings.jwt_user_prefix,
+    )
     return KeyCreated(**KeyPublic.model_validate(key).model_dump(), key=raw)
 
 

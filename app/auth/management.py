@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import repository
-from app.auth.keys import hash_key, new_key, visible_prefix
+from app.auth.keys import KeySigner, hash_key, visible_prefix
 from app.errors import InvalidRequest, KeyNotFound
 from app.models import ApiKey, AppUser
 from app.registry import Catalog
@@ -23,16 +23,29 @@ def check_tier(catalog: Catalog, tier: str | None) -> None:
 
 
 async def create_key(
-    session: AsyncSession, catalog: Catalog, *, user_id: str, tier: str | None, name: str | None
+    session: AsyncSession,
+    catalog: Catalog,
+    signer: KeySigner,
+    *,
+    user_id: str,
+    tier: str | None,
+    name: str | None,
+    jwt_user_prefix: str,
 ) -> tuple[ApiKey, str]:
-    """A new key for a user (created on first sight); returns the row and the only copy of the key."""
+    """A new key for a user (created on first sight); returns the row and the only copy of the key.
+    A JWT user's id (under `jwt_user_prefix`) gets no key: a key would make its holder that JWT user."""
     check_tier(catalog, tier)
+    if jwt_user_prefix and user_id.startswith(jwt_user_prefix):
+        raise InvalidRequest(
+            f"User ids starting with '{jwt_user_prefix}' are JWT users (JWT_USER_PREFIX); keys are made for other ids.",
+            param="user_id",
+        )
     if tier is None:
         await repository.upsert_user(session, user_id)
     else:
         await repository.upsert_user(session, user_id, tier=tier)
         await repository.notify_changed(session, f"user:{user_id}")
-    raw = new_key()
+    raw = signer.new_key()
     key = await repository.add_key(
         session, user_id=user_id, name=name, prefix=visible_prefix(raw), key_hash=hash_key(raw)
     )

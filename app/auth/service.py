@@ -3,6 +3,17 @@
 A cached principal saves a database round trip on every request. Staleness is
 bounded twice: entries live `AUTH_CACHE_TTL` seconds, and every revocation or user
 change is broadcast with Postgres NOTIFY so each process drops the entry at once.
+
+A credential that checks out is never refused by a guard. What the process can check by
+itself, it checks before anything else: a token's size, a key's MAC (app/auth/keys.py), a
+JWT's signature. Junk is refused on the spot, costs no database work and needs no guard;
+a key we issued is always looked up. Only keys of the unsigned form (made before keys were
+signed) need the database to be told from junk: their lookups, and only theirs, go behind
+the failed-auth guard of the client's address. Keys found unknown or revoked are
+remembered for `AUTH_CACHE_TTL` (the negative cache), so asking again costs nothing.
+
+JWT users live in their own namespace: user `JWT_USER_PREFIX` + `sub` (default `jwt:`),
+so a JWT can never act as a key user of the same name (app/auth/principal.py).
 """
 
 from __future__ import annotations
@@ -22,17 +33,21 @@ import orjson
 
 from app.auth import repository
 from app.auth.guard import FailedAuthGuard
-from app.auth.keys import hash_key, looks_like_key
+from app.auth.keys import KeyForm, KeySigner, hash_key, looks_like_key
 from app.auth.principal import Principal
 from app.config import Settings
-from app.db import DB_ERRORS
+from app.db import DB_ERRORS, asyncpg_url
 from app.errors import ErrorCode, RateLimited, Unauthenticated, Unavailable
 from app.events import EventHub, PrincipalChanged
+from app.validation import USER_ID_MAX, text_problem
 
 log = logging.getLogger("app.auth")
 
 MAX_CACHED = 100_000
 TOUCH_INTERVAL = 30.0
+# Longer than any key or sane JWT: refused before any MAC, signature or lookup.
+MAX_TOKEN_CHARS = 8192
+INVALID = "Invalid API key or token."
 
 
 def _overrides(value: Any) -> dict[str, Any]:
@@ -40,24 +55,60 @@ def _overrides(value: Any) -> dict[str, Any]:
     return dict(parsed or {})
 
 
+class _Expiring:
+    """A bounded map whose entries expire (the oldest goes first when it is full)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, value: Any, ttl: float | None = None) -> None:
+        if len(self._entries) >= MAX_CACHED:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (time.monotonic() + min(self.ttl, ttl if ttl is not None else self.ttl), value)
+
+    def pop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def drop(self, matching: Callable[[Any], bool] | None = None) -> None:
+        """Drop every entry, or those whose value matches."""
+        if matching is None:
+            self._entries.clear()
+            return
+        for key in [k for k, (_, value) in self._entries.items() if matching(value)]:
+            del self._entries[key]
+
+
 class Authenticator:
-    """Owns the principal cache, the failed-auth guard, the NOTIFY listener and the `last_used_at` buffer.
+    """Owns the principal caches, the failed-auth guard, the NOTIFY listener and the `last_used_at` buffer.
 
     Every change it hears of (a NOTIFY, or `forget` called in this process) is published as
     `PrincipalChanged`, so caches beside this one (users' upstream clients) drop it too.
     """
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, database_url: str, events: EventHub) -> None:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, database_url: str, events: EventHub, signer: KeySigner
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.database_url = database_url
         self.events = events
+        self.signer = signer
         self.guard = FailedAuthGuard(settings.auth_failures_per_minute)
         # Only when JWTs are configured: PyJWT loads `cryptography` when it is installed
         # (~9 MB resident per process), which a gateway without JWTs never needs.
         self._jwt = importlib.import_module("jwt") if settings.jwt_secret else None
-        self._by_key: dict[str, tuple[float, Principal]] = {}
-        self._users: dict[str, tuple[float, Principal]] = {}
+        ttl = settings.auth_cache_ttl
+        self._by_key = _Expiring(ttl)  # key hash -> Principal
+        self._unknown = _Expiring(ttl)  # key hash -> True: unknown or revoked
+        self._users = _Expiring(ttl)  # user id -> Principal (JWT users)
+        self._tokens = _Expiring(ttl)  # a verified JWT -> its user id, until it expires
         self._touched: dict[uuid.UUID, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -78,19 +129,31 @@ class Authenticator:
         """The principal of a gateway key seen recently, without any I/O."""
         if not looks_like_key(token):
             return None
-        entry = self._by_key.get(hash_key(token))
-        if entry is None or entry[0] <= time.monotonic():
-            return None
-        principal = entry[1]
-        assert principal.api_key_id is not None
-        self._touched[principal.api_key_id] = datetime.now(UTC)
+        principal: Principal | None = self._by_key.get(hash_key(token))
+        if principal is not None:
+            assert principal.api_key_id is not None
+            self._touched[principal.api_key_id] = datetime.now(UTC)
         return principal
 
     async def principal(self, token: str, client: str) -> Principal:
-        """The caller behind a token: from the cache, or looked up behind the failed-auth guard of `client`."""
+        """The caller behind a token. Only lookups of unsigned keys go behind `client`'s failed-auth guard."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise Unauthenticated(f"The token is longer than {MAX_TOKEN_CHARS} characters; it cannot be valid.")
+        if not looks_like_key(token):
+            if token.count(".") == 2:
+                return await self._from_jwt(token)
+            raise Unauthenticated(INVALID)
         principal = self.cached(token)
         if principal is not None:
             return principal
+        digest = hash_key(token)
+        if self._unknown.get(digest):
+            raise Unauthenticated(INVALID)
+        form = self.signer.form(token)
+        if form is KeyForm.FORGED:
+            raise Unauthenticated(INVALID)
+        if form is KeyForm.SIGNED:
+            return await self._from_key(digest)
         if self.guard.blocked(client):
             raise RateLimited(
                 "Too many failed authentication attempts from this address.",
@@ -98,26 +161,16 @@ class Authenticator:
                 headers={"retry-after": str(self.guard.retry_after)},
             )
         try:
-            return await self.authenticate(token)
+            return await self._from_key(digest)
         except Unauthenticated:
             self.guard.failed(client)
             raise
 
-    async def authenticate(self, token: str) -> Principal:
-        if looks_like_key(token):
-            return await self._from_key(token)
-        if token.count(".") == 2:
-            return await self._from_jwt(token)
-        raise Unauthenticated("Invalid API key or token.")
-
-    async def _from_key(self, token: str) -> Principal:
-        cached = self.cached(token)
-        if cached is not None:
-            return cached
-        digest = hash_key(token)
+    async def _from_key(self, digest: str) -> Principal:
         row = await self._lookup(repository.find_key, digest)
         if row is None or row["revoked_at"] is not None:
-            raise Unauthenticated("Invalid API key or token.")
+            self._unknown.put(digest, True)
+            raise Unauthenticated(INVALID)
         principal = Principal(
             user_id=row["user_id"],
             tier=row["tier"],
@@ -127,14 +180,36 @@ class Authenticator:
             via="key",
             has_own_key=row["has_own_key"],
         )
-        self._remember(self._by_key, digest, principal, time.monotonic())
+        self._by_key.put(digest, principal)
         self._touched[row["id"]] = datetime.now(UTC)
         return principal
 
     async def _from_jwt(self, token: str) -> Principal:
+        user_id: str | None = self._tokens.get(token)
+        if user_id is None:
+            user_id, expires_in = self._verify_jwt(token)
+            self._tokens.put(token, user_id, expires_in)
+        principal: Principal | None = self._users.get(user_id)
+        if principal is not None:
+            return principal
+        found = await self._lookup(repository.find_user, user_id)
+        row = found if found is not None and found["tier"] is not None else None  # no app_user row
+        principal = Principal(
+            user_id=user_id,
+            tier=row["tier"] if row else self.settings.jwt_default_tier,
+            use_upstream=row["use_upstream"] if row else True,
+            limit_overrides=_overrides(row["limit_overrides"]) if row else {},
+            via="jwt",
+            has_own_key=bool(found and found["has_own_key"]),
+        )
+        self._users.put(user_id, principal)
+        return principal
+
+    def _verify_jwt(self, token: str) -> tuple[str, float]:
+        """The user id a JWT names, and the seconds it has left; no database work."""
         secret, jwt = self.settings.jwt_secret, self._jwt
         if secret is None or jwt is None:
-            raise Unauthenticated("Invalid API key or token.")
+            raise Unauthenticated(INVALID)
         try:
             claims = jwt.decode(
                 token,
@@ -150,26 +225,12 @@ class Authenticator:
         except jwt.ExpiredSignatureError as error:
             raise Unauthenticated("The token has expired.", code=ErrorCode.TOKEN_EXPIRED) from error
         except jwt.PyJWTError as error:
-            raise Unauthenticated("Invalid API key or token.") from error
-        user_id = claims["sub"]
-        if not isinstance(user_id, str) or not user_id or len(user_id) > 200:
+            raise Unauthenticated(INVALID) from error
+        subject = claims["sub"]
+        user_id = f"{self.settings.jwt_user_prefix}{subject}" if isinstance(subject, str) else ""
+        if not subject or len(user_id) > USER_ID_MAX or text_problem(user_id) is not None:
             raise Unauthenticated("The token's subject is not a valid user id.")
-        now = time.monotonic()
-        cached = self._users.get(user_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await self._lookup(repository.find_user, user_id)
-        row = found if found is not None and found["tier"] is not None else None  # no app_user row
-        principal = Principal(
-            user_id=user_id,
-            tier=row["tier"] if row else self.settings.jwt_default_tier,
-            use_upstream=row["use_upstream"] if row else True,
-            limit_overrides=_overrides(row["limit_overrides"]) if row else {},
-            via="jwt",
-            has_own_key=bool(found and found["has_own_key"]),
-        )
-        self._remember(self._users, user_id, principal, now)
-        return principal
+        return user_id, float(claims["exp"]) - time.time()
 
     async def _lookup(
         self, query: Callable[[asyncpg.Pool, str], Awaitable[asyncpg.Record | None]], value: str
@@ -186,23 +247,17 @@ class Authenticator:
                 headers={"retry-after": "5"},
             ) from error
 
-    def _remember(self, cache: dict[str, tuple[float, Principal]], key: str, principal: Principal, now: float) -> None:
-        if len(cache) >= MAX_CACHED:
-            cache.pop(next(iter(cache)))
-        cache[key] = (now + self.settings.auth_cache_ttl, principal)
-
     def forget(self, what: str) -> None:
         """Drop cached entries named by a NOTIFY payload: `key:<hash>` or `user:<id>`."""
         kind, _, value = what.partition(":")
         if kind == "key":
-            self._by_key.pop(value, None)
+            self._by_key.pop(value)
         elif kind == "user":
-            self._users.pop(value, None)
-            for digest in [d for d, (_, p) in self._by_key.items() if p.user_id == value]:
-                self._by_key.pop(digest, None)
+            self._users.pop(value)
+            self._by_key.drop(lambda principal: principal.user_id == value)
         else:
-            self._by_key.clear()
-            self._users.clear()
+            self._by_key.drop()
+            self._users.drop()
         self.events.principals.publish(PrincipalChanged(what))
 
     async def _listen(self) -> None:
@@ -215,7 +270,7 @@ class Authenticator:
             connection: asyncpg.Connection | None = None
             try:
                 closed = asyncio.Event()
-                connection = await asyncpg.connect(self.database_url)
+                connection = await asyncpg.connect(asyncpg_url(self.database_url))
                 connection.add_termination_listener(lambda _connection, done=closed: done.set())
                 await connection.add_listener(repository.AUTH_CHANNEL, lambda *args: self.forget(args[3]))
                 self.forget("all")  # anything missed while disconnected

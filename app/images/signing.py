@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,24 +17,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.errors import ErrorCode, PermissionDenied
-
-LOAD_SECRET = """
-WITH made AS (
-    INSERT INTO image_signing_key (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING RETURNING secret
-)
-SELECT secret FROM made UNION ALL SELECT secret FROM image_signing_key WHERE id = 1 LIMIT 1
-"""
+from app.keyring import shared_secret
 
 
 async def load_secret(pool: asyncpg.Pool, configured: str | None) -> bytes:
-    if configured is not None:
-        return configured.encode()
-    for _ in range(3):
-        # Two first starts at once: the loser's snapshot may predate the winner's row; a new statement sees it.
-        secret = await pool.fetchval(LOAD_SECRET, secrets.token_bytes(32))
-        if secret is not None:
-            return bytes(secret)
-    raise RuntimeError("could not load or create the image URL signing secret")
+    return configured.encode() if configured is not None else await shared_secret(pool, "image_url")
 
 
 @dataclass(frozen=True, slots=True)

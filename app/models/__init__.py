@@ -3,10 +3,11 @@
 from app.models.base import Base
 from app.models.byok import UserOpenAIKey
 from app.models.identity import ApiKey, AppUser
-from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem, ImageSigningKey
+from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem
 from app.models.instances import GatewayInstance
 from app.models.ratelimit import RateLimitBucket
 from app.models.refusals import LimitRefusal
+from app.models.secrets import GatewaySecret
 from app.models.threads import Thread, ThreadMessage, UserContextCache
 from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
 
@@ -15,11 +16,11 @@ __all__ = [
     "AppUser",
     "Base",
     "GatewayInstance",
+    "GatewaySecret",
     "IdempotencyKey",
     "Image",
     "ImageBatch",
     "ImageBatchItem",
-    "ImageSigningKey",
     "LimitRefusal",
     "RateLimitBucket",
     "Thread",

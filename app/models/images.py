@@ -9,13 +9,11 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     Boolean,
-    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     Numeric,
     SmallInteger,
     String,
@@ -141,14 +139,3 @@ class IdempotencyKey(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The process doing the work of a pending key (app/instances.py): it may be taken over once that dies.
     owner: Mapped[uuid.UUID | None] = mapped_column(UUID)
-
-
-class ImageSigningKey(Base):
-    """The URL-signing secret used when IMAGE_URL_SECRET is unset: one row, made on first start."""
-
-    __tablename__ = "image_signing_key"
-    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
-
-    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    secret: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

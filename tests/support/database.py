@@ -26,7 +26,8 @@ from app import migrations
 EMBEDDED_DATA_DIR = Path(tempfile.gettempdir()) / "gateway-test-pg"
 TABLES_QUERY = (
     "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-    " AND tablename NOT IN ('alembic_version', 'gateway_instance')"  # migrations; the running gateways
+    # Kept between tests: migrations; the running gateways; the secrets they loaded at start-up.
+    " AND tablename NOT IN ('alembic_version', 'gateway_instance', 'gateway_secret')"
 )
 
 
