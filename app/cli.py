@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, TypeVar
 
 from app import migrations
-from app.config import Settings, get_settings
+from app.config import ProductionSettingsError, Settings, get_settings
 
 if TYPE_CHECKING:  # annotations only: each verb imports what it needs when it runs
     import asyncpg
@@ -58,6 +59,9 @@ def serve(args: argparse.Namespace) -> None:
     from app.observability.multiprocess import prepare_multiprocess_dir
 
     settings = get_settings()
+    problems = settings.production_problems()
+    if problems:
+        sys.exit(str(ProductionSettingsError(problems)))
     log_level = (args.log_level or settings.log_level).lower()
     # This process and every worker (uvicorn applies log_config in each) log alike: JSON lines by default.
     log_config = logging_config(settings.log_format, log_level)

@@ -15,7 +15,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CATALOG = PACKAGE_DIR / "catalog.toml"
-PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "admin", "password"}
+# Production secrets: at least this long, and not one of the words people put in examples.
+MIN_SECRET_CHARS = 32
+PLACEHOLDER_WORDS = ("change", "placeholder", "example", "secret", "password", "admin", "xxxx", "your", "todo")
 
 # BYOK_ENCRYPTION_KEYS: what one key is, and how an operator makes one.
 KEY_BYTES = 32
@@ -40,7 +42,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
-    environment: str = Field("development", pattern="^(development|test|production)$")
+    # Production unless said otherwise: it is what a deployment gets when nobody thought about it.
+    environment: str = Field("production", pattern="^(development|test|production)$")
 
     # Postgres. Unset: an embedded server in `data_dir` is started by the CLI.
     database_url: str | None = None
@@ -216,9 +219,11 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("openai_base_url")
+    @field_validator("openai_base_url", "image_public_base_url")
     @classmethod
-    def _base_url_is_http(cls, value: str) -> str:
+    def _base_url_is_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
@@ -230,19 +235,57 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value
 
-    @model_validator(mode="after")
-    def _no_placeholder_secrets_in_production(self) -> Settings:
+    def production_problems(self) -> list[str]:
+        """Why these settings must not serve in production (empty outside it): one line per variable.
+
+        Checked when a server starts (`serve`, and the app's start-up), not when settings load,
+        so the CLI's other verbs work with any environment."""
         if self.environment != "production":
-            return self
-        for name, value in (("admin_api_key", self.admin_api_key), ("jwt_secret", self.jwt_secret)):
-            if value is not None and (value.lower() in PLACEHOLDER_SECRETS or len(value) < 16):
-                raise ValueError(f"{name.upper()} must be a real secret of 16+ characters in production")
-        return self
+            return []
+        problems = []
+        for name in ("admin_api_key", "jwt_secret", "image_url_secret"):
+            problem = weak_secret(getattr(self, name))
+            if problem:
+                problems.append(f"{name.upper()} {problem}")
+        if self.image_public_base_url is None:
+            problems.append(
+                "IMAGE_PUBLIC_BASE_URL is unset: signed image URLs would take their host from the request's"
+                " Host header; set it to the address clients reach, e.g. https://api.example.com"
+            )
+        return problems
 
     @property
     def simulated(self) -> bool:
         """No upstream key: every route answers from the offline provider."""
         return self.openai_api_key is None
+
+
+def weak_secret(value: str | None) -> str | None:
+    """What is wrong with a production secret, or None."""
+    if value is None:
+        return f"is unset; set a random value of {MIN_SECRET_CHARS}+ characters"
+    if len(value) < MIN_SECRET_CHARS:
+        return f"is {len(value)} characters; use a random value of {MIN_SECRET_CHARS}+"
+    lowered = value.lower()
+    if any(word in lowered for word in PLACEHOLDER_WORDS) or len(set(value)) < 10:
+        return "looks like a placeholder, not a random value"
+    return None
+
+
+class ProductionSettingsError(RuntimeError):
+    """Settings that must not serve in production; the message names each variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            "refusing to start in production (ENVIRONMENT=development for a local run):\n"
+            + "\n".join(f"  {problem}" for problem in problems)
+        )
+
+
+def check_production(settings: Settings) -> None:
+    problems = settings.production_problems()
+    if problems:
+        raise ProductionSettingsError(problems)
 
 
 def describe_errors(error: ValidationError) -> str:

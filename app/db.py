@@ -93,6 +93,7 @@ class Database:
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_timeout=waits.acquire,
+            hide_parameters=True,  # errors never carry the values (prompts, user ids) into logs
             connect_args={
                 "command_timeout": client_timeout,
                 "timeout": waits.connect,

@@ -7,7 +7,6 @@ short sessions per phase, so no transaction is held across an upstream call.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, cast
 
@@ -18,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.principal import Principal
 from app.byok.service import BYOKService
 from app.chat.service import ChatService
-from app.errors import ErrorCode, PermissionDenied, Unauthenticated
+from app.errors import ErrorCode, Unauthenticated
 from app.images.batches import BatchService
 from app.images.history import ImageHistory
 from app.images.service import ImageService
@@ -72,10 +71,14 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+def client_address(request: Request) -> str:
+    """The client's address: the peer's, or the one a trusted proxy forwarded (FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else "unknown"
+
+
 async def principal_for(request: Request, token: str) -> Principal:
     """The caller behind a token; noted in the request's state for logs and refusal records."""
-    client = request.client.host if request.client else "unknown"
-    principal = await runtime_of(request).auth.principal(token, client)
+    principal = await runtime_of(request).auth.principal(token, client_address(request))
     request.state.principal = principal
     return principal
 
@@ -92,15 +95,11 @@ PrincipalDep = Annotated[Principal, Depends(_principal)]
 
 
 async def _admin(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     if credentials is None or not credentials.credentials:
         raise missing_token()
-    expected = runtime.settings.admin_api_key
-    if expected is None:
-        raise PermissionDenied("The admin API is disabled: set ADMIN_API_KEY to enable it.")
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise Unauthenticated("Invalid admin key.")
+    runtime.auth.check_admin(credentials.credentials, client_address(request))
 
 
 AdminGuard = Depends(_admin)

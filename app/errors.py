@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import Any
@@ -22,6 +23,8 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from app.routing import RouteTable
 
 log = logging.getLogger("app.errors")
 
@@ -340,6 +343,9 @@ def error_renderer(on_refusal: RefusalHook) -> Renderer:
                 on_refusal(request, error)
             return error_response(error)
         if isinstance(error, RequestValidationError):
+            allowed = _owned_elsewhere(request, error)
+            if allowed is not None:
+                return error_response(_method_not_allowed(request, allowed))
             return error_response(invalid_request(error.errors()))
         if isinstance(error, StarletteHTTPException):
             return error_response(_http_error(request, error))
@@ -366,15 +372,39 @@ def _http_error(request: Request, error: StarletteHTTPException) -> GatewayError
     if isinstance(error.__cause__, GatewayError):  # e.g. FastAPI wrapping our 413 while reading the body
         return error.__cause__
     kind = STATUS_ERRORS.get(error.status_code, GatewayError)
-    message = {
-        404: f"No route {request.method} {request.url.path}.",
-        405: f"Method {request.method} is not allowed on {request.url.path}.",
-    }.get(error.status_code, str(error.detail))
+    if error.status_code == 405:  # every route's methods at this path, not the first route's only
+        return _method_not_allowed(request, route_table(request.app).allowed(request.url.path))
+    message = f"No route {request.method} {request.url.path}." if error.status_code == 404 else str(error.detail)
     gateway_error = kind(message, headers=dict(error.headers or {}))
     gateway_error.status_code = error.status_code
-    if error.status_code == 405:
-        gateway_error.code = ErrorCode.METHOD_NOT_ALLOWED
     return gateway_error
+
+
+def _method_not_allowed(request: Request, allowed: list[str]) -> GatewayError:
+    error = GatewayError(
+        f"Method {request.method} is not allowed on {request.url.path}.", headers={"allow": ", ".join(allowed)}
+    )
+    error.status_code = 405
+    error.code = ErrorCode.METHOD_NOT_ALLOWED
+    return error
+
+
+def _owned_elsewhere(request: Request, error: RequestValidationError) -> list[str] | None:
+    """A path parameter that failed on a path another route owns: that route's methods (the answer is 405)."""
+    if not any(item.get("loc", ("",))[0] == "path" for item in error.errors()):
+        return None
+    return route_table(request.app).owned_elsewhere(request.url.path, request.method)
+
+
+_route_tables: weakref.WeakKeyDictionary[FastAPI, RouteTable] = weakref.WeakKeyDictionary()
+
+
+def route_table(app: FastAPI) -> RouteTable:
+    """The app's paths and methods, read once from its OpenAPI document."""
+    table = _route_tables.get(app)
+    if table is None:
+        table = _route_tables[app] = RouteTable(app.openapi()["paths"])
+    return table
 
 
 def install_error_handlers(app: FastAPI, render: Renderer) -> None:

@@ -24,7 +24,7 @@ from app.byok.service import BYOKService
 from app.byok.vault import KeyVault
 from app.calls import Calls, FallbackPolicy
 from app.chat.service import ChatService
-from app.config import Settings
+from app.config import Settings, check_production
 from app.db import Database, Waits, start_embedded_postgres
 from app.events import EventHub
 from app.images.batches import BatchEvents, BatchService
@@ -93,6 +93,7 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
+        check_production(settings)  # weak secrets stop start-up whoever hosts the app
         async with contextlib.AsyncExitStack() as stack:
             runtime = await cls._build(settings, stack)
             runtime._stack = stack.pop_all()  # built: `stop` owns the teardown from here

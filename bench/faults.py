@@ -262,6 +262,7 @@ class Harness:
         """Start a gateway (one worker) on the case's database, directly or through `via`; ready at /healthz."""
         values = {
             **base_env(),
+            "ENVIRONMENT": "development",
             "DATABASE_URL": via.url_for(self.db_url) if via is not None else self.db_url,
             "OPENAI_API_KEY": upstream.api_key,
             "OPENAI_BASE_URL": upstream.base_url,

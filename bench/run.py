@@ -132,6 +132,7 @@ def start_gateway(procs: Processes, name: str, database_url: str, upstream: str,
     port = free_port()
     command = [PYTHON, "-m", "app", "serve", "--port", str(port), "--workers", "1", "--log-level", "info"]
     values = {
+        "ENVIRONMENT": "development",
         "DATABASE_URL": database_url,
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": upstream,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import importlib
 import logging
 import time
@@ -37,7 +38,7 @@ from app.auth.keys import KeyForm, KeySigner, hash_key, looks_like_key
 from app.auth.principal import Principal
 from app.config import Settings
 from app.db import DB_ERRORS, asyncpg_url
-from app.errors import ErrorCode, RateLimited, Unauthenticated, Unavailable
+from app.errors import ErrorCode, PermissionDenied, RateLimited, Unauthenticated, Unavailable
 from app.events import EventHub, PrincipalChanged
 from app.validation import USER_ID_MAX, text_problem
 
@@ -53,6 +54,15 @@ INVALID = "Invalid API key or token."
 def _overrides(value: Any) -> dict[str, Any]:
     parsed = orjson.loads(value) if isinstance(value, str) else value
     return dict(parsed or {})
+
+
+def _refuse_if_blocked(guard: FailedAuthGuard, client: str) -> None:
+    if guard.blocked(client):
+        raise RateLimited(
+            "Too many failed authentication attempts from this address.",
+            code=ErrorCode.TOO_MANY_AUTH_FAILURES,
+            headers={"retry-after": str(guard.retry_after)},
+        )
 
 
 class _Expiring:
@@ -101,6 +111,7 @@ class Authenticator:
         self.events = events
         self.signer = signer
         self.guard = FailedAuthGuard(settings.auth_failures_per_minute)
+        self.admin_guard = FailedAuthGuard(settings.auth_failures_per_minute)
         # Only when JWTs are configured: PyJWT loads `cryptography` when it is installed
         # (~9 MB resident per process), which a gateway without JWTs never needs.
         self._jwt = importlib.import_module("jwt") if settings.jwt_secret else None
@@ -154,17 +165,22 @@ class Authenticator:
             raise Unauthenticated(INVALID)
         if form is KeyForm.SIGNED:
             return await self._from_key(digest)
-        if self.guard.blocked(client):
-            raise RateLimited(
-                "Too many failed authentication attempts from this address.",
-                code=ErrorCode.TOO_MANY_AUTH_FAILURES,
-                headers={"retry-after": str(self.guard.retry_after)},
-            )
+        _refuse_if_blocked(self.guard, client)
         try:
             return await self._from_key(digest)
         except Unauthenticated:
             self.guard.failed(client)
             raise
+
+    def check_admin(self, token: str, client: str) -> None:
+        """The admin key, or 401; an address that keeps guessing is refused (429) without a comparison."""
+        expected = self.settings.admin_api_key
+        if expected is None:
+            raise PermissionDenied("The admin API is disabled: set ADMIN_API_KEY to enable it.")
+        _refuse_if_blocked(self.admin_guard, client)
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            self.admin_guard.failed(client)
+            raise Unauthenticated("Invalid admin key.")
 
     async def _from_key(self, digest: str) -> Principal:
         row = await self._lookup(repository.find_key, digest)

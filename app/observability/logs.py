@@ -6,7 +6,9 @@ Fields passed as `extra=` are added as they are: the access line (`app.access`) 
 `method`, `route`, `status`, `latency_ms`, and `model` when an upstream call was made.
 
 Nothing here reads headers or bodies: keys and prompts never reach a log line, except the
-prompt excerpt the middleware adds when LOG_PROMPTS=true.
+prompt excerpt the middleware adds when LOG_PROMPTS=true. Tracebacks are no way round that:
+the messages of exceptions that quote the data they failed on (Postgres and asyncpg errors,
+SQLAlchemy's with their parameters, pydantic's with the input) are logged without it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
+from sqlalchemy.exc import StatementError
 
 # The `scope["state"]` of the request being handled in this task (set by the middleware).
 # Usage records add `model` to it; the formatters read the request id and user from it.
@@ -76,6 +82,50 @@ def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key, value in attributes.items() if key not in _STANDARD_ATTRIBUTES}
 
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _without_data(error: BaseException) -> str:
+    """An exception's last traceback line, without the values it may quote.
+
+    Database drivers quote what they failed on (`invalid input for query argument $1: '<the
+    prompt>'`, `Key (id)=(...) already exists`): theirs, and SQLAlchemy's driver adapters' and
+    statement errors' (which repeat them), become the class, the SQLSTATE and the statement
+    (placeholders only); pydantic's quote the input and keep their class alone."""
+    name = f"{type(error).__module__}.{type(error).__qualname__}"
+    sqlstate = getattr(error, "sqlstate", None)
+    state = f": SQLSTATE {sqlstate}" if sqlstate else ""
+    if isinstance(error, StatementError):
+        return f"{name}{state} [SQL: {error.statement}]"
+    if name.startswith(("asyncpg.", "sqlalchemy.dialects.")) or isinstance(error, ValidationError):
+        return f"{name}{state or ': (message withheld: it may quote the data)'}"
+    return "".join(traceback.format_exception_only(error)).rstrip()
+
+
+def format_exception(exc_info: ExcInfo) -> str:
+    """Python's traceback text, chained exceptions included, with `_without_data` messages."""
+    error = exc_info[1]
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    link = ""
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append((error, link))
+        if error.__cause__ is not None:
+            error, link = error.__cause__, "The above exception was the direct cause of the following exception:"
+        elif error.__context__ is not None and not error.__suppress_context__:
+            error, link = error.__context__, "During handling of the above exception, another exception occurred:"
+        else:
+            error = None
+    parts = []
+    for error, link in reversed(chain):
+        frames = "".join(traceback.format_tb(error.__traceback__))
+        parts.append(f"Traceback (most recent call last):\n{frames}{_without_data(error)}")
+        if link:
+            parts.append(f"\n{link}\n")
+    return "\n".join(parts)
+
+
 class JsonFormatter(logging.Formatter):
     """A record as one JSON object: no second pass over a formatted string."""
 
@@ -101,7 +151,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_extra_fields(record))
         _context_fields(line)
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = format_exception(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(line, default=str).decode()
@@ -112,6 +162,9 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -160,6 +160,7 @@ def gateway_env(database_url: str, upstream: FakeUpstream | None, **values: str)
     """Our environment plus what a gateway process needs, like `make_settings` says it for one in process."""
     env = {
         **os.environ,
+        "ENVIRONMENT": "test",
         "DATABASE_URL": database_url,
         "ADMIN_API_KEY": ADMIN_KEY,
         "JWT_SECRET": JWT_SECRET,
