@@ -45,6 +45,10 @@ def prepare_database(settings: Settings) -> str:
 
 
 def _flush_logs_then_exit(signum: int, _frame: FrameType | None) -> None:
+    """Do what `atexit` would have done, then die of the signal as uvicorn intends."""
+    from app.db import stop_embedded_postgres
+
+    stop_embedded_postgres()
     logging.shutdown()
     signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
@@ -66,12 +70,14 @@ def serve(args: argparse.Namespace) -> None:
     # This process and every worker (uvicorn applies log_config in each) log alike: JSON lines by default.
     log_config = logging_config(settings.log_format, log_level)
     logging.config.dictConfig(log_config)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which ends the process without
+    # `atexit`: flush the buffered log lines (app/observability/logs.py) and let go of the
+    # embedded Postgres first. Installed before that server starts, so a SIGTERM during
+    # migrations stops it too.
+    signal.signal(signal.SIGTERM, _flush_logs_then_exit)
     prepare_database(settings)
     if settings.metrics_enabled:  # before any worker starts (or, with one, before prometheus_client loads)
         prepare_multiprocess_dir(settings.prometheus_multiproc_dir, args.workers)
-    # uvicorn re-raises SIGTERM after its graceful shutdown, which ends the process without
-    # `atexit`: flush the buffered log lines first (app/observability/logs.py).
-    signal.signal(signal.SIGTERM, _flush_logs_then_exit)
     mode = "SIMULATED (no OPENAI_API_KEY)" if settings.simulated else settings.openai_base_url
     log.info("gateway on http://%s:%s upstream: %s", args.host, args.port, mode)
     uvicorn.run(

@@ -9,6 +9,7 @@ session would cost more than the query itself.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,56 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     pgserver ships the server binaries in its wheel, so a fresh machine needs
     nothing but pip. The server is shared by every process of this data folder
-    and stopped when the last one exits.
+    and stopped when the last one exits (`stop_embedded_postgres`, or at exit).
     """
     import pgserver  # imported here: only needed when no DATABASE_URL is set
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir.resolve() / "pg"), cleanup_mode="stop")
+    pgdata = data_dir.resolve() / "pg"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(pgdata)
+    server = pgserver.get_server(str(pgdata), cleanup_mode="stop")
     log.info("embedded postgres running in %s", data_dir)
     return str(server.get_uri())
+
+
+def stop_embedded_postgres() -> None:
+    """Give up this process's handles now; a server nobody else holds stops.
+
+    For exits that skip `atexit` (a signal re-raised with its default action); a
+    second call, or the `atexit` one after it, finds nothing left to do.
+    """
+    from pgserver.postgres_server import PostgresServer
+
+    for server in list(PostgresServer._instances.values()):
+        server.cleanup()  # with cleanup_mode "stop": stops the server if this was its last handle
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the pids of processes that died without letting go (SIGKILL, OOM) from pgserver's handle list.
+
+    pgserver stops the server when the last process in that list exits; a dead pid left
+    in it would keep every later run from stopping the server.
+    """
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    handles = DiskList(pgdata / ".handle_pids.json")
+    with PostgresServer._lock:
+        pids = handles.get()
+        alive = [pid for pid in pids if _running(pid)]
+        if alive != pids:
+            log.info("embedded postgres: forgot handles of exited processes %s", sorted(set(pids) - set(alive)))
+            handles.put(alive)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def sqlalchemy_url(url: str) -> str:

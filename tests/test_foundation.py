@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +17,8 @@ from app.cli import render_openapi
 from support import internals
 from support.auth import ADMIN_KEY, JWT_SECRET, bearer, make_jwt
 from support.errors import assert_error
-from support.gateway import Gateway, GatewayFactory, app_command
+from support.gateway import Gateway, GatewayFactory, app_command, gateway_env, gateway_process
+from support.processes import kill_process_async
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,3 +288,50 @@ async def test_cors_for_configured_origins(gateway_with: GatewayFactory) -> None
         assert "x-request-id" in exposed and "x-ratelimit-remaining-requests" in exposed
         other = await gw.client.get("/healthz", headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        # Refused before any route runs, and still readable by the browser that sent it.
+        key, _ = await gw.key("free")
+        huge = await gw.client.post(
+            "/v1/chat/completions",
+            content=b"x" * 2_000_000,
+            headers={**bearer(key), "content-type": "application/json", "origin": "https://app.example"},
+        )
+        assert_error(huge, 413, code="payload_too_large")
+        assert huge.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def _postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_serve_stops_the_embedded_postgres_even_after_a_killed_run(tmp_path: Path) -> None:
+    """No DATABASE_URL: `serve` starts Postgres in DATA_DIR; a SIGKILLed run leaves it running with a
+    stale handle, and the next run, stopped with SIGTERM, still stops it."""
+    env = {name: value for name, value in gateway_env("", None).items() if name != "DATABASE_URL"}
+    env |= {"DATA_DIR": str(tmp_path), "ENVIRONMENT": "development"}
+    pgdata = tmp_path / "pg"
+    server = 0
+    try:
+        async with gateway_process(env, tmp_path / "killed.log") as killed:
+            server = _postmaster_pid(pgdata)
+            await kill_process_async(killed.proc)
+        assert _running(server), "nothing stopped the server of a killed run"
+        async with gateway_process(env, tmp_path / "next.log") as following:
+            assert _postmaster_pid(pgdata) == server  # joined, not started twice
+            assert (await following.client.get("/readyz")).status_code == 200
+        for _ in range(200):
+            if not _running(server):
+                break
+            await asyncio.sleep(0.05)
+        assert not _running(server), "the embedded Postgres outlived the gateway"
+        assert not (pgdata / "postmaster.pid").exists()
+    finally:
+        if server and _running(server):
+            os.kill(server, signal.SIGQUIT)  # immediate shutdown: never leave a server behind
