@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import routing
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import app_runtime
@@ -188,7 +189,7 @@ class RequestContextMiddleware:
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
 
-    def _too_large(self, request_id: str):  # type: ignore[no-untyped-def]
+    def _too_large(self, request_id: str) -> Response:
         response = error_response(self._error(), request_id)
         response.headers["connection"] = "close"
         return response

@@ -136,9 +136,7 @@ class BatchRunner:
     async def _attempt(self, item: ClaimedItem) -> None:
         principal = await self._principal(item)
         if principal is None:
-            await self._end(
-                item, "failed", error_code=ErrorCode.API_KEY_REVOKED, error_message="The batch's API key was revoked."
-            )
+            await self._fail(item, ErrorCode.API_KEY_REVOKED, "The batch's API key was revoked.")
             return
         try:
             options = resolve_options(self.catalog, principal.tier, {**item.options, "model": item.model})
@@ -212,11 +210,19 @@ class BatchRunner:
                     error_message=message,
                 )
             return
-        await self._end(item, "failed", error_code=code, error_message=message, failed_attempt=True)
+        await self._fail(item, code, message, failed_attempt=True)
 
-    async def _end(self, item: ClaimedItem, status: str, **values: object) -> None:
+    async def _fail(self, item: ClaimedItem, code: str, message: str, *, failed_attempt: bool = False) -> None:
         async with self.sessionmaker() as session, session.begin():
-            await repository.end_item(session, item.id, self.owner, status=status, **values)  # type: ignore[arg-type]
+            await repository.end_item(
+                session,
+                item.id,
+                self.owner,
+                status="failed",
+                error_code=code,
+                error_message=message,
+                failed_attempt=failed_attempt,
+            )
             await repository.finish_batch_if_done(session, item.batch_id)
 
     async def _hand_back(self, item: ClaimedItem) -> None:
