@@ -25,7 +25,6 @@ from aiohttp import web
 from sqlalchemy import event
 
 from app.config import PACKAGE_DIR
-from app.registry import load_catalog
 from app.threads.profiles import load_profiles
 from app.threads.retention import RETENTION_LOCK, prune_idle_threads
 from support import internals
@@ -223,8 +222,7 @@ def gpt5_mini_cost(prompt: int, completion: int, cached: int = 0) -> float:
 
 
 def test_shipped_profiles_load_beside_voice_presets() -> None:
-    catalog = load_catalog(PACKAGE_DIR / "catalog.toml")
-    profiles = load_profiles(PACKAGE_DIR / "assistants.toml", catalog)
+    profiles = load_profiles(PACKAGE_DIR / "assistants.toml")
     assert {"teacher", "coach"} <= set(profiles.profiles)
     assert set(profiles.profiles["teacher"].shortcuts) == {"/ptm", "/lesson", "/progress"}
     assert profiles.for_chat_type("pillar_health").name == "coach_health"
@@ -235,7 +233,6 @@ def test_shipped_profiles_load_beside_voice_presets() -> None:
     ("table", "named"),
     [
         ('[profile.a]\ninstructions = "x"\ntemperature = 5', "profile.a.temperature"),
-        ('[profile.a]\ninstructions = "x"\nmodel = "default-image"', "not a chat model"),
         ('[profile.a]\ninstructions = "Hi {{nope}}"', "{{nope}}"),
         ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"/x" = "{{context}}"', "{{context}}"),
         ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"ptm" = "y"', "'ptm'"),
@@ -254,14 +251,14 @@ def test_a_bad_profiles_file_stops_start_up_naming_the_problem(tmp_path: Path, t
     path = tmp_path / "assistants.toml"
     path.write_text(table)
     with pytest.raises(SystemExit) as stopped:
-        load_profiles(path, load_catalog(PACKAGE_DIR / "catalog.toml"))
+        load_profiles(path)
     message = str(stopped.value)
     assert message.startswith(f"invalid ASSISTANTS_FILE {path}")
     assert named in message, message
 
 
 def test_only_the_profile_table_is_read(assistants_file: Path) -> None:
-    profiles = load_profiles(assistants_file, load_catalog(PACKAGE_DIR / "catalog.toml"))
+    profiles = load_profiles(assistants_file)
     assert set(profiles.profiles) == {"tutor", "coach", "coach_health", "budget", "slow_context", "rescue", "premium"}
     assert profiles.max_history == 50
 
