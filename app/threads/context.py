@@ -6,8 +6,11 @@ set) and must answer a JSON object. Answers are cached per user and profile in P
 for the profile's TTL. A slow or failing URL never fails a turn: after its timeout the
 turn goes on with the last cached answer, however old, or with none.
 
-With CONTEXT_ALLOWED_HOSTS set, a URL on another host is never called (start-up refuses
-such a profile: app/configcheck.py).
+Redirects are not followed (a 3xx is a failed fetch): the bearer token and the user id go
+to the configured URL only, never to wherever it points. With CONTEXT_ALLOWED_HOSTS set, a
+URL on another host is never called (start-up refuses such a profile: app/configcheck.py).
+The user id and profile are query parameters that aiohttp encodes, so `&`, `=`, spaces or
+any other character in a user id arrive as one intact value.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class ContextSource:
                 profile.context_url,
                 params={"user_id": user_id, "profile": profile.name},
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as response:
                 if response.status != 200:
                     raise ValueError(f"status {response.status}")
