@@ -59,6 +59,7 @@ def serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from app.configcheck import ConfigurationError, load_configuration
     from app.observability.logs import logging_config
     from app.observability.multiprocess import prepare_multiprocess_dir
 
@@ -66,6 +67,10 @@ def serve(args: argparse.Namespace) -> None:
     problems = settings.production_problems()
     if problems:
         sys.exit(str(ProductionSettingsError(problems)))
+    try:  # here too, not only in each worker's start-up: one clear message and exit 1, not a traceback
+        load_configuration(settings)
+    except ConfigurationError as error:
+        sys.exit(str(error))
     log_level = (args.log_level or settings.log_level).lower()
     # This process and every worker (uvicorn applies log_config in each) log alike: JSON lines by default.
     log_config = logging_config(settings.log_format, log_level)

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     thread_context_ttl: float = Field(300.0, ge=0)
     thread_context_timeout: float = Field(2.0, gt=0, le=30)
     thread_context_token: str | None = None
+    # Hosts (comma-separated names) profiles' context URLs may name; empty: any. A profile naming
+    # another host stops start-up, and is never fetched.
+    context_allowed_hosts: Annotated[list[str], NoDecode] = []
     thread_retention_days: int = Field(30, ge=1)
     thread_retention_interval: float = Field(3600.0, gt=0)
 
@@ -177,6 +180,15 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("context_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts_as_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            return [str(host).strip().lower().rstrip(".") for host in value if str(host).strip()]
         return value
 
     @field_validator("byok_encryption_keys")

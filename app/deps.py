@@ -77,9 +77,15 @@ def client_address(request: Request) -> str:
 
 
 async def principal_for(request: Request, token: str) -> Principal:
-    """The caller behind a token; noted in the request's state for logs and refusal records."""
-    principal = await runtime_of(request).auth.principal(token, client_address(request))
+    """The caller behind a token; noted in the request's state for logs and refusal records.
+
+    A caller whose tier the catalog does not know (a typo in JWT_DEFAULT_TIER, a tier
+    renamed under stored keys) is refused here, for every route, with 403 `unknown_tier`.
+    """
+    runtime = runtime_of(request)
+    principal = await runtime.auth.principal(token, client_address(request))
     request.state.principal = principal
+    runtime.catalog.tier(principal.tier)
     return principal
 
 

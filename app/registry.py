@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.errors import ErrorCode, InvalidRequest
+from app.errors import ErrorCode, InvalidRequest, PermissionDenied
 
 ModelKind = Literal["chat", "image", "realtime"]
 
@@ -65,6 +65,15 @@ class TierSpec(BaseModel):
     max_prompt_chars: int | None = Field(None, ge=1)
 
 
+class UnknownTier(PermissionDenied):
+    """A caller placed in a tier the catalog does not have (renamed or removed): refused, not guessed at."""
+
+    code = ErrorCode.UNKNOWN_TIER
+
+    def __init__(self, tier: str) -> None:
+        super().__init__(f"Your account is in tier '{tier}', which this gateway does not know; ask the operator.")
+
+
 class Catalog(BaseModel):
     """Every model and tier the operator configured."""
 
@@ -105,10 +114,17 @@ class Catalog(BaseModel):
         return allowed
 
     def tier(self, name: str) -> TierSpec:
-        return self.tiers.get(name) or self.tiers[next(iter(self.tiers))]
+        """The tier of that name; a name the catalog does not know is refused, never read as another tier."""
+        spec = self.tiers.get(name)
+        if spec is None:
+            raise UnknownTier(name)
+        return spec
 
     def may_use(self, tier: str, spec: ModelSpec) -> bool:
-        allowed = self.allowed_ids.get(tier)
+        """Whether `tier` may call `spec`; an unknown tier may call nothing."""
+        if tier not in self.tiers:
+            return False
+        allowed = self.allowed_ids[tier]
         return allowed is None or spec.id in allowed
 
     def models_for(self, tier: str) -> list[ModelSpec]:

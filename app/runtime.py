@@ -25,6 +25,7 @@ from app.byok.vault import KeyVault
 from app.calls import Calls, FallbackPolicy
 from app.chat.service import ChatService
 from app.config import Settings, check_production
+from app.configcheck import load_configuration
 from app.db import Database, Waits, start_embedded_postgres
 from app.events import EventHub
 from app.images.batches import BatchEvents, BatchService
@@ -42,12 +43,10 @@ from app.keyring import shared_secret
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
-from app.realtime.presets import load_voice_presets
 from app.realtime.service import RealtimeService
-from app.registry import Catalog, load_catalog
+from app.registry import Catalog
 from app.sse import Stopping
 from app.threads.context import ContextSource
-from app.threads.profiles import load_profiles
 from app.threads.replies import ReplyStore
 from app.threads.retention import prune_idle_threads
 from app.threads.service import ThreadService
@@ -101,10 +100,10 @@ class Runtime:
 
     @classmethod
     async def _build(cls, settings: Settings, stack: contextlib.AsyncExitStack) -> Runtime:
-        # Configuration: a bad catalog or assistants file stops start-up before anything opens.
-        catalog = load_catalog(settings.catalog_file)
-        profiles = load_profiles(settings.assistants_file, catalog)
-        presets = load_voice_presets(settings.assistants_file, catalog)
+        # Configuration: a bad catalog or assistants file, or one naming what does not exist or is
+        # not allowed (app/configcheck.py), stops start-up before anything opens.
+        configuration = load_configuration(settings)
+        catalog, profiles, presets = configuration.catalog, configuration.profiles, configuration.presets
         url = settings.database_url or start_embedded_postgres(settings.data_dir)
         events = EventHub()
         stopping = Stopping()

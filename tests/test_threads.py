@@ -25,14 +25,14 @@ from aiohttp import web
 from sqlalchemy import event
 
 from app.config import PACKAGE_DIR
-from app.registry import load_catalog
+from app.threads.context import ContextSource
 from app.threads.profiles import load_profiles
 from app.threads.retention import RETENTION_LOCK, prune_idle_threads
 from support import internals
 from support.auth import bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
-from support.gateway import Gateway, GatewayFactory, app_command
+from support.gateway import Gateway, GatewayFactory, app_command, make_settings
 from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows, wait_for
 
@@ -47,6 +47,7 @@ class ContextServer:
         self.calls: list[dict[str, Any]] = []
         self.status = 200
         self.contexts: dict[str, dict[str, Any]] = {}
+        self.redirect_to = ""
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -54,6 +55,7 @@ class ContextServer:
         app = web.Application()
         app.router.add_get("/context", self._context)
         app.router.add_get("/slow", self._slow)
+        app.router.add_get("/redirect", self._redirect)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -68,6 +70,7 @@ class ContextServer:
         self.calls.clear()
         self.contexts.clear()
         self.status = 200
+        self.redirect_to = ""
 
     def _record(self, request: web.Request) -> str:
         self.calls.append(
@@ -80,6 +83,10 @@ class ContextServer:
         if self.status != 200:
             return web.json_response({"error": "down"}, status=self.status)
         return web.json_response(self.contexts.get(user, {"mood": "curious", "streak": 3}))
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(status=302, headers={"Location": self.redirect_to})
 
     async def _slow(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -129,6 +136,10 @@ instructions = "Slow."
 context_url = "{base}/slow"
 context_timeout_seconds = 0.2
 
+[profile.redirected]
+instructions = "Redirected."
+context_url = "{base}/redirect"
+
 [profile.rescue]
 instructions = "Rescue."
 fallback = "simulated"
@@ -136,6 +147,7 @@ fallback = "simulated"
 [profile.premium]
 model = "smart-chat"
 instructions = "Premium."
+tiers = ["pro"]
 """
 
 
@@ -223,8 +235,7 @@ def gpt5_mini_cost(prompt: int, completion: int, cached: int = 0) -> float:
 
 
 def test_shipped_profiles_load_beside_voice_presets() -> None:
-    catalog = load_catalog(PACKAGE_DIR / "catalog.toml")
-    profiles = load_profiles(PACKAGE_DIR / "assistants.toml", catalog)
+    profiles = load_profiles(PACKAGE_DIR / "assistants.toml")
     assert {"teacher", "coach"} <= set(profiles.profiles)
     assert set(profiles.profiles["teacher"].shortcuts) == {"/ptm", "/lesson", "/progress"}
     assert profiles.for_chat_type("pillar_health").name == "coach_health"
@@ -235,7 +246,6 @@ def test_shipped_profiles_load_beside_voice_presets() -> None:
     ("table", "named"),
     [
         ('[profile.a]\ninstructions = "x"\ntemperature = 5', "profile.a.temperature"),
-        ('[profile.a]\ninstructions = "x"\nmodel = "default-image"', "not a chat model"),
         ('[profile.a]\ninstructions = "Hi {{nope}}"', "{{nope}}"),
         ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"/x" = "{{context}}"', "{{context}}"),
         ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"ptm" = "y"', "'ptm'"),
@@ -254,15 +264,24 @@ def test_a_bad_profiles_file_stops_start_up_naming_the_problem(tmp_path: Path, t
     path = tmp_path / "assistants.toml"
     path.write_text(table)
     with pytest.raises(SystemExit) as stopped:
-        load_profiles(path, load_catalog(PACKAGE_DIR / "catalog.toml"))
+        load_profiles(path)
     message = str(stopped.value)
     assert message.startswith(f"invalid ASSISTANTS_FILE {path}")
     assert named in message, message
 
 
 def test_only_the_profile_table_is_read(assistants_file: Path) -> None:
-    profiles = load_profiles(assistants_file, load_catalog(PACKAGE_DIR / "catalog.toml"))
-    assert set(profiles.profiles) == {"tutor", "coach", "coach_health", "budget", "slow_context", "rescue", "premium"}
+    profiles = load_profiles(assistants_file)
+    assert set(profiles.profiles) == {
+        "tutor",
+        "coach",
+        "coach_health",
+        "budget",
+        "slow_context",
+        "redirected",
+        "rescue",
+        "premium",
+    }
     assert profiles.max_history == 50
 
 
@@ -303,7 +322,6 @@ async def test_a_chat_type_names_the_profile(gw: Gateway) -> None:
         ({}, "profile", None),
         ({"chat_type": "astrology"}, "chat_type", "unknown_chat_type"),
         ({"profile": "tutor", "chat_type": "general"}, "chat_type", None),
-        ({"profile": "premium"}, "profile", "model_not_found"),  # smart-chat is not in the free tier
         ({"profile": "tutor", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
         ({"profile": "tutor", "title": "x" * 201}, "title", None),
         ({"profile": "tutor", "colour": "red"}, "colour", None),
@@ -926,6 +944,60 @@ async def test_a_slow_context_url_never_fails_the_turn(
         {"role": "system", "content": "Context about the user, from the app:\nfrom: app"},
     ]
     assert await db.fetchval("SELECT count(*) FROM user_context_cache WHERE user_id = $1", user_id) == 0
+
+
+async def test_a_redirecting_context_url_is_not_followed(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
+) -> None:
+    elsewhere = ContextServer()  # another server, whose answer must never become the user's context
+    await elsewhere.start()
+    try:
+        user_id, headers = await user(gw)
+        elsewhere.contexts[user_id] = {"leaked": "from elsewhere"}
+        context_server.redirect_to = f"http://127.0.0.1:{elsewhere.port}/context"
+        thread_id = (await new_thread(gw, headers, profile="redirected"))["id"]
+        answer = await say(gw, headers, thread_id, "hi")
+        assert answer.status_code == 200, answer.text  # a failed fetch: the turn goes on without context
+        assert [call["path"] for call in context_server.calls] == ["/redirect"]
+        assert elsewhere.calls == []
+        assert upstream.requests[-1].json["messages"] == [
+            {"role": "system", "content": "Redirected."},
+            {"role": "user", "content": "hi"},
+        ]
+        assert await db.fetchval("SELECT count(*) FROM user_context_cache WHERE user_id = $1", user_id) == 0
+    finally:
+        await elsewhere.stop()
+
+
+async def test_the_user_id_reaches_the_context_url_intact(gw: Gateway, context_server: ContextServer) -> None:
+    user_id = "ana&x=1 =é+ü/?#%20"
+    key, _ = await gw.key("pro", user=user_id)
+    thread_id = (await new_thread(gw, bearer(key), profile="coach"))["id"]
+    assert (await say(gw, bearer(key), thread_id, "hi")).status_code == 200
+    assert [call["query"] for call in context_server.calls] == [{"user_id": user_id, "profile": "coach"}]
+
+
+async def test_allowed_context_hosts(
+    gateway_with: GatewayFactory, assistants_file: Path, upstream: FakeUpstream, context_server: ContextServer
+) -> None:
+    context_server.reset()
+    async with gateway_with(assistants_file=assistants_file, context_allowed_hosts="localhost, 127.0.0.1") as allowed:
+        user_id, headers = await user(allowed)
+        thread_id = (await new_thread(allowed, headers, profile="coach"))["id"]
+        assert (await say(allowed, headers, thread_id, "hi")).status_code == 200
+        assert [call["query"]["user_id"] for call in context_server.calls] == [user_id]
+
+    # A host outside the list is refused at start-up (tests/test_config_checks.py); were such a
+    # profile ever loaded, the fetch itself still refuses to call it.
+    settings = make_settings("postgresql://127.0.0.1:9/unused", None, context_allowed_hosts="app.example.com")
+    source = ContextSource(settings, writes=None)  # type: ignore[arg-type]
+    await source.start()
+    try:
+        coach = load_profiles(assistants_file).get("coach")
+        assert await source.for_turn("someone", coach, None, None, {"sent": "by the app"}) == {"sent": "by the app"}
+    finally:
+        await source.close()
+    assert len(context_server.calls) == 1
 
 
 # --- database round trips ---------------------------------------------------------------------

@@ -17,13 +17,13 @@ async def store_openai_key(body: OpenAIKeyStore, principal: PrincipalDep, servic
     return await service.store(principal, body.api_key.get_secret_value())
 
 
-@router.get("/me/openai-key", responses=error_responses(401, 404))
+@router.get("/me/openai-key", responses=error_responses(401, 403, 404))
 async def get_openai_key(principal: PrincipalDep, session: SessionDep, service: BYOKServiceDep) -> OpenAIKeyPublic:
     """Whether you have stored an OpenAI key: its last four characters and dates (404 when none)."""
     return await service.show(session, principal)
 
 
-@router.delete("/me/openai-key", status_code=204, responses=error_responses(401, 404))
+@router.delete("/me/openai-key", status_code=204, responses=error_responses(401, 403, 404))
 async def delete_openai_key(principal: PrincipalDep, session: SessionDep, service: BYOKServiceDep) -> Response:
     """Delete your stored OpenAI key; your calls use the gateway's key again."""
     await service.delete(session, principal)

@@ -32,7 +32,7 @@ REQUEST_BODY = {
             "description": "The completion, or with `stream: true` a stream of `chat.completion.chunk` events.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **error_responses(400, 401, 413, 429, 502, 503, 504),
+        **error_responses(400, 401, 403, 413, 429, 502, 503, 504),
     },
 )
 async def create_chat_completion(request: Request) -> Response:

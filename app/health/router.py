@@ -76,7 +76,7 @@ async def readyz(runtime: RuntimeDep) -> Readiness:
     return Readiness(status="ok", database="ok", migrations=current, simulated=runtime.settings.simulated)
 
 
-@router.get("/v1/models", tags=["models"], responses=error_responses(401))
+@router.get("/v1/models", tags=["models"], responses=error_responses(401, 403))
 async def list_models(principal: PrincipalDep, catalog: CatalogDep) -> ModelList:
     """The models the caller's tier may use, with aliases and prices."""
     return ModelList(

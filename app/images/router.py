@@ -86,7 +86,7 @@ ContextDep = Annotated[CallContext, Depends(call_context)]
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
-    responses=error_responses(400, 401, 409, 413, 429, 502, 503, 504),
+    responses=error_responses(400, 401, 403, 409, 413, 429, 502, 503, 504),
 )
 async def create_image(
     body: ImageGenerateRequest, principal: PrincipalDep, service: ImageServiceDep, ctx: ContextDep
@@ -95,7 +95,7 @@ async def create_image(
     return await service.generate(principal, body, ctx)
 
 
-@router.post("/images/estimate", responses=error_responses(400, 401))
+@router.post("/images/estimate", responses=error_responses(400, 401, 403))
 async def estimate_image_cost(
     body: ImageEstimateRequest, principal: PrincipalDep, service: ImageServiceDep
 ) -> ImageEstimate:
@@ -107,7 +107,7 @@ async def estimate_image_cost(
     "/images/batches",
     status_code=202,
     response_model=ImageBatchPublic,
-    responses=error_responses(400, 401, 409, 413, 429, 502, 503),
+    responses=error_responses(400, 401, 403, 409, 413, 429, 502, 503),
 )
 async def create_image_batch(
     body: ImageBatchCreate, principal: PrincipalDep, batches: BatchServiceDep, ctx: ContextDep
@@ -116,7 +116,7 @@ async def create_image_batch(
     return await batches.create(principal, body, ctx)
 
 
-@router.get("/images/batches/{batch_id}", responses=error_responses(401, 404))
+@router.get("/images/batches/{batch_id}", responses=error_responses(401, 403, 404))
 async def get_image_batch(
     batch: ValidBatch, batches: BatchServiceDep, session: SessionDep, links: LinksDep
 ) -> ImageBatchPublic:
@@ -124,7 +124,7 @@ async def get_image_batch(
     return await batches.public(session, batch, links)
 
 
-@router.post("/images/batches/{batch_id}/cancel", responses=error_responses(401, 404))
+@router.post("/images/batches/{batch_id}/cancel", responses=error_responses(401, 403, 404))
 async def cancel_image_batch(
     batch: ValidBatch, batches: BatchServiceDep, session: SessionDep, links: LinksDep
 ) -> ImageBatchPublic:
@@ -135,14 +135,14 @@ async def cancel_image_batch(
 @router.get(
     "/images/batches/{batch_id}/events",
     response_class=Response,
-    responses={200: EVENT_STREAM, **error_responses(401, 404)},
+    responses={200: EVENT_STREAM, **error_responses(401, 403, 404)},
 )
 async def stream_image_batch_events(batch: ValidBatch, batches: BatchServiceDep, links: LinksDep) -> Response:
     """Server-sent events, one per finished item, ending with the batch."""
     return batches.stream(batch, links)
 
 
-@router.get("/images", responses=error_responses(400, 401))
+@router.get("/images", responses=error_responses(400, 401, 403))
 async def list_images(
     principal: PrincipalDep,
     history: ImageHistoryDep,
@@ -156,7 +156,7 @@ async def list_images(
     return await history.list(session, principal, links, limit, after, batch_id)
 
 
-@router.get("/images/{image_id}", responses=error_responses(401, 404))
+@router.get("/images/{image_id}", responses=error_responses(401, 403, 404))
 async def get_image(image: ValidImage, links: LinksDep) -> ImagePublic:
     """One of your images, with a fresh signed URL."""
     return public(image, links)
@@ -181,7 +181,7 @@ async def get_image_content(
 @router.post(
     "/images/{image_id}/regenerate",
     response_model=ImagesResponse,
-    responses=error_responses(400, 401, 404, 409, 429, 502, 503, 504),
+    responses=error_responses(400, 401, 403, 404, 409, 429, 502, 503, 504),
 )
 async def regenerate_image(
     image_id: uuid.UUID,
@@ -194,7 +194,7 @@ async def regenerate_image(
     return await service.regenerate(principal, image_id, body or ImageRegenerateRequest(), ctx)
 
 
-@router.delete("/images/{image_id}", responses=error_responses(401, 404, 503))
+@router.delete("/images/{image_id}", responses=error_responses(401, 403, 404, 503))
 async def delete_image(image: ValidImage, history: ImageHistoryDep, session: SessionDep) -> ImageDeleted:
     """Delete one of your images and its stored bytes."""
     return await history.delete(session, image)

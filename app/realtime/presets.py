@@ -1,8 +1,8 @@
 """Voice presets: what a client may ask for when it wants a realtime secret.
 
 They live in the assistants file beside the assistant profiles, as `[voice_preset.NAME]`
-tables, and are validated at start-up: a client picks a preset by role and language and
-may only choose what the preset leaves open.
+tables, and are validated at start-up (their models and tiers by app/configcheck.py): a
+client picks a preset by role and language and may only choose what the preset leaves open.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from app.registry import Catalog
 
 # OpenAI's realtime voices as of late 2026.
 Voice = Literal["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
@@ -34,6 +32,8 @@ class VoicePreset(BaseModel):
     min_ttl_seconds: int = Field(60, ge=MIN_TTL, le=MAX_TTL)
     max_ttl_seconds: int = Field(1800, ge=MIN_TTL, le=MAX_TTL)
     allow_instructions_append: bool = False
+    # The tiers whose users may use this preset; None: every tier. Each must be allowed the model.
+    tiers: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> VoicePreset:
@@ -47,6 +47,9 @@ class VoicePreset(BaseModel):
     def voices(self) -> list[str]:
         return list(self.allowed_voices or [self.voice])
 
+    def allows(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
+
 
 class VoicePresets(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -57,15 +60,10 @@ class VoicePresets(BaseModel):
         return next((preset for preset in self.presets.values() if preset.role == role), None)
 
 
-def load_voice_presets(path: Path, catalog: Catalog) -> VoicePresets:
-    """Parse the `[voice_preset.*]` tables; a bad file or an unknown model stops start-up."""
+def load_voice_presets(path: Path) -> VoicePresets:
+    """Parse the `[voice_preset.*]` tables; a bad file stops start-up (models and tiers: app/configcheck.py)."""
     try:
         with path.open("rb") as handle:
-            presets = VoicePresets.model_validate(tomllib.load(handle))
+            return VoicePresets.model_validate(tomllib.load(handle))
     except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
         raise SystemExit(f"invalid ASSISTANTS_FILE {path}: {error}") from error
-    for name, preset in presets.presets.items():
-        spec = catalog.by_name.get(preset.model)
-        if spec is None or spec.kind != "realtime":
-            raise SystemExit(f"invalid ASSISTANTS_FILE {path}: voice_preset.{name} names no realtime model")
-    return presets

@@ -15,7 +15,7 @@ router = APIRouter(tags=["realtime"])
 @router.post(
     "/realtime/client_secrets",
     response_model=ClientSecret,
-    responses=error_responses(400, 401, 429, 502, 504),
+    responses=error_responses(400, 401, 403, 429, 502, 504),
 )
 async def create_client_secret(
     body: ClientSecretCreate, principal: PrincipalDep, service: RealtimeServiceDep, request: Request

@@ -6,7 +6,7 @@ from typing import Any
 
 from app.auth.principal import Principal
 from app.calls import Calls
-from app.errors import InvalidRequest
+from app.errors import ErrorCode, InvalidRequest, PermissionDenied
 from app.ratelimit.limiter import Limiter
 from app.realtime.presets import VoicePreset, VoicePresets
 from app.realtime.schemas import ClientSecretCreate, SessionAudio, SessionChoices
@@ -35,6 +35,12 @@ class RealtimeService:
         if instructions is None:
             languages = ", ".join(sorted(preset.instructions))
             raise InvalidRequest(f"Role '{body.role}' has no '{body.language}'; known: {languages}.", param="language")
+        if not preset.allows(principal.tier):
+            raise PermissionDenied(
+                f"Role '{body.role}' is not available on your tier '{principal.tier}'.",
+                param="role",
+                code=ErrorCode.PRESET_NOT_ALLOWED,
+            )
         spec = self.catalog.resolve(preset.model, principal.tier, "realtime")
         ttl = body.expires_after.seconds if body.expires_after else preset.ttl_seconds
         if not preset.min_ttl_seconds <= ttl <= preset.max_ttl_seconds:

@@ -5,12 +5,19 @@ A profile may name a URL that the app backend serves; it is called with the user
 set) and must answer a JSON object. Answers are cached per user and profile in Postgres
 for the profile's TTL. A slow or failing URL never fails a turn: after its timeout the
 turn goes on with the last cached answer, however old, or with none.
+
+Redirects are not followed (a 3xx is a failed fetch): the bearer token and the user id go
+to the configured URL only, never to wherever it points. With CONTEXT_ALLOWED_HOSTS set, a
+URL on another host is never called (start-up refuses such a profile: app/configcheck.py).
+The user id and profile are query parameters that aiohttp encodes, so `&`, `=`, spaces or
+any other character in a user id arrive as one intact value.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -42,6 +49,14 @@ def check_sent_context(context: dict[str, Any] | None, max_bytes: int) -> dict[s
             code=ErrorCode.CONTEXT_TOO_LARGE,
         )
     return context
+
+
+def host_allowed(url: str, allowed_hosts: list[str]) -> bool:
+    """Whether `url`'s host is one of `allowed_hosts` (lower case); an empty list allows any."""
+    if not allowed_hosts:
+        return True
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    return host in allowed_hosts
 
 
 class ContextSource:
@@ -89,11 +104,15 @@ class ContextSource:
         assert self.http is not None and profile.context_url is not None
         timeout = profile.context_timeout_seconds or self.settings.thread_context_timeout
         limit = self.settings.thread_context_max_bytes
+        if not host_allowed(profile.context_url, self.settings.context_allowed_hosts):
+            log.warning("context URL of profile %s is outside CONTEXT_ALLOWED_HOSTS: not called", profile.name)
+            return None
         try:
             async with self.http.get(
                 profile.context_url,
                 params={"user_id": user_id, "profile": profile.name},
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as response:
                 if response.status != 200:
                     raise ValueError(f"status {response.status}")

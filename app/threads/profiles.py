@@ -13,10 +13,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ErrorCode, InvalidRequest
-from app.registry import Catalog
 
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 PLACEHOLDER_NAME = re.compile(r"^(user_id|profile|chat_type|goal_id|date|args|context(\.[A-Za-z0-9_-]+)*)$")
@@ -68,6 +67,8 @@ class Profile(BaseModel):
     context_url: str | None = None
     context_ttl_seconds: float | None = Field(None, ge=0)
     context_timeout_seconds: float | None = Field(None, gt=0, le=30)
+    # The tiers whose users may use this profile; None: every tier. Each must be allowed the model.
+    tiers: list[str] | None = Field(None, min_length=1)
 
     @field_validator("instructions")
     @classmethod
@@ -92,15 +93,8 @@ class Profile(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value
 
-    @field_validator("model")
-    @classmethod
-    def _model_is_a_chat_model(cls, value: str, info: ValidationInfo) -> str:
-        catalog: Catalog | None = (info.context or {}).get("catalog")
-        if catalog is not None:
-            spec = catalog.by_name.get(value)
-            if spec is None or spec.kind != "chat":
-                raise ValueError(f"{value!r} is not a chat model of the catalog")
-        return value
+    def allows(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
 
     @property
     def uses_context_inline(self) -> bool:
@@ -187,11 +181,13 @@ class Profiles(BaseModel):
         return result
 
 
-def load_profiles(path: Path, catalog: Catalog) -> Profiles:
-    """Parse and validate the `[profile.*]` tables; a broken file stops start-up with the reason."""
+def load_profiles(path: Path) -> Profiles:
+    """Parse and validate the `[profile.*]` tables; a broken file stops start-up with the reason.
+
+    What the profiles name elsewhere (models, tiers, context hosts) is checked by app/configcheck.py."""
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
-        return Profiles.model_validate({"profile": data.get("profile", {})}, context={"catalog": catalog})
+        return Profiles.model_validate({"profile": data.get("profile", {})})
     except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
         raise SystemExit(f"invalid ASSISTANTS_FILE {path}: {error}") from error

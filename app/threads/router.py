@@ -25,7 +25,7 @@ from app.threads.schemas import (
 )
 from app.validation import ProfileName
 
-router = APIRouter(tags=["threads"], responses=error_responses(401))
+router = APIRouter(tags=["threads"], responses=error_responses(401, 403))
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1 to 100.")]
 Cursor = Annotated[

@@ -26,7 +26,15 @@ from starlette.responses import Response
 from app.auth.principal import Principal
 from app.calls import Calls, Spent
 from app.config import Settings
-from app.errors import Conflict, ErrorCode, InvalidRequest, ThreadNotFound, UpstreamError, UpstreamTimeout
+from app.errors import (
+    Conflict,
+    ErrorCode,
+    InvalidRequest,
+    PermissionDenied,
+    ThreadNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from app.instances import Instance
 from app.models import ThreadMessage
 from app.ratelimit.buckets import Decision
@@ -80,6 +88,13 @@ class TurnRunner:
         self.stale_after = settings.thread_turn_timeout + LOCK_MARGIN_SECONDS
 
     def resolve_model(self, principal: Principal, profile: Profile) -> ModelSpec:
+        """The model `profile` answers with; 403 when the caller's tier may not use the profile."""
+        if not profile.allows(principal.tier):
+            raise PermissionDenied(
+                f"Profile '{profile.name}' is not available on your tier '{principal.tier}'.",
+                param="profile",
+                code=ErrorCode.PROFILE_NOT_ALLOWED,
+            )
         try:
             return self.catalog.resolve(profile.model, principal.tier, "chat")
         except InvalidRequest as error:

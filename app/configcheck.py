@@ -1,0 +1,97 @@
+"""The configuration as a whole, checked before a process serves anything.
+
+Each file is parsed by its own loader, and a file that does not parse stops start-up there.
+This module checks what the files and settings name in one another: every tier named
+exists in the catalog (an unknown tier must never be read as some other tier); each voice
+preset's and assistant profile's model exists, is of the right kind, and is allowed for
+every tier that may use the preset or profile; each context URL is on an allowed host.
+Every problem is reported at once, naming its file or variable and the item, so an
+operator fixes them all in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.config import Settings
+from app.realtime.presets import VoicePresets, load_voice_presets
+from app.registry import Catalog, ModelKind, load_catalog
+from app.threads.context import host_allowed
+from app.threads.profiles import Profiles, load_profiles
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """The catalog, the assistant profiles and the voice presets, checked against one another."""
+
+    catalog: Catalog
+    profiles: Profiles
+    presets: VoicePresets
+
+
+class ConfigurationError(RuntimeError):
+    """The configuration refers to things that do not exist or are not allowed; one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {problem}" for problem in problems)
+        super().__init__(f"refusing to start, the configuration is inconsistent:\n{lines}")
+
+
+def load_configuration(settings: Settings) -> Configuration:
+    """Load every configuration file and check them together; `ConfigurationError` lists what is wrong."""
+    configuration = Configuration(
+        catalog=load_catalog(settings.catalog_file),
+        profiles=load_profiles(settings.assistants_file),
+        presets=load_voice_presets(settings.assistants_file),
+    )
+    problems = configuration_problems(settings, configuration)
+    if problems:
+        raise ConfigurationError(problems)
+    return configuration
+
+
+def configuration_problems(settings: Settings, configuration: Configuration) -> list[str]:
+    """Why this configuration must not serve: one line per problem, empty when it may."""
+    catalog = configuration.catalog
+    problems: list[str] = []
+    if settings.jwt_default_tier not in catalog.tiers:
+        problems.append(
+            f"JWT_DEFAULT_TIER {settings.jwt_default_tier!r} is not a tier of CATALOG_FILE {settings.catalog_file}"
+            f" (tiers: {', '.join(catalog.tiers)})"
+        )
+    assistants = f"ASSISTANTS_FILE {settings.assistants_file}"
+    for name, preset in configuration.presets.presets.items():
+        where = f"{assistants}: voice_preset.{name}"
+        problems += _usable(catalog, where, preset.model, "realtime", preset.tiers)
+    for name, profile in configuration.profiles.profiles.items():
+        where = f"{assistants}: profile.{name}"
+        problems += _usable(catalog, where, profile.model, "chat", profile.tiers)
+        if profile.context_url is not None and not host_allowed(profile.context_url, settings.context_allowed_hosts):
+            problems.append(
+                f"{where}: context_url {profile.context_url} is not on a host of CONTEXT_ALLOWED_HOSTS"
+                f" ({', '.join(settings.context_allowed_hosts)})"
+            )
+    return problems
+
+
+def _usable(catalog: Catalog, where: str, model: str, kind: ModelKind, tiers: list[str] | None) -> list[str]:
+    """Problems of an item that answers with `model` for `tiers` (None: every tier)."""
+    problems = []
+    known = ", ".join(catalog.tiers)
+    unknown = [tier for tier in tiers or () if tier not in catalog.tiers]
+    if unknown:
+        problems.append(f"{where}: tiers {', '.join(map(repr, unknown))} are not tiers of the catalog ({known})")
+    spec = catalog.by_name.get(model)
+    if spec is None or spec.kind != kind:
+        what = "not in the catalog" if spec is None else f"of kind {spec.kind!r}, not {kind!r}"
+        return [*problems, f"{where}: model {model!r} is {what}"]
+    users = [tier for tier in (catalog.tiers if tiers is None else tiers) if tier in catalog.tiers]
+    denied = [tier for tier in users if not catalog.may_use(tier, spec)]
+    if denied:
+        allowed = [tier for tier in catalog.tiers if catalog.may_use(tier, spec)]
+        problems.append(
+            f"{where}: model {model!r} is not allowed for tiers {', '.join(map(repr, denied))};"
+            f" set its `tiers` to those that may use it ({', '.join(allowed) or 'none'}) or allow the model there"
+        )
+    return problems
