@@ -62,6 +62,7 @@ def serve(args: argparse.Namespace) -> None:
     from app.configcheck import ConfigurationError, load_configuration
     from app.observability.logs import logging_config
     from app.observability.multiprocess import prepare_multiprocess_dir
+    from app.server import connection_options
 
     settings = get_settings()
     problems = settings.production_problems()
@@ -92,12 +93,11 @@ def serve(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
         log_level=log_level,
         log_config=log_config,
         access_log=False,  # the middleware writes the access lines (app.access)
-        proxy_headers=True,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        **connection_options(settings),  # httptools, with our limits on each connection (app/server.py)
     )
 
 

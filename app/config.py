@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     # How long a stopping server waits for requests in flight; streams are ended with an error event at once.
     shutdown_grace_seconds: float = Field(30.0, ge=0)
 
+    # Connections (app/server.py): what one client may hold of a worker process.
+    # Headers must fit a token of 8192 characters (the longest we accept) with room for the rest.
+    max_header_bytes: int = Field(16_384, ge=10_240)
+    header_timeout_seconds: float = Field(10.0, gt=0)  # a request's first byte to the end of its headers
+    body_timeout_seconds: float = Field(30.0, gt=0)  # the end of the headers to the end of the body
+    keepalive_timeout_seconds: int = Field(5, ge=1)  # an idle connection between requests
+    max_connections: int = Field(2048, ge=1)  # per worker process; past it, 503 with retry-after
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's list: addresses, CIDRs or "*").
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+
     # Logs and metrics. `serve` logs JSON lines (LOG_FORMAT=text for a terminal) at LOG_LEVEL;
     # prompt text is logged only with LOG_PROMPTS=true. GET /metrics (Prometheus; keep it off
     # the public network, or set METRICS_TOKEN and scrape with it as bearer) sums all workers

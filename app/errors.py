@@ -46,6 +46,8 @@ class ErrorCode(StrEnum):
     INVALID_OPENAI_KEY = "invalid_openai_key"
     OPENAI_KEY_REJECTED = "openai_key_rejected"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # Who is calling.
     MISSING_API_KEY = "missing_api_key"
@@ -211,6 +213,22 @@ class PayloadTooLarge(GatewayError):
     status_code = 413
     type = "invalid_request_error"
     code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class HeadersTooLarge(GatewayError):
+    """The request line and headers passed MAX_HEADER_BYTES (answered by app/server.py, not a route)."""
+
+    status_code = 431
+    type = "invalid_request_error"
+    code = ErrorCode.HEADERS_TOO_LARGE
+
+
+class RequestTimeout(GatewayError):
+    """The headers or the body did not arrive in time (answered by app/server.py, not a route)."""
+
+    status_code = 408
+    type = "invalid_request_error"
+    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class RateLimited(GatewayError):

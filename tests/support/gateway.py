@@ -25,6 +25,7 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
+from app.server import connection_options
 from support.auth import ADMIN_KEY, JWT_SECRET
 from support.fake_upstream import FakeUpstream
 from support.processes import (
@@ -129,7 +130,9 @@ def running_gateways() -> list[Gateway]:
 async def serve(settings: Settings) -> AsyncIterator[Gateway]:
     """Run the app in uvicorn on a loopback port inside the test's event loop."""
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    # The protocol `python -m app serve` runs, with these settings' connection limits.
+    options = connection_options(settings, in_process=True)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
