@@ -98,7 +98,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # asyncio.Protocol
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn types it
         super().connection_made(transport)
         self.over_capacity = len(self.connections) > self.edge.max_connections
         self.header_deadline = self.loop.call_later(self.edge.header_timeout, self._headers_late)
