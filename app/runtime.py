@@ -27,6 +27,7 @@ from app.chat.service import ChatService
 from app.config import Settings, check_production
 from app.db import Database, Waits, start_embedded_postgres
 from app.events import EventHub
+from app.images import repository as image_repository
 from app.images.batches import BatchEvents, BatchService
 from app.images.generation import ImageGenerator
 from app.images.history import ImageHistory
@@ -39,6 +40,7 @@ from app.images.storage import ImageStorage, open_storage
 from app.instances import Instance
 from app.jobs import Jobs
 from app.keyring import shared_secret
+from app.listener import Listener
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
@@ -146,7 +148,8 @@ class Runtime:
         vault = KeyVault(settings, db.pool)
         upstream = Upstream(settings, vault.load, events)
         stack.push_async_callback(upstream.close)
-        auth = Authenticator(settings, db.pool, url, events, KeySigner(await shared_secret(db.pool, "api_key")))
+        listener = Listener(url)  # the one LISTEN connection: auth changes and batch progress
+        auth = Authenticator(settings, db.pool, listener, events, KeySigner(await shared_secret(db.pool, "api_key")))
         calls = Calls(
             limiter=limiter,
             upstream=upstream,
@@ -166,8 +169,9 @@ class Runtime:
         idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl_seconds, instance)
         history = ImageHistory(storage, signer)
         generator = ImageGenerator(settings, limiter, calls, history)
-        batch_events = BatchEvents()
+        batch_events = BatchEvents(instance.id)
         events.batches.subscribe(batch_events.notify)
+        listener.on(image_repository.BATCH_CHANNEL, batch_events.heard, resync=batch_events.notify_all)
         batch_runner = BatchRunner(settings, catalog, generator, db, events, instance)
         retention = image_retention(settings, db, storage, idempotency)
 
@@ -179,7 +183,8 @@ class Runtime:
         if metrics is not None:
             metrics.start()
             stack.push_async_callback(metrics.close)
-        await auth.start()
+        await listener.start()
+        stack.push_async_callback(listener.stop)
         stack.push_async_callback(auth.stop)
         await context.start()
         stack.push_async_callback(context.close)
