@@ -48,6 +48,7 @@ from app.realtime.presets import load_voice_presets
 from app.realtime.service import RealtimeService
 from app.registry import Catalog, load_catalog
 from app.sse import Stopping
+from app.streams import StreamSlots
 from app.threads.context import ContextSource
 from app.threads.profiles import load_profiles
 from app.threads.replies import ReplyStore
@@ -81,6 +82,7 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics | None
     calls: Calls
+    streams: StreamSlots
     chat: ChatService
     threads: ThreadService
     images: ImageService
@@ -150,11 +152,13 @@ class Runtime:
         stack.push_async_callback(upstream.close)
         listener = Listener(url)  # the one LISTEN connection: auth changes and batch progress
         auth = Authenticator(settings, db.pool, listener, events, KeySigner(await shared_secret(db.pool, "api_key")))
+        streams = StreamSlots(limiter.limit)
         calls = Calls(
             limiter=limiter,
             upstream=upstream,
             usage=usage,
             policy=FallbackPolicy(settings.simulated, settings.fallback_to_simulated),
+            streams=streams,
         )
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
@@ -230,11 +234,14 @@ class Runtime:
             auth=auth,
             metrics=metrics,
             calls=calls,
+            streams=streams,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             threads=ThreadService(profiles, turns),
             images=images,
             image_history=history,
-            batches=BatchService(settings, catalog, db, generator, idempotency, batch_events, batch_runner.wake),
+            batches=BatchService(
+                settings, catalog, db, generator, idempotency, batch_events, streams, batch_runner.wake
+            ),
             batch_runner=batch_runner,
             image_retention=retention,
             realtime=RealtimeService(catalog, presets, limiter, calls),

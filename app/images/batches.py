@@ -47,6 +47,7 @@ from app.images.signing import Links
 from app.models import ImageBatch, ImageBatchItem
 from app.registry import Catalog
 from app.sse import EventSource, server_event
+from app.streams import StreamSlots
 
 FINAL_ITEM = ("completed", "failed", "cancelled")
 
@@ -159,6 +160,7 @@ class BatchService:
         generator: ImageGenerator,
         idempotency: IdempotencyStore,
         events: BatchEvents,
+        streams: StreamSlots,
         wake_runner: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -167,6 +169,7 @@ class BatchService:
         self.generator = generator
         self.idempotency = idempotency
         self.events = events
+        self.streams = streams
         self.wake_runner = wake_runner
 
     async def create(self, principal: Principal, body: ImageBatchCreate, ctx: CallContext) -> Response:
@@ -247,9 +250,11 @@ class BatchService:
         assert refreshed is not None
         return await self.public(session, refreshed, links)
 
-    def stream(self, batch: ImageBatch, links: Links) -> Response:
-        """The caller's batch, already checked; the stream reads with its own short sessions."""
-        return EventSource(self._events(batch.id, links), heartbeat=self.settings.stream_heartbeat_seconds)
+    def stream(self, principal: Principal, batch: ImageBatch, links: Links) -> Response:
+        """The caller's batch, already checked; one of the caller's open streams (429 past their cap).
+        The stream reads with its own short sessions."""
+        slot = self.streams.admit(principal)
+        return EventSource(self._events(batch.id, links), heartbeat=self.settings.stream_heartbeat_seconds, slot=slot)
 
     async def _events(self, batch_id: uuid.UUID, links: Links) -> AsyncIterator[ServerSentEvent]:
         """Each item's end as `item.completed` / `item.failed` / `item.cancelled` (those already ended
