@@ -1,6 +1,7 @@
 """The one call pipeline every upstream call goes through: reserve -> who answers -> call -> record -> headers.
 
-1. **Reserve**: `Calls.open` takes the caller's limits for the call (one statement,
+1. **Reserve**: `Calls.open` admits a stream against the user's open-stream cap (in memory,
+   app/streams.py), then takes the caller's limits for the call (one statement,
    `Limiter.take`) before any upstream byte; a refusal is a 429 and nothing else happens.
 2. **Who answers**: `FallbackPolicy` decides, from the operator's mode, the user's
    switch and their own key, which provider answers, and whether an upstream failure may
@@ -32,6 +33,7 @@ from app.errors import ErrorCode, GatewayError, InvalidRequest, Unavailable, Ups
 from app.ratelimit.buckets import Bucket, Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import ModelSpec
+from app.streams import StreamSlot, StreamSlots
 from app.tokens import chars_to_tokens
 from app.upstream.errors import upstream_failed
 from app.upstream.hub import Answerer, Lease, Upstream
@@ -100,6 +102,7 @@ class Call:
         usage: UsageWriter,
         reserved: Spent,
         detail: dict[str, Any] | None = None,
+        slot: StreamSlot | None = None,
     ) -> None:
         self.call_id = pending.call_id
         self.created_at = pending.created_at
@@ -121,6 +124,7 @@ class Call:
         self.row: UsageRecord | None = None
         self.ended = False  # recorded, or given back
         self._usage = usage
+        self._slot = slot  # a stream's open-stream slot, until its response takes it
 
     @property
     def provider(self) -> Provider:
@@ -221,6 +225,7 @@ class Call:
             decision=self.decision,
         )
         self._release()
+        self._leave_slot()
         self._usage.record(self.row)
 
     def give_back(self) -> None:
@@ -228,6 +233,7 @@ class Call:
         if not self.ended:
             self.ended = True
             self._release()
+            self._leave_slot()
             self._usage.give_back(self.call_id, self.decision)
 
     def fail(self, error: GatewayError, *, stream: bool = False, spent: Spent | None = None) -> None:
@@ -240,6 +246,16 @@ class Call:
     def attach(self, stream: EventStream) -> None:
         """An open upstream stream this call holds until it is recorded."""
         self.stream = stream
+
+    def take_slot(self) -> StreamSlot | None:
+        """The call's open-stream slot, handed to the SSE response that releases it when the stream ends
+        (later than the call, which ends when the upstream's part is over)."""
+        slot, self._slot = self._slot, None
+        return slot
+
+    def _leave_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
     def _release(self) -> None:
         if self.stream is not None:
@@ -262,8 +278,10 @@ class Calls:
         upstream: Upstream,
         usage: UsageWriter,
         policy: FallbackPolicy,
+        streams: StreamSlots,
     ) -> None:
         self.limiter = limiter
+        self.streams = streams
         self.upstream = upstream
         self.usage = usage
         self.policy = policy
@@ -283,56 +301,67 @@ class Calls:
         stream: bool = False,
         thread_id: uuid.UUID | None = None,
         detail: dict[str, Any] | None = None,
+        slot: StreamSlot | None = None,
     ) -> Call:
-        """Reserve the call's limits and lease who answers it. Validate the request first: an opened call
-        must end with `invoke` (which records a failure), `finish`, or `give_back`. `prior` is what an
-        earlier check of the same call reserved (a turn takes its request rate before any write)."""
-        if self.usage.full:
-            raise Unavailable(
-                "The gateway is shedding load: its usage records are backed up; retry shortly.",
-                code=ErrorCode.SERVICE_UNAVAILABLE,
-                headers={"retry-after": "5"},
+        """Admit a stream, reserve the call's limits and lease who answers it. Validate the request first:
+        an opened call must end with `invoke` (which records a failure), `finish`, or `give_back`. `prior`
+        is what an earlier check of the same call reserved (a turn takes its request rate before any
+        write); `slot` is a stream's slot admitted earlier, for the same reason. Either way the call owns
+        the slot from here, and releases it when it ends unless its response took it (`take_slot`)."""
+        if stream and slot is None:
+            slot = self.streams.admit(principal)
+        try:
+            if self.usage.full:
+                raise Unavailable(
+                    "The gateway is shedding load: its usage records are backed up; retry shortly.",
+                    code=ErrorCode.SERVICE_UNAVAILABLE,
+                    headers={"retry-after": "5"},
+                )
+            reserved = reserved or Spent()
+            pending = PendingRow(
+                call_id=new_call_id(),
+                created_at=datetime.now(UTC),
+                request_id=request_id,
+                user_id=principal.user_id,
+                api_key_id=principal.api_key_id,
+                route=route,
+                model=model or (spec.id if spec is not None else route),
+                stream=stream,
+                prompt_tokens=reserved.prompt_tokens,
+                completion_tokens=reserved.completion_tokens,
+                images=reserved.images,
+                cost_usd=reserved.cost_usd,
+                thread_id=thread_id,
             )
-        reserved = reserved or Spent()
-        pending = PendingRow(
-            call_id=new_call_id(),
-            created_at=datetime.now(UTC),
-            request_id=request_id,
-            user_id=principal.user_id,
-            api_key_id=principal.api_key_id,
-            route=route,
-            model=model or (spec.id if spec is not None else route),
-            stream=stream,
-            prompt_tokens=reserved.prompt_tokens,
-            completion_tokens=reserved.completion_tokens,
-            images=reserved.images,
-            cost_usd=reserved.cost_usd,
-            thread_id=thread_id,
-        )
-        try:
-            decision = await self.limiter.take(buckets, pending)
-        except GatewayError as refusal:
-            if refusal.__cause__ is not None:  # refused for want of the database: the check may have counted
-                self.usage.give_back(pending.call_id, Decision(buckets), uncertain=True)
+            try:
+                decision = await self.limiter.take(buckets, pending)
+            except GatewayError as refusal:
+                if refusal.__cause__ is not None:  # refused for want of the database: the check may have counted
+                    self.usage.give_back(pending.call_id, Decision(buckets), uncertain=True)
+                raise
+            if prior is not None:
+                decision = prior.joined(decision)
+            try:
+                lease = await self.upstream.lease(self.policy.answerer(principal), principal.user_id)
+            except BaseException:
+                self.usage.give_back(pending.call_id, decision)
+                raise
+            return Call(
+                pending=pending,
+                principal=principal,
+                spec=spec,
+                decision=decision,
+                lease=lease,
+                may_fall_back=self.policy.may_fall_back(fallback),
+                usage=self.usage,
+                reserved=reserved,
+                detail=detail,
+                slot=slot,
+            )
+        except BaseException:  # refused, or the lease failed: the stream never opened
+            if slot is not None:
+                slot.release()
             raise
-        if prior is not None:
-            decision = prior.joined(decision)
-        try:
-            lease = await self.upstream.lease(self.policy.answerer(principal), principal.user_id)
-        except BaseException:
-            self.usage.give_back(pending.call_id, decision)
-            raise
-        return Call(
-            pending=pending,
-            principal=principal,
-            spec=spec,
-            decision=decision,
-            lease=lease,
-            may_fall_back=self.policy.may_fall_back(fallback),
-            usage=self.usage,
-            reserved=reserved,
-            detail=detail,
-        )
 
     async def invoke(self, call: Call, operation: Callable[[Provider], Awaitable[T]], *, stream: bool = False) -> T:
         """`operation(provider)`; when the upstream itself failed and the call may fall back, the same

@@ -168,7 +168,9 @@ class Settings(BaseSettings):
     image_batch_max_items: int = Field(100, ge=1, le=1000)
     image_batch_items_per_minute: float = Field(30.0, gt=0)
     image_batch_concurrency: int = Field(4, ge=1, le=64)
-    image_batch_poll_seconds: float = Field(1.0, gt=0)
+    image_batch_poll_seconds: float = Field(1.0, gt=0)  # the runner's look for due items
+    # Batch event streams are woken by NOTIFY; this re-read only covers a lost notification.
+    image_batch_events_recheck_seconds: float = Field(15.0, gt=0)
     image_batch_max_attempts: int = Field(3, ge=1, le=20)
     image_retention_days: int = Field(30, ge=0)  # 0 keeps images forever
     image_retention_interval: float = Field(3600.0, gt=0)

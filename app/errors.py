@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     BUDGET_EXCEEDED = "budget_exceeded"
     TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"
     TOO_MANY_KEY_CHECKS = "too_many_key_checks"
+    TOO_MANY_STREAMS = "too_many_streams"
     # The upstream.
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -280,7 +281,14 @@ CONNECTION_LOST = (
 )
 
 # The refusals of a caller's own limits (not the upstream's), which operators count.
-LIMIT_CODES = frozenset({ErrorCode.RATE_LIMIT_EXCEEDED, ErrorCode.DAILY_QUOTA_EXCEEDED, ErrorCode.BUDGET_EXCEEDED})
+LIMIT_CODES = frozenset(
+    {
+        ErrorCode.RATE_LIMIT_EXCEEDED,
+        ErrorCode.DAILY_QUOTA_EXCEEDED,
+        ErrorCode.BUDGET_EXCEEDED,
+        ErrorCode.TOO_MANY_STREAMS,
+    }
+)
 
 STATUS_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidRequest,

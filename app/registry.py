@@ -63,6 +63,8 @@ class TierSpec(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_messages: int | None = Field(None, ge=1)
     max_prompt_chars: int | None = Field(None, ge=1)
+    # Streams (chat, thread turns, batch events) one user may hold open at once, per process.
+    max_concurrent_streams: int | None = Field(None, ge=0)
 
 
 class UnknownTier(PermissionDenied):

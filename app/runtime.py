@@ -28,6 +28,7 @@ from app.config import Settings, check_production
 from app.configcheck import load_configuration
 from app.db import Database, Waits, start_embedded_postgres
 from app.events import EventHub
+from app.images import repository as image_repository
 from app.images.batches import BatchEvents, BatchService
 from app.images.generation import ImageGenerator
 from app.images.history import ImageHistory
@@ -40,12 +41,14 @@ from app.images.storage import ImageStorage, open_storage
 from app.instances import Instance
 from app.jobs import Jobs
 from app.keyring import shared_secret
+from app.listener import Listener
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
 from app.sse import Stopping
+from app.streams import StreamSlots
 from app.threads.context import ContextSource
 from app.threads.replies import ReplyStore
 from app.threads.retention import prune_idle_threads
@@ -78,6 +81,7 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics | None
     calls: Calls
+    streams: StreamSlots
     chat: ChatService
     threads: ThreadService
     images: ImageService
@@ -145,12 +149,15 @@ class Runtime:
         vault = KeyVault(settings, db.pool)
         upstream = Upstream(settings, vault.load, events)
         stack.push_async_callback(upstream.close)
-        auth = Authenticator(settings, db.pool, url, events, KeySigner(await shared_secret(db.pool, "api_key")))
+        listener = Listener(url)  # the one LISTEN connection: auth changes and batch progress
+        auth = Authenticator(settings, db.pool, listener, events, KeySigner(await shared_secret(db.pool, "api_key")))
+        streams = StreamSlots(limiter.limit)
         calls = Calls(
             limiter=limiter,
             upstream=upstream,
             usage=usage,
             policy=FallbackPolicy(settings.simulated, settings.fallback_to_simulated),
+            streams=streams,
         )
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
@@ -165,8 +172,9 @@ class Runtime:
         idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl_seconds, instance)
         history = ImageHistory(storage, signer)
         generator = ImageGenerator(settings, limiter, calls, history)
-        batch_events = BatchEvents()
+        batch_events = BatchEvents(instance.id)
         events.batches.subscribe(batch_events.notify)
+        listener.on(image_repository.BATCH_CHANNEL, batch_events.heard, resync=batch_events.notify_all)
         batch_runner = BatchRunner(settings, catalog, generator, db, events, instance)
         retention = image_retention(settings, db, storage, idempotency)
 
@@ -178,7 +186,8 @@ class Runtime:
         if metrics is not None:
             metrics.start()
             stack.push_async_callback(metrics.close)
-        await auth.start()
+        await listener.start()
+        stack.push_async_callback(listener.stop)
         stack.push_async_callback(auth.stop)
         await context.start()
         stack.push_async_callback(context.close)
@@ -224,11 +233,14 @@ class Runtime:
             auth=auth,
             metrics=metrics,
             calls=calls,
+            streams=streams,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             threads=ThreadService(profiles, turns),
             images=images,
             image_history=history,
-            batches=BatchService(settings, catalog, db, generator, idempotency, batch_events, batch_runner.wake),
+            batches=BatchService(
+                settings, catalog, db, generator, idempotency, batch_events, streams, batch_runner.wake
+            ),
             batch_runner=batch_runner,
             image_retention=retention,
             realtime=RealtimeService(catalog, presets, limiter, calls),

@@ -16,7 +16,8 @@ at server shutdown. The chat completions relay writes OpenAI's wire bytes throug
 Starlette's plain `StreamingResponse` (`ByteStream`): it forwards the upstream's `data:`
 payloads untouched, and the benchmark showed the hand-written path cheaper (README,
 "Design notes"). Both run an `on_close` callback once however the response ends,
-including a client gone before the first byte, so a call is always settled.
+including a client gone before the first byte, so a call is always settled; then they
+give back the stream's open-stream slot (app/streams.py), so the user may open another.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.errors import ErrorCode, GatewayError, Unavailable, UpstreamError
+from app.streams import StreamSlot
 
 T = TypeVar("T")
 
@@ -230,35 +232,48 @@ async def paced(
 OnClose = Callable[[], Awaitable[None]]
 
 
-async def _closed(body: Any, on_close: OnClose | None) -> None:
-    """Close the body generator (its `finally` runs now, not at garbage collection), then `on_close`."""
-    with anyio.CancelScope(shield=True):
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
-        if on_close is not None:
-            await on_close()
+async def _closed(body: Any, on_close: OnClose | None, slot: StreamSlot | None) -> None:
+    """Close the body generator (its `finally` runs now, not at garbage collection), then `on_close`;
+    the stream's slot is given back whatever they did."""
+    try:
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+            if on_close is not None:
+                await on_close()
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 class ByteStream(StreamingResponse):
-    """Bytes written as they come (`text/event-stream`); `on_close` runs once however it ends."""
+    """Bytes written as they come (`text/event-stream`); `on_close` runs once however it ends, then `slot`
+    is released."""
 
     def __init__(
-        self, content: AsyncIterator[bytes], *, headers: Mapping[str, str], on_close: OnClose | None = None
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        headers: Mapping[str, str],
+        on_close: OnClose | None = None,
+        slot: StreamSlot | None = None,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         self.on_close = on_close
+        self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await _closed(self.body_iterator, self.on_close)
+            await _closed(self.body_iterator, self.on_close, self.slot)
 
 
 class EventSource(EventSourceResponse):
-    """sse-starlette's response (pings every `heartbeat` seconds); `on_close` runs once however it ends."""
+    """sse-starlette's response (pings every `heartbeat` seconds); `on_close` runs once however it ends,
+    then `slot` is released."""
 
     def __init__(
         self,
@@ -267,6 +282,7 @@ class EventSource(EventSourceResponse):
         heartbeat: float,
         headers: Mapping[str, str] | None = None,
         on_close: OnClose | None = None,
+        slot: StreamSlot | None = None,
     ) -> None:
         super().__init__(
             content,
@@ -276,9 +292,10 @@ class EventSource(EventSourceResponse):
             ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
         )
         self.on_close = on_close
+        self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await _closed(self.body_iterator, self.on_close)
+            await _closed(self.body_iterator, self.on_close, self.slot)

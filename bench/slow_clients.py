@@ -8,9 +8,9 @@ HEADER_TIMEOUT_SECONDS and BODY_TIMEOUT_SECONDS set to `--timeout`. Phases, each
 
 1. quiet: nothing else;
 2. slow clients: `--headers` connections sending a partial request line and header, then one
-   byte a second, and `--bodies` connections sending complete headers promising a body that
-   arrives one byte a second (with a valid key, so it is read); afterwards, how many were answered 408, and how many were still
-   open `--timeout` + 5 s after they started;
+   byte a second, and `--bodies` connections sending complete headers (with a valid key, so
+   the body is read) promising a body that arrives one byte a second; afterwards, how many
+   were answered 408, and how many were still open `--timeout` + 5 s after they started;
 3. huge headers: `--huge` clients at once, each sending a 1.3 MB `Authorization` header in a
    loop, then one 50 MB junk header: what each was answered, and how long that took.
 

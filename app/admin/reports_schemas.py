@@ -57,7 +57,10 @@ class TopUsersReport(BaseModel):
 
 
 class RefusalCount(BaseModel):
-    code: str = Field(description="The limit that refused: rate_limit_exceeded, daily_quota_exceeded, budget_exceeded.")
+    code: str = Field(
+        description="The limit that refused: rate_limit_exceeded, daily_quota_exceeded, budget_exceeded,"
+        " too_many_streams."
+    )
     refusals: int
 
 

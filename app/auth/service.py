@@ -19,7 +19,6 @@ so a JWT can never act as a key user of the same name (app/auth/principal.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import importlib
 import logging
@@ -37,9 +36,10 @@ from app.auth.guard import FailedAuthGuard
 from app.auth.keys import KeyForm, KeySigner, hash_key, looks_like_key
 from app.auth.principal import Principal
 from app.config import Settings
-from app.db import DB_ERRORS, asyncpg_url
+from app.db import DB_ERRORS
 from app.errors import ErrorCode, PermissionDenied, RateLimited, Unauthenticated, Unavailable
 from app.events import EventHub, PrincipalChanged
+from app.listener import Listener
 from app.validation import USER_ID_MAX, text_problem
 
 log = logging.getLogger("app.auth")
@@ -96,18 +96,17 @@ class _Expiring:
 
 
 class Authenticator:
-    """Owns the principal caches, the failed-auth guard, the NOTIFY listener and the `last_used_at` buffer.
+    """Owns the principal caches, the failed-auth guard, the NOTIFY handler and the `last_used_at` buffer.
 
     Every change it hears of (a NOTIFY, or `forget` called in this process) is published as
     `PrincipalChanged`, so caches beside this one (users' upstream clients) drop it too.
     """
 
     def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, database_url: str, events: EventHub, signer: KeySigner
+        self, settings: Settings, pool: asyncpg.Pool, listener: Listener, events: EventHub, signer: KeySigner
     ) -> None:
         self.settings = settings
         self.pool = pool
-        self.database_url = database_url
         self.events = events
         self.signer = signer
         self.guard = FailedAuthGuard(settings.auth_failures_per_minute)
@@ -121,19 +120,12 @@ class Authenticator:
         self._users = _Expiring(ttl)  # user id -> Principal (JWT users)
         self._tokens = _Expiring(ttl)  # a verified JWT -> its user id, until it expires
         self._touched: dict[uuid.UUID, datetime] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="auth-listener"),
-        ]
+        # On each (re)connect, drop what may have been missed. While the connection is down, cached
+        # entries live out their TTL: clearing them then would turn a database outage into an
+        # authentication outage for callers already known.
+        listener.on(repository.AUTH_CHANNEL, self.forget, resync=lambda: self.forget("all"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await self.flush_touches()
 
     def cached(self, token: str) -> Principal | None:
@@ -275,31 +267,6 @@ class Authenticator:
             self._by_key.drop()
             self._users.drop()
         self.events.principals.publish(PrincipalChanged(what))
-
-    async def _listen(self) -> None:
-        """Hold a LISTEN connection; on each (re)connect, drop what may have been missed.
-
-        While it is down, cached entries live out their TTL: clearing them then would turn a
-        database outage into an authentication outage for callers already known.
-        """
-        while True:
-            connection: asyncpg.Connection | None = None
-            try:
-                closed = asyncio.Event()
-                connection = await asyncpg.connect(asyncpg_url(self.database_url))
-                connection.add_termination_listener(lambda _connection, done=closed: done.set())
-                await connection.add_listener(repository.AUTH_CHANNEL, lambda *args: self.forget(args[3]))
-                self.forget("all")  # anything missed while disconnected
-                await closed.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("auth listener down, retrying: %s", error)
-            finally:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-            await asyncio.sleep(1)
 
     async def flush_touches(self) -> None:
         """Write `last_used_at` for keys used since the last flush: one statement, not one per request."""

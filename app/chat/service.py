@@ -157,7 +157,9 @@ class ChatService:
             call.finish(status="cancelled", stream=True, upstream_request_id=stream.request_id)
 
         headers = {**call.headers(stream.request_id), **extra}
-        return ByteStream(self._relay(call, stream, client_wants_usage), headers=headers, on_close=gone)
+        return ByteStream(
+            self._relay(call, stream, client_wants_usage), headers=headers, on_close=gone, slot=call.take_slot()
+        )
 
     async def _relay(self, call: Call, stream: EventStream, client_wants_usage: bool) -> AsyncIterator[bytes]:
         """Forward each event as it arrives, with heartbeats while the upstream is silent."""

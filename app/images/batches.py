@@ -2,6 +2,12 @@
 
 The work itself is the runner's (app/images/runner.py); the state is in Postgres, so a
 batch survives restarts and any replica can serve its progress.
+
+Progress is pushed, not polled: whoever changes a batch's state sends NOTIFY in the same
+transaction (`repository.announce_progress`), which the process's one LISTEN connection
+(app/listener.py) turns into a wake-up of that batch's streams (`BatchEvents`). A stream
+reads the database when woken, and otherwise only every IMAGE_BATCH_EVENTS_RECHECK_SECONDS,
+in case a notification was lost; an idle stream costs no queries in between.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import contextlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -41,26 +47,52 @@ from app.images.signing import Links
 from app.models import ImageBatch, ImageBatchItem
 from app.registry import Catalog
 from app.sse import EventSource, server_event
+from app.streams import StreamSlots
 
 FINAL_ITEM = ("completed", "failed", "cancelled")
 
 
 class BatchEvents:
-    """In-process wake-ups for event streams; other replicas' progress is seen by polling."""
+    """Wake-ups for the event streams this process serves, one `asyncio.Event` per stream, by batch id.
 
-    def __init__(self) -> None:
+    Fed by this process's batch runner (the event hub, after its commit) and by NOTIFY from every
+    process (`heard`), its own excepted: the runner woke its streams already.
+    """
+
+    def __init__(self, origin: uuid.UUID) -> None:
+        self.origin = str(origin)
         self._waiters: dict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
 
     def notify(self, batch_id: uuid.UUID) -> None:
         for event in self._waiters.get(batch_id, ()):
             event.set()
 
-    async def wait(self, batch_id: uuid.UUID, seconds: float) -> None:
+    def notify_all(self) -> None:
+        """Wake every stream (the LISTEN connection came back: a notification may have been missed)."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
+    def heard(self, payload: str) -> None:
+        """A NOTIFY on `repository.BATCH_CHANNEL`."""
+        batch, _, origin = payload.partition(" ")
+        if origin != self.origin:
+            with contextlib.suppress(ValueError):
+                self.notify(uuid.UUID(batch))
+
+    @property
+    def watched(self) -> int:
+        """Streams waiting for a batch's progress in this process."""
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+    @contextlib.contextmanager
+    def watch(self, batch_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        """An event set by each change of the batch while the block runs: clear it before reading the
+        state, and a change during the read still wakes the next wait."""
         event = asyncio.Event()
         self._waiters[batch_id].add(event)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), seconds)
+            yield event
         finally:
             waiters = self._waiters[batch_id]
             waiters.discard(event)
@@ -128,6 +160,7 @@ class BatchService:
         generator: ImageGenerator,
         idempotency: IdempotencyStore,
         events: BatchEvents,
+        streams: StreamSlots,
         wake_runner: Callable[[], None],
     ) -> None:
         self.settings = settings
@@ -136,6 +169,7 @@ class BatchService:
         self.generator = generator
         self.idempotency = idempotency
         self.events = events
+        self.streams = streams
         self.wake_runner = wake_runner
 
     async def create(self, principal: Principal, body: ImageBatchCreate, ctx: CallContext) -> Response:
@@ -209,45 +243,53 @@ class BatchService:
     async def cancel(self, session: AsyncSession, batch: ImageBatch, links: Links) -> ImageBatchPublic:
         batch_id = batch.id
         await repository.cancel_batch(session, batch_id)
+        # Every process's streams, this one's too, wake when the request's transaction commits.
+        await repository.announce_progress(session, batch_id)
         session.expire_all()
-        self.events.notify(batch_id)
         refreshed = await session.get(ImageBatch, batch_id)
         assert refreshed is not None
         return await self.public(session, refreshed, links)
 
-    def stream(self, batch: ImageBatch, links: Links) -> Response:
-        """The caller's batch, already checked; the stream reads with its own short sessions."""
-        return EventSource(self._events(batch.id, links), heartbeat=self.settings.stream_heartbeat_seconds)
+    def stream(self, principal: Principal, batch: ImageBatch, links: Links) -> Response:
+        """The caller's batch, already checked; one of the caller's open streams (429 past their cap).
+        The stream reads with its own short sessions."""
+        slot = self.streams.admit(principal)
+        return EventSource(self._events(batch.id, links), heartbeat=self.settings.stream_heartbeat_seconds, slot=slot)
 
     async def _events(self, batch_id: uuid.UUID, links: Links) -> AsyncIterator[ServerSentEvent]:
         """Each item's end as `item.completed` / `item.failed` / `item.cancelled` (those already ended
         first), then `batch.completed` (or `batch.cancelled`), and the stream ends; it is capped at
-        STREAM_MAX_SECONDS (`stream.timeout`). The event source pings while nothing happens."""
+        STREAM_MAX_SECONDS (`stream.timeout`). The event source pings while nothing happens; the
+        database is read when the batch changed, and otherwise every recheck interval."""
         sent: set[uuid.UUID] = set()
         deadline = time.monotonic() + self.settings.stream_max_seconds
-        poll = self.settings.image_batch_poll_seconds
-        while True:
-            async with self.database.sessionmaker() as session:
-                state = await repository.batch_state(session, batch_id)
-                items = await repository.batch_items(session, batch_id)
-            if state is None:  # deleted under us (retention)
-                return
-            counts = counts_of(items).model_dump()
-            for item in sorted((i for i in items if i.status in FINAL_ITEM and i.id not in sent), key=_finished):
-                sent.add(item.id)
-                yield _event(
-                    f"item.{item.status}", {"batch_id": str(batch_id), "item": _dump(item, links), "counts": counts}
-                )
-            status, finished_at = state
-            if finished_at is not None:
-                kind = "batch.cancelled" if status == "cancelled" else "batch.completed"
-                yield _event(kind, {"batch_id": str(batch_id), "status": status, "counts": counts})
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                yield _event("stream.timeout", {"batch_id": str(batch_id), "counts": counts})
-                return
-            await self.events.wait(batch_id, min(poll, left))
+        recheck = self.settings.image_batch_events_recheck_seconds
+        with self.events.watch(batch_id) as changed:
+            while True:
+                changed.clear()
+                async with self.database.sessionmaker() as session:
+                    state = await repository.batch_state(session, batch_id)
+                    items = await repository.batch_items(session, batch_id)
+                if state is None:  # deleted under us (retention)
+                    return
+                counts = counts_of(items).model_dump()
+                for item in sorted((i for i in items if i.status in FINAL_ITEM and i.id not in sent), key=_finished):
+                    sent.add(item.id)
+                    yield _event(
+                        f"item.{item.status}",
+                        {"batch_id": str(batch_id), "item": _dump(item, links), "counts": counts},
+                    )
+                status, finished_at = state
+                if finished_at is not None:
+                    kind = "batch.cancelled" if status == "cancelled" else "batch.completed"
+                    yield _event(kind, {"batch_id": str(batch_id), "status": status, "counts": counts})
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    yield _event("stream.timeout", {"batch_id": str(batch_id), "counts": counts})
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(recheck, left))
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:

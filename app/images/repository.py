@@ -19,6 +19,8 @@ from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserO
 
 ACTIVE_BATCH = ("queued", "running")
 OPEN_ITEM = ("pending", "running")
+# NOTIFY payload `<batch id>` or `<batch id> <origin instance>`: a batch's event streams look again.
+BATCH_CHANNEL = "gateway_batches"
 
 
 async def get_image(session: AsyncSession, image_id: uuid.UUID, user_id: str | None = None) -> Image | None:
@@ -97,6 +99,13 @@ async def batch_state(session: AsyncSession, batch_id: uuid.UUID) -> tuple[str, 
         await session.execute(select(ImageBatch.status, ImageBatch.finished_at).where(ImageBatch.id == batch_id))
     ).first()
     return (row.status, row.finished_at) if row else None
+
+
+async def announce_progress(session: AsyncSession, batch_id: uuid.UUID, origin: uuid.UUID | None = None) -> None:
+    """Wake the batch's event streams in every process, at commit. `origin`: the process that wakes its
+    own streams itself (after its commit) and ignores its own notification."""
+    payload = str(batch_id) if origin is None else f"{batch_id} {origin}"
+    await session.execute(select(func.pg_notify(BATCH_CHANNEL, payload)))
 
 
 async def cancel_batch(session: AsyncSession, batch_id: uuid.UUID) -> None:

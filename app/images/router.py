@@ -135,11 +135,13 @@ async def cancel_image_batch(
 @router.get(
     "/images/batches/{batch_id}/events",
     response_class=Response,
-    responses={200: EVENT_STREAM, **error_responses(401, 403, 404)},
+    responses={200: EVENT_STREAM, **error_responses(401, 403, 404, 429)},
 )
-async def stream_image_batch_events(batch: ValidBatch, batches: BatchServiceDep, links: LinksDep) -> Response:
+async def stream_image_batch_events(
+    batch: ValidBatch, principal: PrincipalDep, batches: BatchServiceDep, links: LinksDep
+) -> Response:
     """Server-sent events, one per finished item, ending with the batch."""
-    return batches.stream(batch, links)
+    return batches.stream(principal, batch, links)
 
 
 @router.get("/images", responses=error_responses(400, 401, 403))

@@ -129,7 +129,7 @@ class BatchRunner:
                 )
             except Exception as failure:  # the database too: the item's lease frees it later
                 log.warning("could not record batch item %s's failure: %s", item.id, failure)
-        finally:
+        finally:  # committed by now: this process's streams wake at once (other processes by NOTIFY)
             self.events.batches.publish(item.batch_id)
             self.wake()
 
@@ -177,6 +177,7 @@ class BatchRunner:
                 return
             session.add_all(produced.images)
             await repository.finish_batch_if_done(session, item.batch_id)
+            await repository.announce_progress(session, item.batch_id, self.owner)
 
     async def _principal(self, item: ClaimedItem) -> Principal | None:
         """The batch owner as they are now (tier, switches, overrides); None if its key was revoked."""
@@ -224,6 +225,7 @@ class BatchRunner:
                 failed_attempt=failed_attempt,
             )
             await repository.finish_batch_if_done(session, item.batch_id)
+            await repository.announce_progress(session, item.batch_id, self.owner)
 
     async def _hand_back(self, item: ClaimedItem) -> None:
         try:

@@ -41,6 +41,7 @@ from app.ratelimit.buckets import Decision
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog, ModelSpec
 from app.sse import EventSource, Stopping
+from app.streams import StreamSlot
 from app.threads import repository
 from app.threads.context import ContextSource, check_sent_context
 from app.threads.profiles import Profile, Profiles
@@ -113,11 +114,33 @@ class TurnRunner:
             raise InvalidRequest(
                 f"The message has {len(body.content)} characters; your tier allows at most {cap:g}.", param="content"
             )
+        # A stream is admitted before any limit is taken: refused, it costs nothing.
+        slot = self.calls.streams.admit(principal) if body.stream else None
+        try:
+            return await self._turn(principal, thread_id, body, request_id, turn_profile, sent_context, deadline, slot)
+        except BaseException:
+            if slot is not None:  # the turn failed before its stream began
+                slot.release()
+            raise
+
+    async def _turn(
+        self,
+        principal: Principal,
+        thread_id: uuid.UUID,
+        body: MessageCreate,
+        request_id: str,
+        turn_profile: Profile | None,
+        sent_context: dict[str, Any],
+        deadline: float,
+        slot: StreamSlot | None,
+    ) -> Response:
         rate = await self.limiter.take(self.limiter.chat_rate(principal))
         opened = await self._lock(principal, thread_id, turn_profile)
         message_id = uuid.uuid4()
         try:
-            turn = await self._prepare(principal, thread_id, body, request_id, opened, turn_profile, sent_context, rate)
+            turn = await self._prepare(
+                principal, thread_id, body, request_id, opened, turn_profile, sent_context, rate, slot
+            )
             turn.user_message.id = message_id
             try:
                 async with self.writes.begin() as session:
@@ -182,6 +205,7 @@ class TurnRunner:
         turn_profile: Profile | None,
         sent_context: dict[str, Any],
         rate: Decision,
+        slot: StreamSlot | None,
     ) -> Turn:
         stream = body.stream
         """The prompt (with the app's context) and the call, its tokens and budget reserved."""
@@ -225,6 +249,7 @@ class TurnRunner:
             fallback=profile.fallback,
             stream=stream,
             thread_id=thread_id,
+            slot=slot,
         )
         return Turn(
             thread_id=thread_id,
@@ -256,6 +281,7 @@ class TurnRunner:
             heartbeat=self.settings.stream_heartbeat_seconds,
             headers=turn.call.headers(stream.request_id),
             on_close=relay.settle,
+            slot=turn.call.take_slot(),
         )
 
 

@@ -78,6 +78,16 @@ async def flush_key_touches(app: Any) -> None:
     await runtime(app).auth.flush_touches()
 
 
+def open_streams(app: Any, user_id: str) -> int:
+    """The streams a user holds open in this process (what their cap counts)."""
+    return runtime(app).streams.held_by(user_id)
+
+
+def batch_streams_waiting(app: Any) -> int:
+    """Batch event streams of this process waiting for a batch to change."""
+    return runtime(app).batches.events.watched
+
+
 def url_signer(app: Any) -> UrlSigner:
     return runtime(app).images.signer
 
