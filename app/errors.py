@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -95,6 +96,7 @@ class ErrorCode(StrEnum):
     SERVER_ERROR = "server_error"
     SERVICE_UNAVAILABLE = "service_unavailable"
     DATABASE_UNAVAILABLE = "database_unavailable"
+    DATABASE_BUSY = "database_busy"
     AUTH_UNAVAILABLE = "auth_unavailable"
     LIMITS_UNAVAILABLE = "limits_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"
@@ -388,6 +390,15 @@ def error_renderer(on_refusal: RefusalHook) -> Renderer:
                     headers={"retry-after": "2"},
                 )
             )
+        if isinstance(error, PoolTimeout):  # every pooled connection stayed busy for DB_ACQUIRE_TIMEOUT
+            log.warning("database pool exhausted")
+            return error_response(
+                Unavailable(
+                    "The gateway is too busy to reach its database; try again shortly.",
+                    code=ErrorCode.DATABASE_BUSY,
+                    headers={"retry-after": "1"},
+                )
+            )
         request_id = request_id_of(request)
         log.exception("unhandled error", extra={"request_id": request_id}, exc_info=error)
         message = f"The server had an error processing your request (request id {request_id})."
@@ -438,5 +449,5 @@ def route_table(app: FastAPI) -> RouteTable:
 
 def install_error_handlers(app: FastAPI, render: Renderer) -> None:
     """Every failure, whatever raised it, through `render`."""
-    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, DBAPIError, Exception):
+    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, DBAPIError, PoolTimeout, Exception):
         app.add_exception_handler(kind, render)

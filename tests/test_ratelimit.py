@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
+from sqlalchemy import text
 
 from app.auth.principal import Principal
 from app.errors import RateLimited
@@ -284,4 +285,17 @@ async def test_a_lost_database_connection_is_a_503_then_recovers(
         cuttable_database.restore()
         lost = await gw.client.get("/v1/usage", headers=bearer(key))
         assert_error(lost, 503, code="database_unavailable")
+        assert (await gw.client.get("/v1/usage", headers=bearer(key))).status_code == 200
+
+
+async def test_a_database_pool_kept_busy_is_a_503_to_retry_soon(gateway_with: GatewayFactory) -> None:
+    async with gateway_with(db_pool_size=1, db_acquire_timeout=0.2) as gw:
+        key, _ = await gw.key("free")
+        sessions = internals.sessionmaker(gw.app)
+        async with sessions() as first, sessions() as second:  # the pool's one connection and its one overflow
+            await first.execute(text("SELECT 1"))
+            await second.execute(text("SELECT 1"))
+            busy = await gw.client.get("/v1/usage", headers=bearer(key))
+            assert_error(busy, 503, code="database_busy")
+            assert busy.headers["retry-after"] == "1"
         assert (await gw.client.get("/v1/usage", headers=bearer(key))).status_code == 200
