@@ -7,13 +7,15 @@ Progress is pushed, not polled: whoever changes a batch's state sends NOTIFY in 
 transaction (`repository.announce_progress`), which the process's one LISTEN connection
 (app/listener.py) turns into a wake-up of that batch's streams (`BatchEvents`). A stream
 reads the database when woken, and otherwise only every IMAGE_BATCH_EVENTS_RECHECK_SECONDS,
-in case a notification was lost; an idle stream costs no queries in between.
+in case a notification was lost; an idle stream costs no queries in between. The streams of
+one batch woken by one change share one read (`BatchService._snapshot`), however many they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections import defaultdict
@@ -51,6 +53,9 @@ from app.streams import StreamSlots
 
 FINAL_ITEM = ("completed", "failed", "cancelled")
 
+# A batch's (status, finished_at), None once it is gone, and its items.
+Snapshot = tuple[tuple[str, datetime | None] | None, list[ImageBatchItem]]
+
 
 class BatchEvents:
     """Wake-ups for the event streams this process serves, one `asyncio.Event` per stream, by batch id.
@@ -62,13 +67,17 @@ class BatchEvents:
     def __init__(self, origin: uuid.UUID) -> None:
         self.origin = str(origin)
         self._waiters: dict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
+        # Counts wake-ups: a read begun at tick T sees every change whose wake-up came at or before T.
+        self.tick = 0
 
     def notify(self, batch_id: uuid.UUID) -> None:
+        self.tick += 1
         for event in self._waiters.get(batch_id, ()):
             event.set()
 
     def notify_all(self) -> None:
         """Wake every stream (the LISTEN connection came back: a notification may have been missed)."""
+        self.tick += 1
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
@@ -171,6 +180,7 @@ class BatchService:
         self.events = events
         self.streams = streams
         self.wake_runner = wake_runner
+        self._reads: dict[uuid.UUID, tuple[int, asyncio.Task[Snapshot]]] = {}
 
     async def create(self, principal: Principal, body: ImageBatchCreate, ctx: CallContext) -> Response:
         """Moderated (an upstream call, no session open), then stored with its items in one transaction."""
@@ -267,9 +277,7 @@ class BatchService:
         with self.events.watch(batch_id) as changed:
             while True:
                 changed.clear()
-                async with self.database.sessionmaker() as session:
-                    state = await repository.batch_state(session, batch_id)
-                    items = await repository.batch_items(session, batch_id)
+                state, items = await self._snapshot(batch_id, self.events.tick)
                 if state is None:  # deleted under us (retention)
                     return
                 counts = counts_of(items).model_dump()
@@ -290,6 +298,34 @@ class BatchService:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(recheck, left))
+
+    @property
+    def reads_in_flight(self) -> int:
+        """Batches whose state is being read for their streams right now."""
+        return len(self._reads)
+
+    async def _snapshot(self, batch_id: uuid.UUID, since: int) -> Snapshot:
+        """The batch's state and items as of wake-up `since` or later. Joins a read of the batch that
+        began at or after `since`, or begins one: a thousand streams woken by one change cost one read.
+        The read is its own task, so a stream that goes away does not cancel it for the others."""
+        current = self._reads.get(batch_id)
+        if current is None or current[0] < since:
+            current = (self.events.tick, asyncio.create_task(self._read(batch_id)))
+            self._reads[batch_id] = current
+            current[1].add_done_callback(functools.partial(self._read_done, batch_id, current))
+        return await asyncio.shield(current[1])
+
+    async def _read(self, batch_id: uuid.UUID) -> Snapshot:
+        async with self.database.sessionmaker() as session:
+            return await repository.batch_state(session, batch_id), await repository.batch_items(session, batch_id)
+
+    def _read_done(
+        self, batch_id: uuid.UUID, read: tuple[int, asyncio.Task[Snapshot]], task: asyncio.Task[Snapshot]
+    ) -> None:
+        if self._reads.get(batch_id) is read:
+            del self._reads[batch_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure its streams did not stay to hear is not logged as unretrieved
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:

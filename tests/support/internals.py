@@ -88,6 +88,11 @@ def batch_streams_waiting(app: Any) -> int:
     return runtime(app).batches.events.watched
 
 
+def batch_reads_in_flight(app: Any) -> int:
+    """Batches whose state this process is reading for its event streams (one read per batch)."""
+    return runtime(app).batches.reads_in_flight
+
+
 def url_signer(app: Any) -> UrlSigner:
     return runtime(app).images.signer
 
