@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -27,6 +28,7 @@ import pytest_asyncio
 from support import database, internals
 from support.fake_upstream import FakeUpstream
 from support.gateway import Gateway, GatewayFactory, make_settings, running_gateways, serve
+from support.tcp_proxy import TcpProxy
 
 SESSION = {"loop_scope": "session"}
 
@@ -54,6 +56,15 @@ async def database_url(
     """This module's own database, cloned from the template and dropped after the module."""
     async with database.cloned_database(database_server, template_database, request.module.__name__) as url:
         yield url
+
+
+@pytest.fixture
+async def cuttable_database(database_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of this module's database, to cut, blackhole or trap (`url_for`)."""
+    if not urlsplit(database_url).port:
+        pytest.skip("needs a TCP database (TEST_DATABASE_URL) to cut")
+    async with TcpProxy.for_database(database_url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -60,14 +59,6 @@ def gateway_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
         "image_batch_poll_seconds": 0.05,
         "image_batch_items_per_minute": 6000,
     }
-
-
-@pytest.fixture
-async def cuttable_database(database_url: str):
-    if not urlsplit(database_url).port:
-        pytest.skip("needs a TCP database (TEST_DATABASE_URL) to cut")
-    async with TcpProxy.for_database(database_url) as proxy:
-        yield proxy
 
 
 def new_user() -> str:

@@ -7,7 +7,6 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -225,16 +224,6 @@ async def test_prune_removes_only_expired_rows(limiter: Limiter, db: asyncpg.Poo
     assert await limiter.prune() >= 1
     keys = {r["key"] for r in await db.fetch("SELECT key FROM rate_limit_bucket WHERE key LIKE 'test:%'")}
     assert "test:old" not in keys and "test:live" in keys
-
-
-@pytest.fixture
-async def cuttable_database(database_url: str):
-    if not urlsplit(database_url).port:
-        pytest.skip("needs a TCP database (TEST_DATABASE_URL) to cut")
-    proxy = TcpProxy.for_database(database_url)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 async def test_database_down_fails_closed_for_budgets_and_open_for_rates(
