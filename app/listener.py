@@ -4,6 +4,8 @@ A part names its channel and a handler (`on`) when it is built, before `start`. 
 sent inside the writer's transaction, so a handler hears of a change only once it is
 committed, in every process (this one too). While the connection is down, notifications
 are lost: on each (re)connect every part's `resync` runs, so it can act on what it missed.
+A link that dies without a word (a NAT or firewall dropping it) is found by a query every
+`check_seconds`, which must answer within `check_timeout`; the connection is then replaced.
 
 Handlers run on the connection's callback: they must not block, and one that raises is
 logged and skipped.
@@ -32,9 +34,18 @@ class _Channel:
 
 
 class Listener:
-    def __init__(self, database_url: str, *, retry_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        retry_seconds: float = 1.0,
+        check_seconds: float = 15.0,
+        check_timeout: float = 5.0,
+    ) -> None:
         self.database_url = database_url
         self.retry_seconds = retry_seconds
+        self.check_seconds = check_seconds
+        self.check_timeout = check_timeout
         self._channels: list[_Channel] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -58,14 +69,18 @@ class Listener:
             connection: asyncpg.Connection | None = None
             try:
                 closed = asyncio.Event()
-                connection = await asyncpg.connect(asyncpg_url(self.database_url))
+                connection = await asyncpg.connect(asyncpg_url(self.database_url), timeout=self.check_timeout)
                 connection.add_termination_listener(lambda _connection, done=closed: done.set())
                 for channel in self._channels:
                     await connection.add_listener(channel.name, self._callback(channel))
                 for channel in self._channels:
                     if channel.resync is not None:
                         self._run(channel.name, channel.resync)
-                await closed.wait()
+                while not closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), self.check_seconds)
+                        break
+                    await connection.execute("SELECT 1", timeout=self.check_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -73,7 +88,7 @@ class Listener:
             finally:
                 if connection is not None:
                     with contextlib.suppress(Exception):
-                        await connection.close()
+                        await connection.close(timeout=self.check_timeout)  # a dead link: given up after that
             await asyncio.sleep(self.retry_seconds)
 
     def _callback(self, channel: _Channel) -> Callable[..., None]:

@@ -1,4 +1,5 @@
-"""Open streams: one per-user cap over every kind of stream, and batch progress pushed rather than polled."""
+"""Open streams: one per-user cap over every kind of stream, and batch progress pushed rather than
+polled, through the process's one LISTEN connection (replaced when its link goes silent)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import pytest
 from sqlalchemy import event
 
 from app.config import PACKAGE_DIR
+from app.listener import Listener
 from app.registry import load_catalog
 from support import internals
 from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream, Reply
 from support.gateway import Gateway, GatewayFactory
+from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows, wait_for
 
 CHAT = "/v1/chat/completions"
@@ -250,3 +253,35 @@ async def test_idle_batch_streams_do_not_query_and_wake_on_another_processs_chan
     finally:
         event.remove(engine, "before_cursor_execute", statement)
     await held(gateway, user, 0)
+
+
+async def test_a_listen_connection_gone_silent_is_replaced_and_its_listeners_resynced(
+    cuttable_database: TcpProxy, database_url: str, db: asyncpg.Pool
+) -> None:
+    heard: list[str] = []
+    resyncs: list[str] = []
+    url = cuttable_database.url_for(database_url)
+    listener = Listener(url, retry_seconds=0.1, check_seconds=0.2, check_timeout=0.5)
+    listener.on("gateway_test_liveness", heard.append, resync=lambda: resyncs.append("resync"))
+
+    async def heard_all(*payloads: str) -> bool:
+        return heard == list(payloads)
+
+    async def resynced(times: int) -> bool:
+        return len(resyncs) == times
+
+    await listener.start()
+    try:
+        await wait_for(lambda: resynced(1), what="the first connection")
+        await db.execute("NOTIFY gateway_test_liveness, 'before'")
+        await wait_for(lambda: heard_all("before"))
+        # The link stays open and carries nothing, as when a NAT or firewall forgets it: no error
+        # ever arrives, and notifications (a revocation, a batch's progress) would stop unheard.
+        cuttable_database.blackhole()
+        await asyncio.sleep(1.5)  # past a check and its deadline
+        cuttable_database.restore()  # the old link would carry traffic again, had it been kept
+        await wait_for(lambda: resynced(2), what="a new connection, and the missed notifications made up for")
+        await db.execute("NOTIFY gateway_test_liveness, 'after'")
+        await wait_for(lambda: heard_all("before", "after"))
+    finally:
+        await listener.stop()
