@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.routing import RouteTable
@@ -274,6 +275,9 @@ class Unavailable(GatewayError):
     code = ErrorCode.SERVICE_UNAVAILABLE
 
 
+# The status nginx made the convention for a request its client abandoned.
+CLIENT_CLOSED_REQUEST = 499
+
 # What a lost or refused connection to Postgres raises when it reaches the error renderer unwrapped.
 CONNECTION_LOST = (
     ConnectionError,
@@ -390,6 +394,9 @@ def error_renderer(on_refusal: RefusalHook) -> Renderer:
                     headers={"retry-after": "2"},
                 )
             )
+        if isinstance(error, ClientDisconnect):  # left before its body was in (or cut for being too slow)
+            log.info("client left before sending its whole body", extra={"request_id": request_id_of(request)})
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # no one reads it: the access log and metrics do
         if isinstance(error, PoolTimeout):  # every pooled connection stayed busy for DB_ACQUIRE_TIMEOUT
             log.warning("database pool exhausted")
             return error_response(
@@ -449,5 +456,6 @@ def route_table(app: FastAPI) -> RouteTable:
 
 def install_error_handlers(app: FastAPI, render: Renderer) -> None:
     """Every failure, whatever raised it, through `render`."""
-    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, DBAPIError, PoolTimeout, Exception):
+    kinds = (GatewayError, RequestValidationError, StarletteHTTPException, DBAPIError, PoolTimeout, ClientDisconnect)
+    for kind in (*kinds, Exception):
         app.add_exception_handler(kind, render)

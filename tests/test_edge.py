@@ -126,13 +126,17 @@ async def test_a_silent_connection_is_closed_without_an_answer(edge: GatewayProc
 
 
 async def test_partial_body_gets_408_and_is_closed(edge: GatewayProcess) -> None:
-    head = (
-        "POST /admin/keys HTTP/1.1\r\nHost: edge\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {ADMIN_KEY}\r\ncontent-length: 100\r\n\r\n"
-    ).encode()
+    key, _ = await edge.key("free")
+
+    def head(path: str, token: str) -> bytes:
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: edge\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {token}\r\ncontent-length: 100\r\n\r\n"
+        ).encode()
+
     stalled, dribbling = await connect(edge), await connect(edge)
-    stalled[1].write(head + b'{"user_id": ')
-    dribbling[1].write(head)
+    stalled[1].write(head("/v1/chat/completions", key) + b'{"model": ')
+    dribbling[1].write(head("/admin/keys", ADMIN_KEY))
     sender = asyncio.create_task(keep_sending(dribbling[1], b" ", TIMEOUT / 5))  # 5 bytes a second: not enough
     try:
         await healthy(edge)
@@ -140,6 +144,8 @@ async def test_partial_body_gets_408_and_is_closed(edge: GatewayProcess) -> None
             answer = parse(await until_closed(reader, TIMEOUT + GRACE))
             assert answer.status == 408, answer
             assert answer.code() == "request_timeout"
+        await healthy(edge)  # by now the routes waiting for those bodies have heard the clients are gone
+        assert "ClientDisconnect" not in edge.log_text()  # a client that left is no server error
     finally:
         close_all([stalled, dribbling])
         await sender
