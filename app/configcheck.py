@@ -63,10 +63,10 @@ def configuration_problems(settings: Settings, configuration: Configuration) -> 
     assistants = f"ASSISTANTS_FILE {settings.assistants_file}"
     for name, preset in configuration.presets.presets.items():
         where = f"{assistants}: voice_preset.{name}"
-        problems += _usable(catalog, where, preset.model, "realtime", preset.tiers)
+        problems += usable_problems(catalog, where, preset.model, "realtime", preset.tiers)
     for name, profile in configuration.profiles.profiles.items():
         where = f"{assistants}: profile.{name}"
-        problems += _usable(catalog, where, profile.model, "chat", profile.tiers)
+        problems += usable_problems(catalog, where, profile.model, "chat", profile.tiers)
         if profile.context_url is not None and not host_allowed(profile.context_url, settings.context_allowed_hosts):
             problems.append(
                 f"{where}: context_url {profile.context_url} is not on a host of CONTEXT_ALLOWED_HOSTS"
@@ -75,7 +75,7 @@ def configuration_problems(settings: Settings, configuration: Configuration) -> 
     return problems
 
 
-def _usable(catalog: Catalog, where: str, model: str, kind: ModelKind, tiers: list[str] | None) -> list[str]:
+def usable_problems(catalog: Catalog, where: str, model: str, kind: ModelKind, tiers: list[str] | None) -> list[str]:
     """Problems of an item that answers with `model` for `tiers` (None: every tier)."""
     problems = []
     known = ", ".join(catalog.tiers)

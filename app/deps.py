@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.assistants.service import AssistantService
 from app.auth.principal import Principal
 from app.byok.service import BYOKService
 from app.chat.service import ChatService
@@ -115,6 +116,10 @@ def _catalog(runtime: RuntimeDep) -> Catalog:
     return runtime.catalog
 
 
+def _assistants(runtime: RuntimeDep) -> AssistantService:
+    return runtime.assistants
+
+
 def _chat(runtime: RuntimeDep) -> ChatService:
     return runtime.chat
 
@@ -144,6 +149,7 @@ def _byok(runtime: RuntimeDep) -> BYOKService:
 
 
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
+AssistantServiceDep = Annotated[AssistantService, Depends(_assistants)]
 ChatServiceDep = Annotated[ChatService, Depends(_chat)]
 ThreadServiceDep = Annotated[ThreadService, Depends(_threads)]
 ImageServiceDep = Annotated[ImageService, Depends(_images)]

@@ -42,6 +42,7 @@ class ErrorCode(StrEnum):
     CONTEXT_TOO_LARGE = "context_too_large"
     UNKNOWN_PROFILE = "unknown_profile"
     UNKNOWN_CHAT_TYPE = "unknown_chat_type"
+    UNSUPPORTED_TOOL = "unsupported_tool"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
@@ -59,12 +60,14 @@ class ErrorCode(StrEnum):
     UNKNOWN_TIER = "unknown_tier"
     PRESET_NOT_ALLOWED = "preset_not_allowed"
     PROFILE_NOT_ALLOWED = "profile_not_allowed"
+    ASSISTANT_READ_ONLY = "assistant_read_only"
     BYOK_DISABLED = "byok_disabled"
     INVALID_SIGNATURE = "invalid_signature"
     URL_EXPIRED = "url_expired"
     INVALID_METRICS_TOKEN = "invalid_metrics_token"
     # What was not found.
     NOT_FOUND = "not_found"
+    ASSISTANT_NOT_FOUND = "assistant_not_found"
     THREAD_NOT_FOUND = "thread_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     IMAGE_CONTENT_MISSING = "image_content_missing"
@@ -189,6 +192,10 @@ class ResourceNotFound(NotFound):
 
     def __init__(self, identifier: object) -> None:
         super().__init__(f"No {self.resource} found with id '{identifier}'.", param=self.param_name)
+
+
+class AssistantNotFound(ResourceNotFound):
+    resource, param_name, code = "assistant", "assistant_id", ErrorCode.ASSISTANT_NOT_FOUND
 
 
 class ThreadNotFound(ResourceNotFound):

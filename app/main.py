@@ -14,6 +14,8 @@ from fastapi.routing import APIRoute
 from app.admin.dashboard import router as dashboard_router
 from app.admin.reports import router as reports_router
 from app.admin.router import router as admin_router
+from app.assistants.router import admin_router as shared_assistants_router
+from app.assistants.router import router as assistants_router
 from app.byok.router import router as byok_router
 from app.chat.router import router as chat_router
 from app.chat.schemas import ChatCompletionRequest
@@ -105,10 +107,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(observability_router)  # /metrics, tag "operations"
     app.include_router(usage_router, prefix="/v1")
     app.include_router(images_router, prefix="/v1")
+    app.include_router(assistants_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
     app.include_router(byok_router, prefix="/v1")
     app.include_router(admin_router, prefix="/admin")
+    app.include_router(shared_assistants_router, prefix="/admin")
     app.include_router(reports_router, prefix="/admin")
     app.include_router(dashboard_router, prefix="/admin")
     app.add_middleware(

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app import migrations
 from app.admin.refusals import RefusalRecorder
+from app.assistants.service import AssistantService
 from app.auth.keys import KeySigner
 from app.auth.service import TOUCH_INTERVAL, Authenticator
 from app.byok.service import BYOKService
@@ -82,6 +83,7 @@ class Runtime:
     metrics: Metrics | None
     calls: Calls
     streams: StreamSlots
+    assistants: AssistantService
     chat: ChatService
     threads: ThreadService
     images: ImageService
@@ -119,6 +121,8 @@ class Runtime:
             db.pool, lease_seconds=settings.instance_lease_seconds, beat_seconds=settings.instance_beat_seconds
         )
         await instance.register()
+        assistants = AssistantService(settings, catalog, profiles)
+        await assistants.sync_file(db.sessionmaker)  # ASSISTANTS_FILE's profiles, as shared assistants
         stack.push_async_callback(instance.retire)  # last but the database: after the usage writer drained
         limiter = Limiter(
             db.pool,
@@ -234,6 +238,7 @@ class Runtime:
             metrics=metrics,
             calls=calls,
             streams=streams,
+            assistants=assistants,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             threads=ThreadService(profiles, turns),
             images=images,

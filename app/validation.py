@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
 # Column widths these ids are stored in (app/models): a longer one is refused here, not by Postgres.
@@ -69,6 +69,28 @@ Text = Annotated[str, BeforeValidator(_text)]
 # parameters take no `Field(...)`, so the bounds travel in the type).
 UserId = Annotated[str, BeforeValidator(_text), StringConstraints(min_length=1, max_length=USER_ID_MAX)]
 ProfileName = Annotated[str, BeforeValidator(_text), StringConstraints(min_length=1, max_length=PROFILE_MAX)]
+
+
+MAX_METADATA_PAIRS = 16
+
+
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs")
+    for key, item in value.items():
+        if not 1 <= len(key) <= 64:
+            raise ValueError("keys are 1 to 64 characters")
+        if len(item) > 512:
+            raise ValueError(f"the value of {key!r} is longer than 512 characters")
+    return value
+
+
+# The API's `metadata` on every object that has one.
+Metadata = Annotated[
+    dict[Text, Text],
+    AfterValidator(_check_metadata),
+    Field(description="Up to 16 string pairs the app keeps with the object (keys 64, values 512 characters)."),
+]
 
 
 def json_problem(

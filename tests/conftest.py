@@ -115,7 +115,8 @@ async def shared_gateway(
 
 @pytest_asyncio.fixture(**SESSION)
 async def clean(upstream: FakeUpstream, db: asyncpg.Pool, tables: list[str]) -> None:
-    """Reset the fake upstream; let running gateways settle; empty every table.
+    """Reset the fake upstream; let running gateways settle; empty every table (but for the
+    shared assistants a gateway writes when it starts).
 
     Emptying is repeated (up to three times) if a gateway did anything in the meantime,
     e.g. its batch runner took another item between the drain and the TRUNCATE.
@@ -126,6 +127,8 @@ async def clean(upstream: FakeUpstream, db: asyncpg.Pool, tables: list[str]) -> 
             await running.settle_requests()
             await internals.drain(running.app)
         await database.empty(db, tables)
+        for running in running_gateways():
+            await internals.sync_assistants(running.app)  # what a start-up writes: ASSISTANTS_FILE's assistants
         if all(running.requests_in_flight() == 0 and internals.idle(running.app) for running in running_gateways()):
             return
     raise AssertionError("the running gateways kept working while their tables were being emptied")

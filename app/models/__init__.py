@@ -1,5 +1,6 @@
 """SQLAlchemy ORM models, all on one MetaData so Alembic sees every table."""
 
+from app.models.assistants import Assistant
 from app.models.base import Base
 from app.models.byok import UserOpenAIKey
 from app.models.identity import ApiKey, AppUser
@@ -14,6 +15,7 @@ from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
 __all__ = [
     "ApiKey",
     "AppUser",
+    "Assistant",
     "Base",
     "GatewayInstance",
     "GatewaySecret",

@@ -9,28 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.models import Thread, ThreadMessage
-from app.validation import PROFILE_MAX, Text, check_json
-
-MAX_METADATA_PAIRS = 16
-
-
-def _check_metadata(value: dict[str, str]) -> dict[str, str]:
-    if len(value) > MAX_METADATA_PAIRS:
-        raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs")
-    for key, item in value.items():
-        if not 1 <= len(key) <= 64:
-            raise ValueError("keys are 1 to 64 characters")
-        if len(item) > 512:
-            raise ValueError(f"the value of {key!r} is longer than 512 characters")
-    return value
-
-
-Metadata = Annotated[
-    dict[Text, Text],
-    AfterValidator(_check_metadata),
-    Field(description="Up to 16 string pairs the app keeps with the thread (keys 64, values 512 characters)."),
-]
-
+from app.validation import PROFILE_MAX, Metadata, Text, check_json
 
 # The context is rendered into the prompt and measured as JSON (orjson stops at 255 levels, with
 # a 500): a real app's facts about its user nest a few levels, so deeper is refused as a 400.

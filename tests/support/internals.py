@@ -93,6 +93,12 @@ def batch_reads_in_flight(app: Any) -> int:
     return runtime(app).batches.reads_in_flight
 
 
+async def sync_assistants(app: Any) -> None:
+    """Write ASSISTANTS_FILE's shared assistants again, as the gateway did when it started."""
+    rt = runtime(app)
+    await rt.assistants.sync_file(rt.db.sessionmaker)
+
+
 def url_signer(app: Any) -> UrlSigner:
     return runtime(app).images.signer
 
