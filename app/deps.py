@@ -18,6 +18,7 @@ from app.assistants.service import AssistantService
 from app.auth.principal import Principal
 from app.byok.service import BYOKService
 from app.chat.service import ChatService
+from app.embeddings.service import EmbeddingService
 from app.errors import ErrorCode, Unauthenticated
 from app.images.batches import BatchService
 from app.images.history import ImageHistory
@@ -124,6 +125,10 @@ def _chat(runtime: RuntimeDep) -> ChatService:
     return runtime.chat
 
 
+def _embeddings(runtime: RuntimeDep) -> EmbeddingService:
+    return runtime.embeddings
+
+
 def _threads(runtime: RuntimeDep) -> ThreadService:
     return runtime.threads
 
@@ -151,6 +156,7 @@ def _byok(runtime: RuntimeDep) -> BYOKService:
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 AssistantServiceDep = Annotated[AssistantService, Depends(_assistants)]
 ChatServiceDep = Annotated[ChatService, Depends(_chat)]
+EmbeddingServiceDep = Annotated[EmbeddingService, Depends(_embeddings)]
 ThreadServiceDep = Annotated[ThreadService, Depends(_threads)]
 ImageServiceDep = Annotated[ImageService, Depends(_images)]
 ImageHistoryDep = Annotated[ImageHistory, Depends(_image_history)]

@@ -194,6 +194,17 @@ class ResourceNotFound(NotFound):
         super().__init__(f"No {self.resource} found with id '{identifier}'.", param=self.param_name)
 
 
+class ModelNotFound(ResourceNotFound):
+    """OpenAI's answer for a model that does not exist or the caller may not use (never told apart)."""
+
+    resource, param_name, code = "model", "model", ErrorCode.MODEL_NOT_FOUND
+
+    def __init__(self, identifier: object) -> None:
+        NotFound.__init__(
+            self, f"The model '{identifier}' does not exist or you do not have access to it.", param="model"
+        )
+
+
 class AssistantNotFound(ResourceNotFound):
     resource, param_name, code = "assistant", "assistant_id", ErrorCode.ASSISTANT_NOT_FOUND
 

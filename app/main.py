@@ -21,6 +21,7 @@ from app.chat.router import router as chat_router
 from app.chat.schemas import ChatCompletionRequest
 from app.config import Settings, get_settings
 from app.deps import runtime_of
+from app.embeddings.router import router as embeddings_router
 from app.errors import GatewayError, error_renderer, install_error_handlers
 from app.events import Refusal
 from app.health.router import router as health_router
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_enabled:
         app.include_router(observability_router)  # /metrics, tag "operations"
     app.include_router(usage_router, prefix="/v1")
+    app.include_router(embeddings_router, prefix="/v1")
     app.include_router(images_router, prefix="/v1")
     app.include_router(assistants_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.errors import ErrorCode, InvalidRequest, PermissionDenied
 
-ModelKind = Literal["chat", "image", "realtime"]
+ModelKind = Literal["chat", "image", "realtime", "embedding"]
 
 
 class ModelSpec(BaseModel):
@@ -37,6 +37,11 @@ class ModelSpec(BaseModel):
     backgrounds: list[str] = []
     max_n: int = Field(1, ge=1, le=10)
     image_prices: dict[str, float] = {}
+    # Embedding models: the vector's length, the most `dimensions` may ask for (None: not adjustable
+    # below it), and the most tokens one input may have.
+    dimensions: int | None = Field(None, ge=1)
+    adjustable_dimensions: bool = False
+    max_input_tokens: int = Field(8_192, ge=1)
 
     def token_cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD for one call's tokens; cached prompt tokens at their own price when set."""
@@ -59,6 +64,8 @@ class TierSpec(BaseModel):
     batch_images_per_hour: int | None = Field(None, ge=0)
     images_per_day: int | None = Field(None, ge=0)
     realtime_requests_per_minute: int | None = Field(None, ge=0)
+    embedding_requests_per_minute: int | None = Field(None, ge=0)
+    embedding_tokens_per_minute: int | None = Field(None, ge=0)
     monthly_budget_usd: float | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_messages: int | None = Field(None, ge=1)

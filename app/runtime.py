@@ -28,6 +28,7 @@ from app.chat.service import ChatService
 from app.config import Settings, check_production
 from app.configcheck import load_configuration
 from app.db import Database, Waits, start_embedded_postgres
+from app.embeddings.service import EmbeddingService
 from app.events import EventHub
 from app.images import repository as image_repository
 from app.images.batches import BatchEvents, BatchService
@@ -85,6 +86,7 @@ class Runtime:
     streams: StreamSlots
     assistants: AssistantService
     chat: ChatService
+    embeddings: EmbeddingService
     threads: ThreadService
     images: ImageService
     image_history: ImageHistory
@@ -240,6 +242,7 @@ class Runtime:
             streams=streams,
             assistants=assistants,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
+            embeddings=EmbeddingService(catalog, limiter, calls),
             threads=ThreadService(profiles, turns),
             images=images,
             image_history=history,

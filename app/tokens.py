@@ -99,3 +99,21 @@ def estimate_input_tokens(payload: dict[str, Any]) -> int:
     messages = payload.get("messages")
     count = len(messages) if isinstance(messages, list) else 0
     return chars_to_tokens(chars) + images + TOKENS_PER_MESSAGE * count + TOKENS_PER_REPLY
+
+
+def embedding_inputs(value: object) -> list[str | list[int]]:
+    """An embeddings request's `input` as a list of inputs: a single text, or a single list of
+    token ids, is one input; a list of texts or of token lists is several."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        return []
+    tokens = [item for item in value if isinstance(item, int)]
+    if tokens:
+        return [tokens]
+    return [item for item in value if isinstance(item, str | list)]
+
+
+def embedding_tokens(item: str | list[int]) -> int:
+    """One embedding input's tokens: counted for token ids, estimated for text."""
+    return len(item) if isinstance(item, list) else estimate_tokens(item)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, Field
 
 from app.deps import CatalogDep, PrincipalDep, RuntimeDep
-from app.errors import ErrorCode, Unavailable, error_responses
-from app.registry import ModelKind
+from app.errors import ErrorCode, ModelNotFound, Unavailable, error_responses
+from app.registry import ModelKind, ModelSpec
+from app.validation import Text
 
 router = APIRouter()
 
@@ -46,6 +47,8 @@ class ModelInfo(BaseModel):
     qualities: list[str]
     formats: list[str]
     backgrounds: list[str]
+    max_images: int = Field(description="The most images one request may ask for (image models).")
+    dimensions: int | None = Field(None, description="The vector's length (embedding models).")
 
 
 class ModelList(BaseModel):
@@ -79,23 +82,37 @@ async def readyz(runtime: RuntimeDep) -> Readiness:
 @router.get("/v1/models", tags=["models"], responses=error_responses(401, 403))
 async def list_models(principal: PrincipalDep, catalog: CatalogDep) -> ModelList:
     """The models the caller's tier may use, with aliases and prices."""
-    return ModelList(
-        data=[
-            ModelInfo(
-                id=spec.id,
-                kind=spec.kind,
-                aliases=spec.aliases,
-                prices=ModelPrices(
-                    input_per_1m=spec.input_per_1m,
-                    cached_input_per_1m=spec.cached_input_per_1m,
-                    output_per_1m=spec.output_per_1m,
-                    per_image=spec.image_prices,
-                ),
-                sizes=spec.sizes,
-                qualities=spec.qualities,
-                formats=spec.formats,
-                backgrounds=spec.backgrounds,
-            )
-            for spec in catalog.models_for(principal.tier)
-        ]
+    return ModelList(data=[model_info(spec) for spec in catalog.models_for(principal.tier)])
+
+
+@router.get("/v1/models/{model}", tags=["models"], responses=error_responses(400, 401, 403, 404))
+async def get_model(
+    model: Annotated[Text, Path(max_length=100, description="A model id or alias.")],
+    principal: PrincipalDep,
+    catalog: CatalogDep,
+) -> ModelInfo:
+    """One model the caller's tier may use, by id or alias; any other is a 404."""
+    spec = catalog.by_name.get(model)
+    if spec is None or not catalog.may_use(principal.tier, spec):
+        raise ModelNotFound(model)
+    return model_info(spec)
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(
+        id=spec.id,
+        kind=spec.kind,
+        aliases=spec.aliases,
+        prices=ModelPrices(
+            input_per_1m=spec.input_per_1m,
+            cached_input_per_1m=spec.cached_input_per_1m,
+            output_per_1m=spec.output_per_1m,
+            per_image=spec.image_prices,
+        ),
+        sizes=spec.sizes,
+        qualities=spec.qualities,
+        formats=spec.formats,
+        backgrounds=spec.backgrounds,
+        max_images=spec.max_n,
+        dimensions=spec.dimensions,
     )

@@ -131,6 +131,14 @@ class Limiter:
         """A token-priced call's worst case: its tokens per minute and its cost against the budget."""
         return [*self.rate(principal, "tokens", "chat_tokens_per_minute", 60.0, tokens), *self.budget(principal, cost)]
 
+    def embedding_buckets(self, principal: Principal, tokens: int, cost: float) -> list[Bucket]:
+        """An embeddings request: its own requests and tokens per minute, and its cost against the budget."""
+        return [
+            *self.rate(principal, "requests", "embedding_requests_per_minute", 60.0, 1),
+            *self.rate(principal, "tokens", "embedding_tokens_per_minute", 60.0, tokens),
+            *self.budget(principal, cost),
+        ]
+
     def image_buckets(self, principal: Principal, images: int, cost: float, *, batch: bool = False) -> list[Bucket]:
         """An image request: per-minute requests (or per-hour images for batch jobs), the daily cap, the budget."""
         rate = (

@@ -1,6 +1,6 @@
 """A real OpenAI-compatible upstream, called with one key: the operator's or a user's own.
 
-Chat goes over the lean aiohttp client (app/upstream/http.py); images, moderation and
+Chat and embeddings go over the lean aiohttp client (app/upstream/http.py); images, moderation and
 realtime secrets through the `openai` SDK with `max_retries=0` (retried by our policy,
 like the pass-through). Image answers are read raw: megabytes of base64 are decoded off
 the event loop instead of being parsed into the SDK's models and dumped again.
@@ -52,6 +52,9 @@ class RemoteProvider:
 
     async def chat_stream(self, payload: dict[str, Any]) -> UpstreamStream:
         return await self.http.open_stream("/chat/completions", orjson.dumps(payload), CHAT_COMPLETIONS)
+
+    async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply:
+        return await self.http.post("/embeddings", orjson.dumps(payload))
 
     async def images(self, params: dict[str, Any]) -> Generation:
         """Retried until the upstream answers; a body that breaks off after that is billed, not retried."""

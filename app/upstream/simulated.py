@@ -3,15 +3,20 @@
 It stands in for the upstream when no key is configured, for users switched off the
 upstream, and as the fallback when the upstream fails. Everything it returns says so:
 chat ids start with `sim-` and carry `system_fingerprint: "simulated"`, secrets start
-with `ek_sim_`, images are PNG gradients with a "simulated" comment; the call pipeline
+with `ek_sim_`, images are PNG gradients with a "simulated" comment, embeddings are hashed
+bags of words; the call pipeline
 adds the `x-gateway-simulated` header and marks the usage row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import math
+import re
 import secrets
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,11 +24,14 @@ from typing import Any
 import orjson
 
 from app.sse import Event
-from app.tokens import estimate_prompt_tokens, estimate_tokens
+from app.tokens import embedding_inputs, embedding_tokens, estimate_prompt_tokens, estimate_tokens
 from app.upstream.png import dimensions, simulated_png
 from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
 
 FINGERPRINT = "simulated"
+# Simulated embeddings: the words of a text, each adding +-1 at this many hashed places.
+WORD = re.compile(r"\w+")
+HASHES_PER_WORD = 4
 REPLIES = (
     "That is a good question. Here is a simulated answer so you can build against the gateway offline.",
     "Simulated reply: the gateway is running without an upstream key, so this text is generated locally.",
@@ -94,6 +102,30 @@ class SimulatedStream:
         return None
 
 
+def embedding_vector(item: str | list[int], length: int) -> list[float]:
+    """A unit vector from the words of `item` (or its tokens), feature-hashed: texts that share words
+    get vectors with a higher cosine similarity, so similarity search behaves sensibly offline."""
+    words = [str(token) for token in item] if isinstance(item, list) else WORD.findall(item.lower())
+    vector = [0.0] * length
+    for word in words or [repr(item)]:
+        digest = hashlib.blake2b(word.encode(), digest_size=HASHES_PER_WORD * 4).digest()
+        for at in range(0, len(digest), 4):
+            slot = int.from_bytes(digest[at : at + 3], "little") % length
+            vector[slot] += 1.0 if digest[at + 3] & 1 else -1.0
+    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    return [value / norm for value in vector]
+
+
+def _embeddings(items: list[str | list[int]], length: int, as_base64: bool) -> dict[str, Any]:
+    data = []
+    for index, item in enumerate(items):
+        vector = embedding_vector(item, length)
+        encoded: Any = base64.b64encode(struct.pack(f"<{length}f", *vector)).decode() if as_base64 else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(embedding_tokens(item) for item in items)
+    return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 class SimulatedProvider:
     simulated = True
 
@@ -120,6 +152,11 @@ class SimulatedProvider:
 
     async def chat_stream(self, payload: dict[str, Any]) -> SimulatedStream:
         return SimulatedStream(payload)
+
+    async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply:
+        items = embedding_inputs(payload["input"])
+        body = await asyncio.to_thread(_embeddings, items, length, payload.get("encoding_format") == "base64")
+        return UpstreamReply(orjson.dumps({**body, "model": payload["model"]}), None)
 
     async def images(self, params: dict[str, Any]) -> Generation:
         """Real PNGs, the same for the same prompt. Only PNG can be drawn without an image

@@ -431,6 +431,30 @@ def _moderation(payload: JSONDict, n: int) -> JSONDict:
     return {"id": f"modr-{n}", "model": "omni-moderation-latest", "results": results}
 
 
+EMBEDDING_LENGTH = 8  # what the fake answers with, whatever the model (a request's `dimensions` wins)
+EMBEDDING_TOKENS_PER_INPUT = 5  # the usage it reports: a fixed count per input, unlike any estimate
+
+
+def _embeddings(payload: JSONDict, n: int) -> JSONDict:
+    """One vector per input: floats, or base64 float32 when asked; usage a fixed count per input."""
+    raw = payload.get("input")
+    items = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)) else raw
+    length = payload.get("dimensions") or EMBEDDING_LENGTH
+    data = []
+    for index, _ in enumerate(items or []):
+        vector = [round((index + 1) / (k + 2), 4) for k in range(length)]
+        packed = base64.b64encode(struct.pack(f"<{length}f", *vector)).decode()
+        encoded = packed if payload.get("encoding_format") == "base64" else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = EMBEDDING_TOKENS_PER_INPUT * len(data)
+    return {
+        "object": "list",
+        "data": data,
+        "model": payload.get("model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 def _models(payload: JSONDict, n: int) -> JSONDict:
     """The default model list."""
     return {
@@ -447,5 +471,6 @@ ROUTES: dict[tuple[str, str], Callable[[JSONDict, int], JSONDict]] = {
     ("POST", "/v1/images/generations"): _images,
     ("POST", "/v1/realtime/client_secrets"): _client_secret,
     ("POST", "/v1/moderations"): _moderation,
+    ("POST", "/v1/embeddings"): _embeddings,
     ("GET", "/v1/models"): _models,
 }

@@ -1,0 +1,102 @@
+"""Embeddings: checked against the model and the tier, reserved, called, recorded once.
+
+The reservation is the inputs' tokens (estimated from characters, or counted when the
+client sends token ids) priced at the model's input price; the upstream's `usage` settles
+it. The answer goes back as the upstream sent it (floats, or base64 when asked for).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from app.auth.principal import Principal
+from app.calls import Calls, Spent
+from app.embeddings.schemas import MAX_REQUEST_TOKENS, EmbeddingRequest
+from app.errors import InvalidRequest, UpstreamError
+from app.ratelimit.limiter import Limiter
+from app.registry import Catalog, ModelSpec
+from app.tokens import embedding_tokens
+
+ROUTE = "embeddings"
+
+
+class EmbeddingService:
+    def __init__(self, catalog: Catalog, limiter: Limiter, calls: Calls) -> None:
+        self.catalog = catalog
+        self.limiter = limiter
+        self.calls = calls
+
+    async def create(self, principal: Principal, body: EmbeddingRequest, request_id: str) -> Response:
+        spec = self.catalog.resolve(body.model, principal.tier, "embedding")
+        length = _length(spec, body.dimensions)
+        items = body.items()
+        tokens = _tokens(spec, items)
+        payload: dict[str, Any] = body.model_dump(exclude_none=True)
+        payload["model"] = spec.id
+        cost = spec.token_cost(tokens, 0)
+        call = await self.calls.open(
+            principal,
+            route=ROUTE,
+            spec=spec,
+            request_id=request_id,
+            buckets=self.limiter.embedding_buckets(principal, tokens, cost),
+            reserved=Spent(tokens, 0, cost_usd=cost, estimated=True),
+        )
+        reply = await self.calls.invoke(call, lambda provider: provider.embeddings(payload, length))
+        try:
+            answer = _answer(reply.body, len(items))
+            spent = call.token_spend(answer.get("usage"), strict=True)
+        except UpstreamError as failure:
+            call.fail(failure)
+            raise
+        call.finish(spent, upstream_request_id=reply.request_id)
+        return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
+
+
+def _length(spec: ModelSpec, dimensions: int | None) -> int:
+    """The vector length the answer will have; a `dimensions` the model cannot give is a 400."""
+    default = spec.dimensions or 1536
+    if dimensions is None:
+        return default
+    if not spec.adjustable_dimensions:
+        raise InvalidRequest(f"The model '{spec.id}' does not take 'dimensions'.", param="dimensions")
+    if dimensions > default:
+        raise InvalidRequest(f"'dimensions' is {dimensions}; '{spec.id}' gives at most {default}.", param="dimensions")
+    return dimensions
+
+
+def _tokens(spec: ModelSpec, items: list[str | list[int]]) -> int:
+    """The inputs' tokens: counted for token ids, estimated for text; each input and the whole bounded."""
+    total = 0
+    for index, item in enumerate(items):
+        count = embedding_tokens(item)
+        if count > spec.max_input_tokens:
+            raise InvalidRequest(
+                f"Input {index} has about {count} tokens; '{spec.id}' takes at most {spec.max_input_tokens}.",
+                param="input",
+            )
+        total += count
+    if total > MAX_REQUEST_TOKENS:
+        raise InvalidRequest(
+            f"The inputs have about {total} tokens; one request takes at most {MAX_REQUEST_TOKENS}.", param="input"
+        )
+    return total
+
+
+def _answer(body: bytes, inputs: int) -> dict[str, Any]:
+    """The upstream's answer, if it is one: a JSON object with one embedding per input."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise UpstreamError("The upstream's answer could not be read (not a JSON object).", billed=True)
+    data = answer.get("data")
+    if not isinstance(data, list) or len(data) != inputs:
+        raise UpstreamError(
+            f"The upstream's answer does not hold one embedding for each of {inputs} inputs.", billed=True
+        )
+    return answer
