@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from app.auth.keys import hash_key, visible_prefix
 from app.observability.logs import JsonFormatter
@@ -23,12 +22,6 @@ from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
 ORIGIN = "https://app.example"
-
-
-@pytest_asyncio.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    async with TcpProxy.for_database(database_url) as tcp:
-        yield tcp
 
 
 async def unsigned_key(db: asyncpg.Pool, user: str) -> str:
@@ -61,17 +54,19 @@ async def test_junk_tokens_never_lock_valid_callers_out(gateway_with: GatewayFac
         assert (await gw.client.get("/v1/models", headers=bearer(make_jwt("mobile-1")))).status_code == 200
 
 
-async def test_junk_costs_no_database_work(gateway_with: GatewayFactory, proxy: TcpProxy, database_url: str) -> None:
+async def test_junk_costs_no_database_work(
+    gateway_with: GatewayFactory, cuttable_database: TcpProxy, database_url: str
+) -> None:
     """With Postgres cut, junk still gets 401 at once: nothing was looked up. A key we issued is looked up (503)."""
-    async with gateway_with(database_url=proxy.url_for(database_url)) as gw:
+    async with gateway_with(database_url=cuttable_database.url_for(database_url)) as gw:
         key, _ = await gw.key("free")
-        proxy.cut()
+        cuttable_database.cut()
         try:
             for token in ["junk", key.rpartition(".")[0] + ".forgedforgedforgedforg", "gw_" + "x" * 43 + ".y"]:
                 assert_error(await gw.client.get("/v1/models", headers=bearer(token)), 401)
             assert_error(await gw.client.get("/v1/models", headers=bearer(key)), 503, code="auth_unavailable")
         finally:
-            proxy.restore()
+            cuttable_database.restore()
 
 
 async def test_unsigned_keys_are_guarded_and_valid_ones_pass(gateway_with: GatewayFactory, db: asyncpg.Pool) -> None:
