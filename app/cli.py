@@ -10,6 +10,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, TypeVar
@@ -244,6 +245,29 @@ def rotate_byok(_: argparse.Namespace) -> None:
         raise SystemExit(f"{len(result.unreadable)} keys cannot be decrypted with BYOK_ENCRYPTION_KEYS: {users}")
 
 
+def reconcile(args: argparse.Namespace) -> None:
+    """Our cost per day and model against the upstream's export; exit 1 when any line differs."""
+    from app.registry import load_catalog
+    from app.usage.reconcile import Costs, ExportError, compare, days_of, our_costs, read_export, render
+
+    settings = get_settings()
+    try:
+        theirs = read_export(args.export, load_catalog(settings.catalog_file))
+        first, last = days_of(theirs)
+    except ExportError as error:
+        raise SystemExit(f"reconcile: {error}") from error
+
+    async def work(_session: AsyncSession, _catalog: Catalog, pool: asyncpg.Pool) -> Costs:
+        return await our_costs(pool, first, last)
+
+    ours = _in_session(work)
+    table, differing = render(compare(ours, theirs), args.tolerance)
+    print(f"cost per UTC day and model, {first} to {last}: usage_event against {args.export}")
+    print(table)
+    if differing:
+        raise SystemExit(1)
+
+
 def render_openapi() -> str:
     """The OpenAPI document the app serves, as committed in openapi.json."""
     import json
@@ -298,6 +322,15 @@ def main(argv: list[str] | None = None) -> None:
 
     rotate = verbs.add_parser("rotate-byok", help="re-encrypt users' stored OpenAI keys under the first BYOK key")
     rotate.set_defaults(handler=rotate_byok)
+
+    check = verbs.add_parser(
+        "reconcile", help="compare our cost per day and model with the upstream's costs export (JSON or CSV)"
+    )
+    check.add_argument("export", type=Path, help="an export of OpenAI's organization costs, grouped by line item")
+    check.add_argument(
+        "--tolerance", type=Decimal, default=Decimal("0.01"), help="USD a line may differ by (default 0.01)"
+    )
+    check.set_defaults(handler=reconcile)
 
     spec = verbs.add_parser("openapi", help="write the OpenAPI document (or --check it)")
     spec.add_argument("--output", type=Path, default=Path("openapi.json"))
