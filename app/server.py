@@ -30,6 +30,8 @@ the answer).
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, TypedDict, cast
@@ -44,6 +46,12 @@ from app.errors import GatewayError, HeadersTooLarge, RequestTimeout, Unavailabl
 
 # After a refusal, how long what the client still sends is read and dropped before closing.
 LINGER_SECONDS = 2.0
+
+log = logging.getLogger("app.edge")
+
+# What this process's edge refused since it started, by error code (408, 431 and 503 never reach
+# the app, so neither its access log nor its request metrics see them): /metrics reads it.
+EDGE_REFUSALS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,8 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.refused or self.transport.is_closing():
             return
         self.refused = True
+        EDGE_REFUSALS[str(error.code)] += 1
+        log.info("refused a request from %s: %s", self.client[0] if self.client else "unknown", error.code)
         self._cancel_deadlines()
         self.pipeline.clear()
         cycle = self.cycle

@@ -87,7 +87,7 @@ async def healthy(gateway: GatewayProcess) -> None:
 async def edge(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayProcess]:
     """A gateway process with 1 s header and body timeouts (and the default header cap, 16 KiB)."""
     env = gateway_env(database_url, None, HEADER_TIMEOUT_SECONDS=str(TIMEOUT), BODY_TIMEOUT_SECONDS=str(TIMEOUT))
-    async with gateway_process(env, tmp_path_factory.mktemp("edge") / "gateway.log") as process:
+    async with gateway_process(env, tmp_path_factory.mktemp("edge") / "gateway.log", log_level="info") as process:
         yield process
 
 
@@ -212,3 +212,31 @@ async def test_connections_past_the_cap_get_503_with_retry_after(database_url: s
             return parse(raw).status == 200
 
         await wait_for(served, 10, what="a connection to be served once the held ones closed")
+
+
+async def test_edge_refusals_are_logged_and_counted_in_metrics(edge: GatewayProcess) -> None:
+    async def refusals() -> dict[str, float]:
+        scrape = await edge.client.get("/metrics")
+        counted = {}
+        for line in scrape.text.splitlines():
+            if line.startswith("gateway_edge_refusals_total{"):
+                labels, _, value = line.partition("} ")
+                counted[labels.split('code="')[1].rstrip('"')] = float(value)
+        return counted
+
+    before = await refusals()
+    reader, writer = await connect(edge)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    assert parse(await until_closed(reader, GRACE)).status == 431
+    writer.close()
+    reader, writer = await connect(edge)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Slow: ")
+    assert parse(await until_closed(reader, TIMEOUT + GRACE)).status == 408
+    writer.close()
+
+    async def both_counted() -> bool:
+        after = await refusals()
+        return all(after.get(code, 0) >= before.get(code, 0) + 1 for code in ("headers_too_large", "request_timeout"))
+
+    await wait_for(both_counted, 10, what="the refusals in /metrics (sampled each second)")
+    assert "refused a request from 127.0.0.1: headers_too_large" in edge.log_text()

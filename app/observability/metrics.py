@@ -27,6 +27,7 @@ from prometheus_client import values as prometheus_values
 
 from app.events import EventHub, Refusal
 from app.observability.multiprocess import MULTIPROC_ENV, multiprocess_dir
+from app.server import EDGE_REFUSALS
 from app.usage.record import UsageRecord
 
 log = logging.getLogger("app.metrics")
@@ -108,6 +109,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.edge_refusals = Counter(
+            "gateway_edge_refusals",
+            "Requests the HTTP edge refused before the app saw them (408 slow, 431 headers, 503 connections).",
+            ["code"],
+            registry=registry,
+        )
+        self._edge_counted = dict(EDGE_REFUSALS)  # counted from here on (the sampler adds each second)
         self.refusals = Counter(
             "gateway_ratelimit_refusals",
             "Requests refused by the caller's own limits, quotas or budget.",
@@ -216,6 +224,15 @@ class Metrics:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
             self.usage_queue_depth.set(self._queue_depth())
+            self._count_edge_refusals()
+
+    def _count_edge_refusals(self) -> None:
+        """Add what the edge (app/server.py) refused since the last reading."""
+        for code, total in list(EDGE_REFUSALS.items()):
+            new = total - self._edge_counted.get(code, 0)
+            if new > 0:
+                self.edge_refusals.labels(code).inc(new)
+                self._edge_counted[code] = total
 
     async def close(self) -> None:
         """Stop sampling; a worker that exits takes its live gauges (open streams, queue) with it."""
