@@ -100,6 +100,19 @@ async def test_simulated_embeddings_are_unit_vectors_that_know_shared_words(
     assert upstream.received(EMBEDDINGS) == []
 
 
+async def test_a_failed_upstream_is_never_stood_in_for_by_simulated_vectors(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    upstream.script(EMBEDDINGS, *[Reply(status=503)] * 6)
+    async with gateway_with(fallback_to_simulated=True) as gw:  # chat would fall back; embeddings must not
+        key, user = await gw.key("free")
+        with pytest.raises(openai.InternalServerError) as failed:
+            await sdk(gw, key).embeddings.create(model="default-embedding", input="lion")
+        assert failed.value.status_code == 502
+        [row] = await usage_rows(db, user_id=user, route="embeddings")
+        assert (row["status"], row["cost_usd"]) == ("error", 0)
+
+
 @pytest.mark.parametrize(
     ("change", "param", "code"),
     [

@@ -2,7 +2,10 @@
 
 The reservation is the inputs' tokens (estimated from characters, or counted when the
 client sends token ids) priced at the model's input price; the upstream's `usage` settles
-it. The answer goes back as the upstream sent it (floats, or base64 when asked for).
+it. The answer goes back as the upstream sent it (floats, or base64 when asked for). A failed
+upstream is never answered by the simulated provider (FALLBACK_TO_SIMULATED is for text): a
+client would store its vectors beside real ones. The simulated provider answers only when the
+operator or the user chose it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class EmbeddingService:
             request_id=request_id,
             buckets=self.limiter.embedding_buckets(principal, tokens, cost),
             reserved=Spent(tokens, 0, cost_usd=cost, estimated=True),
+            # Never stood in for: simulated vectors stored beside real ones would corrupt a client's index.
+            fallback="never",
         )
         reply = await self.calls.invoke(call, lambda provider: provider.embeddings(payload, length))
         try:
