@@ -27,7 +27,7 @@ from app.images.storage import S3Storage, StoredImageMissing
 from support import internals
 from support.auth import bearer
 from support.errors import assert_error
-from support.fake_upstream import FakeUpstream, Reply, _png
+from support.fake_upstream import FakeUpstream, Reply, _png, images_answer
 from support.gateway import Gateway, GatewayFactory, app_command, make_settings, serve
 from support.images import moto_s3, narrow_catalog, png_size, png_text
 from support.waiting import usage_rows, wait_for
@@ -848,3 +848,24 @@ async def test_batch_routes_need_a_key_and_a_real_batch(gw: Gateway) -> None:
     assert_error(await gw.client.post(BATCHES, json={"items": [{"prompt": "x"}]}), 401)
     assert_error(await gw.client.get(f"{BATCHES}/{uuid.uuid4()}", headers=bearer(key)), 404)
     assert_error(await gw.client.post(f"{BATCHES}/{uuid.uuid4()}/cancel", headers=bearer(key)), 404)
+
+
+@pytest.mark.parametrize(
+    ("usage", "flags"),
+    [
+        ({"input_tokens": -50, "output_tokens": 1056}, ["negative"]),  # no refund through a negative count
+        ({"input_tokens": 50, "output_tokens": "lots"}, ["malformed"]),  # priced per image instead
+        ({"input_tokens": 50, "output_tokens": 2**40}, ["absurd"]),
+    ],
+)
+async def test_image_usage_that_is_not_sane_is_clamped_and_flagged(
+    gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, usage: dict[str, Any], flags: list[str]
+) -> None:
+    answer = images_answer("a red fox in the snow", usage=usage, size=["not", "a", "size"], quality={"x": 1})
+    upstream.script("/v1/images/generations", Reply(body=answer))
+    key, user = await gateway.key("free")
+    response = await generate(gateway, key)
+    assert response.status_code == 200, response.text  # generated and stored: the client gets its image
+    [row] = await usage_rows(db, user_id=user, route="images.generations")
+    assert row["status"] == "ok" and json.loads(row["detail"])["usage_flags"] == flags
+    assert row["prompt_tokens"] >= 0 and 0 < row["cost_usd"] < 100

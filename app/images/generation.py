@@ -23,6 +23,7 @@ from app.images.options import ImageOptions
 from app.models import Image
 from app.ratelimit.limiter import Limiter
 from app.upstream.provider import Generation
+from app.usage.ledger import MalformedUsage, clamp_usage
 
 log = logging.getLogger("app.images")
 
@@ -39,6 +40,7 @@ class Produced:
     contents: list[bytes]
     generation: Generation
     call: Call
+    spent: Spent  # what the upstream reported, clamped (`image_spend`)
 
 
 def content_moderation_error(categories: list[str], param: str) -> InvalidRequest:
@@ -49,16 +51,29 @@ def content_moderation_error(categories: list[str], param: str) -> InvalidReques
     )
 
 
-def generation_cost(options: ImageOptions, generation: Generation) -> float:
-    """What the upstream bills: its reported tokens at the registry's prices, else the per-image price."""
+def image_spend(options: ImageOptions, generation: Generation) -> Spent:
+    """What the upstream bills: its reported tokens (clamped and flagged like any usage,
+    app/usage/ledger.py) at the registry's prices, else the per-image price."""
     spec = options.spec
-    if (
+    reported = {"prompt_tokens": generation.input_tokens, "completion_tokens": generation.output_tokens}
+    try:
+        prompt, completion, _, flags = clamp_usage(reported)
+    except MalformedUsage:
+        prompt, completion, flags = 0, 0, ["malformed"]
+    by_tokens = (
         generation.input_tokens is not None
         and generation.output_tokens is not None
+        and "malformed" not in flags
         and (spec.input_per_1m or spec.output_per_1m)
-    ):
-        return spec.token_cost(generation.input_tokens, generation.output_tokens)
-    return options.unit_price(generation.size, generation.quality) * len(generation.images)
+    )
+    cost = (
+        spec.token_cost(prompt, completion)
+        if by_tokens
+        else options.unit_price(generation.size, generation.quality) * len(generation.images)
+    )
+    return Spent(
+        prompt_tokens=prompt, completion_tokens=completion, images=len(generation.images), cost_usd=cost, flags=flags
+    )
 
 
 class ImageGenerator:
@@ -95,13 +110,7 @@ class ImageGenerator:
                 raise
         params = options.upstream_params(prompt)
         generation = await self.calls.invoke(call, lambda provider: provider.images(params))
-        cost = generation_cost(options, generation)
-        spent = Spent(
-            prompt_tokens=generation.input_tokens or 0,
-            completion_tokens=generation.output_tokens or 0,
-            images=len(generation.images),
-            cost_usd=cost,
-        )
+        spent = image_spend(options, generation)
         try:
             images = await self.history.save(
                 principal,
@@ -110,13 +119,13 @@ class ImageGenerator:
                 options,
                 generation,
                 simulated=call.simulated,
-                cost=0.0 if call.simulated else cost,
+                cost=0.0 if call.simulated else spent.cost_usd,
                 batch_id=batch_id,
                 regenerated_from=regenerated_from,
             )
         finally:  # generated and paid for, whether or not the bytes could be stored
             call.finish(spent, upstream_request_id=generation.request_id)
-        return Produced(images, [image.data for image in generation.images], generation, call)
+        return Produced(images, [image.data for image in generation.images], generation, call, spent)
 
     async def moderate(
         self,

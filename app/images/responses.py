@@ -21,14 +21,15 @@ from app.models import Image
 
 def stored_result(produced: Produced) -> dict[str, Any]:
     """The facts of a generation a replay needs (JSON), besides its images."""
-    generation = produced.generation
+    generation, spent = produced.generation, produced.spent
     first = produced.images[0]
     usage = None
-    if generation.input_tokens is not None and generation.output_tokens is not None:
+    reported = generation.input_tokens is not None and generation.output_tokens is not None
+    if reported and "malformed" not in spent.flags:  # as counted and charged: clamped
         usage = ImageUsage(
-            input_tokens=generation.input_tokens,
-            output_tokens=generation.output_tokens,
-            total_tokens=generation.input_tokens + generation.output_tokens,
+            input_tokens=spent.prompt_tokens,
+            output_tokens=spent.completion_tokens,
+            total_tokens=spent.prompt_tokens + spent.completion_tokens,
         ).model_dump()
     return {
         "created": int(first.created_at.timestamp()),

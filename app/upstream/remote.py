@@ -103,14 +103,20 @@ def parse_generation(body: bytes, request_id: str | None) -> Generation:
         ) from error
     if not images:
         raise UpstreamError("The upstream answered without any image.", billed=True)
-    usage = parsed.get("usage") or {}
+    usage = parsed.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     return Generation(
         images=images,
-        output_format=str(parsed.get("output_format") or "png"),
-        size=parsed.get("size"),
-        quality=parsed.get("quality"),
-        background=parsed.get("background"),
+        output_format=_text(parsed.get("output_format")) or "png",
+        size=_text(parsed.get("size")),
+        quality=_text(parsed.get("quality")),
+        background=_text(parsed.get("background")),
         input_tokens=usage.get("input_tokens"),
         output_tokens=usage.get("output_tokens"),
         request_id=request_id,
     )
+
+
+def _text(value: object) -> str | None:
+    """An option the upstream reports back: a string, or nothing (anything else is not one it set)."""
+    return value if isinstance(value, str) else None

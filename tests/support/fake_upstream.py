@@ -398,6 +398,11 @@ def _images(payload: JSONDict, n: int) -> JSONDict:
     }
 
 
+def images_answer(prompt: str, **changes: Any) -> JSONDict:
+    """The default answer for one image of `prompt`, with fields changed (a misbehaving upstream)."""
+    return {**_images({"prompt": prompt}, 1), **changes}
+
+
 def _client_secret(payload: JSONDict, n: int) -> JSONDict:
     """The default realtime client secret, echoing the requested session."""
     expires_after = payload.get("expires_after")
