@@ -339,6 +339,9 @@ class Calls:
                 if refusal.__cause__ is not None:  # refused for want of the database: the check may have counted
                     self.usage.give_back(pending.call_id, Decision(buckets), uncertain=True)
                 raise
+            except BaseException:  # cancelled while the check was out: it may still commit
+                self.usage.give_back(pending.call_id, Decision(buckets), uncertain=True)
+                raise
             if prior is not None:
                 decision = prior.joined(decision)
             try:
@@ -373,7 +376,10 @@ class Calls:
             except GatewayError as error:
                 if call.lease.answerer == "own_key" and error.code == "upstream_auth_error":
                     raise InvalidRequest(OWN_KEY_REJECTED, code=ErrorCode.OPENAI_KEY_REJECTED) from error
-                if not (call.may_fall_back and not call.simulated and upstream_failed(error)):
+                # A failure after the upstream took the request (`billed`) is not stood in for: it may be
+                # billed, so the call is charged its reservation (`Call.fail`), never recorded as free.
+                billed = getattr(error, "billed", False)
+                if not (call.may_fall_back and not call.simulated and upstream_failed(error)) or billed:
                     raise
                 log.warning("upstream failed (%s), answering simulated: %s", call.route, error.message)
             call._release()

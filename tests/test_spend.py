@@ -13,11 +13,12 @@ first call: the bucket was full, so the limit minus what remains is what the cal
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import openai
@@ -356,15 +357,45 @@ async def test_a_body_cut_off_after_the_status_line_is_not_retried(
     assert row["cost_usd"] > 0 and gpt5_mini_cost(row["prompt_tokens"], FREE_CAP) == dollars(row["cost_usd"])
 
 
+async def test_a_failure_the_upstream_may_bill_is_charged_not_answered_simulated(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    upstream.script(CHAT, Reply(truncate_at=40))
+    async with gateway_with(fallback_to_simulated=True) as gw:  # a 5xx would be answered simulated (test_chat)
+        key, user = await gw.key("free")
+        body = {"model": "default-chat", "messages": MESSAGES}
+        response = await gw.client.post(CHAT, json=body, headers=bearer(key))
+        assert_error(response, 502, code="upstream_error")
+        assert "x-gateway-fallback" not in response.headers
+        [row] = await usage_rows(db, user_id=user)
+        assert (row["status"], row["completion_tokens"]) == ("error", FREE_CAP)
+        assert row["cost_usd"] > 0 and gpt5_mini_cost(row["prompt_tokens"], FREE_CAP) == dollars(row["cost_usd"])
+
+
+async def test_a_stream_left_before_its_first_byte_is_charged_its_prompt(
+    gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    upstream.script(CHAT, Reply(delay=1.0))  # the upstream takes its time to start the stream
+    key, user = await gateway.key("free")
+    body = {"model": "default-chat", "messages": MESSAGES, "stream": True}
+
+    async def leave_early() -> None:
+        async with gateway.client.stream("POST", CHAT, json=body, headers=bearer(key)):
+            pass
+
+    task = asyncio.create_task(leave_early())
+    await asyncio.sleep(0.3)  # gone while the gateway waits for the upstream's first byte
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    [row] = await usage_rows(db, user_id=user)
+    assert (row["status"], row["stream"], row["completion_tokens"]) == ("cancelled", True, 0)
+    # The upstream took the request: its prompt is billed, and charged.
+    assert row["prompt_tokens"] > 0 and row["cost_usd"] > 0
+    assert gpt5_mini_cost(row["prompt_tokens"], 0) == dollars(row["cost_usd"])
+
+
 # Postgres away: rates kept by the process.
-
-
-@pytest.fixture
-async def cuttable_database(database_url: str):
-    if not urlsplit(database_url).port:
-        pytest.skip("needs a TCP database (TEST_DATABASE_URL) to cut")
-    async with TcpProxy.for_database(database_url) as proxy:
-        yield proxy
 
 
 async def chat(gateway: Gateway, key: str) -> Any:

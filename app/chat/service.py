@@ -154,7 +154,10 @@ class ChatService:
         call.attach(stream)
 
         async def gone() -> None:  # the client left before the relay could record anything
-            call.finish(status="cancelled", stream=True, upstream_request_id=stream.request_id)
+            # The upstream took the request and bills its prompt: that much is charged, as for any stream
+            # that ended before its usage chunk.
+            spent = call.token_spend(None)
+            call.finish(spent, status="cancelled", stream=True, upstream_request_id=stream.request_id)
 
         headers = {**call.headers(stream.request_id), **extra}
         return ByteStream(
