@@ -287,6 +287,23 @@ async def test_the_real_row_of_a_process_only_slow_to_beat_replaces_its_interrup
     assert await bucket_value(db, budget_key(user)) == pytest.approx(0.004)
 
 
+async def test_a_give_back_of_a_call_swept_as_interrupted_removes_its_row_and_refunds(
+    gateway: Gateway, db: asyncpg.Pool
+) -> None:
+    """The process seemed dead (the database was away longer than its lease), so a replica settled its
+    call as interrupted; the call had in fact been refused on the way and never reached the upstream."""
+    user = new_user()
+    pending, decision = await reserve(gateway, user, 1000, 0.01)
+    await db.execute("UPDATE usage_pending SET owner = $1 WHERE call_id = $2", await dead_instance(db), pending.call_id)
+    [event] = await usage_rows(db, call_id=pending.call_id)
+    assert event["status"] == "interrupted"
+    assert await bucket_value(db, budget_key(user)) == pytest.approx(0.01)
+
+    await internals.usage_writer(gateway.app).write([Settlement(pending.call_id, decision)])
+    assert await events_of(db, pending.call_id) == []  # never reached the upstream: no row
+    assert await bucket_value(db, budget_key(user)) == pytest.approx(0.0)
+
+
 async def test_a_dead_processs_idempotency_key_can_be_claimed_again(
     gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
 ) -> None:

@@ -55,7 +55,16 @@ settled AS (
 SELECT s.call_id, c.call_id IS NOT NULL OR e.call_id IS NOT NULL AS counted
 FROM settled s LEFT JOIN cleared c USING (call_id) LEFT JOIN usage_event e USING (call_id)
 """
-GIVE_BACK = "DELETE FROM usage_pending WHERE call_id = ANY($1::uuid[]) RETURNING call_id"
+# Calls that never reached the upstream: their pending rows go, and so does an `interrupted` row a
+# replica wrote for one while this process seemed dead (it charged the reservation, which this returns).
+GIVE_BACK = """
+WITH pending AS (
+    DELETE FROM usage_pending WHERE call_id = ANY($1::uuid[]) RETURNING call_id
+), swept AS (
+    DELETE FROM usage_event WHERE call_id = ANY($1::uuid[]) AND status = 'interrupted' RETURNING call_id
+)
+SELECT call_id FROM pending UNION SELECT call_id FROM swept
+"""
 # Calls whose process stopped beating: settled as interrupted at what they reserved (app/instances.py).
 SWEEP = f"""
 WITH dead AS (
@@ -101,7 +110,8 @@ def entry_from_json(values: dict[str, Any]) -> Entry:
 
 
 def outage(error: Exception) -> bool:
-    """The database could not be reached (as opposed to refusing what was sent)."""
+    """The database could not take the batch now (as opposed to refusing what was sent): spooled and
+    written later, never quarantined."""
     if isinstance(error, asyncpg.exceptions.DataError):  # our values, refused by the encoder
         return False
     return isinstance(
@@ -110,7 +120,12 @@ def outage(error: Exception) -> bool:
         | TimeoutError
         | asyncpg.InterfaceError
         | asyncpg.PostgresConnectionError
-        | asyncpg.exceptions.OperatorInterventionError,
+        | asyncpg.exceptions.OperatorInterventionError
+        # Refusals of the moment, not of the rows: a statement timed out, a deadlock, too many clients.
+        | asyncpg.exceptions.QueryCanceledError
+        | asyncpg.exceptions.DeadlockDetectedError
+        | asyncpg.exceptions.SerializationError
+        | asyncpg.exceptions.TooManyConnectionsError,
     )
 
 
