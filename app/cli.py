@@ -251,8 +251,9 @@ def reconcile(args: argparse.Namespace) -> None:
     from app.usage.reconcile import Costs, ExportError, compare, days_of, our_costs, read_export, render
 
     settings = get_settings()
+    catalog = load_catalog(settings.catalog_file)
     try:
-        theirs = read_export(args.export, load_catalog(settings.catalog_file))
+        theirs = read_export(args.export, catalog)
         first, last = days_of(theirs)
     except ExportError as error:
         raise SystemExit(f"reconcile: {error}") from error
@@ -261,11 +262,22 @@ def reconcile(args: argparse.Namespace) -> None:
         return await our_costs(pool, first, last)
 
     ours = _in_session(work)
-    table, differing = render(compare(ours, theirs), args.tolerance)
+    table, differing = render(compare(ours, theirs, catalog), args.tolerance)
     print(f"cost per UTC day and model, {first} to {last}: usage_event against {args.export}")
     print(table)
     if differing:
         raise SystemExit(1)
+
+
+def _usd(text: str) -> Decimal:
+    """An amount of USD given on the command line (argparse reports a ValueError as a usage error)."""
+    try:
+        amount = Decimal(text)
+    except ArithmeticError as error:
+        raise ValueError(text) from error
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(text)
+    return amount
 
 
 def render_openapi() -> str:
@@ -328,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     check.add_argument("export", type=Path, help="an export of OpenAI's organization costs, grouped by line item")
     check.add_argument(
-        "--tolerance", type=Decimal, default=Decimal("0.01"), help="USD a line may differ by (default 0.01)"
+        "--tolerance", type=_usd, default=Decimal("0.01"), help="USD a line may differ by (default 0.01)"
     )
     check.set_defaults(handler=reconcile)
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from app.config import PACKAGE_DIR
-from support.auth import bearer, make_jwt
+from support.auth import ADMIN_KEY, bearer, make_jwt
 from support.errors import assert_error
 from support.gateway import Gateway, GatewayFactory
 
@@ -126,6 +126,7 @@ async def test_shared_assistants_come_after_your_own_and_are_read_only(gateway: 
     teacher = await client.beta.assistants.retrieve("asst_teacher")
     extra = teacher.model_extra or {}
     assert teacher.name == "Teacher assistant" and extra["shared"] is True
+    assert teacher.instructions is None  # the operator's prompt is not shown to users
     assert "/ptm" in extra["shortcuts"] and extra["history_messages"] == 20
     assert "context_url" not in extra and "tiers" not in extra  # the operator's, not shown to users
     for attempt in (
@@ -143,6 +144,12 @@ async def test_shared_assistants_come_after_your_own_and_are_read_only(gateway: 
         ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type", "unsupported_tool"),
         ({"tools": [{"type": "file_search"}]}, "tools.0.type", "unsupported_tool"),
         ({"tool_resources": {"file_search": {"vector_store_ids": ["vs_1"]}}}, "tool_resources", "unsupported_tool"),
+        (
+            {"tool_resources": {"file_search": {"vector_stores": [{"file_ids": []}]}}},
+            "tool_resources",
+            "unsupported_tool",
+        ),
+        ({"history_tokens": 10**12}, "history_tokens", "invalid_request"),
         ({"model": "no-such-model"}, "model", "model_not_found"),
         ({"model": "default-image"}, "model", "model_not_found"),
         ({"model": "gpt-5"}, "model", "model_not_found"),  # not the free tier's
@@ -182,10 +189,18 @@ async def test_the_operator_shares_assistants_at_run_time(gateway: Gateway) -> N
 
     edited = await gateway.admin("PATCH", "/admin/assistants/asst_zoo_tiger", json={"instructions": "Roar first."})
     assert edited.status_code == 200 and edited.json()["history_messages"] == 8
-    assert (await client.beta.assistants.retrieve("asst_zoo_tiger")).instructions == "Roar first."
+    assert (await gateway.admin("GET", "/admin/assistants/asst_zoo_tiger")).json()["instructions"] == "Roar first."
     with pytest.raises(openai.PermissionDeniedError):
         await client.beta.assistants.update("asst_zoo_tiger", name="mine")
 
+    teacher = await gateway.admin("GET", "/admin/assistants/asst_teacher")
+    assert teacher.json()["instructions"].startswith("You are a teaching assistant")  # the operator sees it
+    endless = await gateway.client.post(  # 1e999 is valid JSON, and Python reads it as infinity
+        "/admin/assistants",
+        content=b'{"model": "default-chat", "context_ttl_seconds": 1e999}',
+        headers={**bearer(ADMIN_KEY), "content-type": "application/json"},
+    )
+    assert_error(endless, 400, code="invalid_request")
     from_file = await gateway.admin("PATCH", "/admin/assistants/asst_teacher", json={"name": "edited"})
     assert_error(from_file, 403, code="assistant_read_only")
     assert "ASSISTANTS_FILE" in from_file.json()["error"]["message"]
@@ -217,6 +232,27 @@ async def test_assistants_file_changes_reach_the_shared_assistants_at_start(
             shared = {item["id"]: item for item in listed.json()["data"]}
             assert sorted(shared) == [a for a in FILE_ASSISTANTS if a != "asst_zoo_lion"]
             assert shared["asst_teacher"]["name"] == "Teacher"
+
+
+async def test_an_operators_assistant_is_not_overwritten_by_a_profile_of_the_same_name(
+    gateway_with: GatewayFactory, tmp_path: Path
+) -> None:
+    edited = tmp_path / "assistants.toml"
+    text = (PACKAGE_DIR / "assistants.toml").read_text()
+    profile = '[profile.support]\nmodel = "default-chat"\ninstructions = "From the file."\n'
+    edited.write_text(text + "\n" + profile)
+    async with gateway_with() as gateway:
+        made = await gateway.admin("POST", "/admin/assistants", json={**LION, "slug": "support"})
+        assert made.status_code == 201, made.text
+        async with gateway_with(assistants_file=edited) as restarted:
+            kept = await restarted.admin("GET", "/admin/assistants/asst_support")
+            assert (kept.json()["source"], kept.json()["instructions"]) == ("admin", LION["instructions"])
+
+
+async def test_sdk_reasoning_efforts_are_taken(gateway: Gateway) -> None:
+    key, _ = await gateway.key("free")
+    made = await sdk(gateway, key).beta.assistants.create(**LION, reasoning_effort="max")
+    assert (made.model_extra or {})["reasoning_effort"] == "max"
 
 
 async def test_a_jwt_user_and_a_key_user_see_only_their_own(gateway: Gateway) -> None:

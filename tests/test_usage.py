@@ -101,6 +101,7 @@ async def test_reconcile_prints_each_day_and_models_difference(
             costs_page(DAY_ONE, [("gpt-5-mini-2025-08-07, input", 0.5), ("gpt-5-mini-2025-08-07, output", 1.0)]),
             costs_page(DAY_ONE, [("gpt-image-1-mini, image generation", 0.4)]),
             costs_page(DAY_TWO, [("gpt-5-mini-2025-08-07, output", 2.5), (None, 0.1)]),
+            costs_page(DAY_TWO, [("gpt-realtime-mini, audio input", 3.0)]),  # sessions the gateway cannot meter
         ],
         "has_more": False,
     }
@@ -112,8 +113,20 @@ async def test_reconcile_prints_each_day_and_models_difference(
     assert ["2026-11-30", "gpt-image-1-mini", "0.400000", "0.400000", "+0.000000"] in lines
     assert ["2026-12-01", "gpt-5-mini", "2.000000", "2.500000", "-0.500000", "<--", "differs"] in lines
     assert ["2026-12-01", "(unattributed)", "0.000000", "0.100000", "-0.100000", "<--", "differs"] in lines
-    assert ["total", "3.900000", "4.500000", "-0.600000"] in lines
-    assert "2 of 4 day-and-model lines differ by more than $0.01" in output
+    assert [
+        "2026-12-01",
+        "gpt-realtime-mini",
+        "0.000000",
+        "3.000000",
+        "-3.000000",
+        "(not",
+        "metered",
+        "by",
+        "the",
+        "gateway)",
+    ] in lines
+    assert ["total", "3.900000", "7.500000", "-3.600000"] in lines
+    assert "2 of 4 metered day-and-model lines differ by more than $0.01" in output
 
 
 async def test_reconcile_reads_a_csv_export_and_exits_0_when_it_agrees(
@@ -129,7 +142,7 @@ async def test_reconcile_reads_a_csv_export_and_exits_0_when_it_agrees(
     )
     code, output = await reconcile(database_url, export)
     assert code == 0, output
-    assert "0 of 3 day-and-model lines differ" in output
+    assert "0 of 3 metered day-and-model lines differ" in output
 
 
 async def test_reconcile_names_what_it_cannot_read(gateway: Gateway, database_url: str, tmp_path: Path) -> None:
@@ -140,3 +153,7 @@ async def test_reconcile_names_what_it_cannot_read(gateway: Gateway, database_ur
     export.write_text("date,line_item,amount\n2026-11-30,gpt-5-mini,lots\n")
     code, output = await reconcile(database_url, export)
     assert code == 1 and "line 2: 'lots' is not an amount" in output
+    pages = tmp_path / "costs.json"
+    pages.write_text(json.dumps({"data": [{"start_time": 1_764_460_800, "results": ["not an object"]}]}))
+    code, output = await reconcile(database_url, pages)
+    assert code == 1 and "is not an object" in output and "Traceback" not in output

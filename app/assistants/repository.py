@@ -18,9 +18,13 @@ def _visible_to(user_id: str) -> ColumnElement[bool]:
     return or_(Assistant.user_id == user_id, Assistant.user_id.is_(None))
 
 
-async def get_visible(session: AsyncSession, assistant_id: str, user_id: str) -> Assistant | None:
-    """The caller's own assistant or a shared one; None for another user's (never told apart)."""
-    return await session.scalar(select(Assistant).where(Assistant.id == assistant_id, _visible_to(user_id)))
+async def get_visible(
+    session: AsyncSession, assistant_id: str, user_id: str, *, for_update: bool = False
+) -> Assistant | None:
+    """The caller's own assistant or a shared one; None for another user's (never told apart). `for_update`
+    locks it until the transaction ends, so a modify and a delete of it run one after the other."""
+    query = select(Assistant).where(Assistant.id == assistant_id, _visible_to(user_id))
+    return await session.scalar(query.with_for_update() if for_update else query)
 
 
 async def get_shared(session: AsyncSession, assistant_id: str) -> Assistant | None:
@@ -82,14 +86,23 @@ async def chat_type_owners(session: AsyncSession) -> dict[str, str]:
     return {chat_type: assistant_id for assistant_id, chat_types in rows for chat_type in chat_types or ()}
 
 
-async def sync_file_assistants(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    """Make the shared assistants of ASSISTANTS_FILE exactly `rows`: upserted by id, others of the file deleted."""
+async def sync_file_assistants(session: AsyncSession, rows: list[dict[str, Any]]) -> list[str]:
+    """Make the shared assistants of ASSISTANTS_FILE exactly `rows`: upserted by id, others of the file deleted.
+    Returns the ids it left alone: an operator's assistant has them."""
+    written: set[str] = set()
     if rows:
         statement = insert(Assistant).values(rows)
         columns = {name: statement.excluded[name] for name in rows[0] if name != "id"}
-        await session.execute(
-            statement.on_conflict_do_update(index_elements=[Assistant.id], set_={**columns, "updated_at": func.now()})
+        # Only the file's own rows: an assistant an operator made with the same id stays theirs.
+        result = await session.scalars(
+            statement.on_conflict_do_update(
+                index_elements=[Assistant.id],
+                set_={**columns, "updated_at": func.now()},
+                where=Assistant.source == "file",
+            ).returning(Assistant.id)
         )
+        written = set(result)
     await session.execute(
         delete(Assistant).where(Assistant.source == "file", Assistant.id.not_in([row["id"] for row in rows]))
     )
+    return [row["id"] for row in rows if row["id"] not in written]

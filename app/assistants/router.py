@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.assistants import repository
 from app.assistants.repository import Order
@@ -21,6 +22,7 @@ from app.assistants.schemas import (
     SharedAssistantUpdate,
 )
 from app.assistants.service import admin_public, public
+from app.auth.principal import Principal
 from app.deps import AdminGuard, AssistantServiceDep, PrincipalDep, SessionDep
 from app.errors import AssistantNotFound, error_responses
 from app.models import Assistant
@@ -36,12 +38,21 @@ After = Annotated[Text | None, Query(max_length=120, description="An id of the l
 Before = Annotated[Text | None, Query(max_length=120, description="An id of the list: the page before it.")]
 
 
-async def valid_assistant(assistant_id: AssistantId, principal: PrincipalDep, session: SessionDep) -> Assistant:
-    """The caller's own assistant or a shared one; another user's is a 404, like one that does not exist."""
-    assistant = await repository.get_visible(session, assistant_id, principal.user_id)
+async def _visible(assistant_id: str, principal: Principal, session: AsyncSession, *, for_update: bool) -> Assistant:
+    assistant = await repository.get_visible(session, assistant_id, principal.user_id, for_update=for_update)
     if assistant is None:
         raise AssistantNotFound(assistant_id)
     return assistant
+
+
+async def valid_assistant(assistant_id: AssistantId, principal: PrincipalDep, session: SessionDep) -> Assistant:
+    """The caller's own assistant or a shared one; another user's is a 404, like one that does not exist."""
+    return await _visible(assistant_id, principal, session, for_update=False)
+
+
+async def assistant_to_change(assistant_id: AssistantId, principal: PrincipalDep, session: SessionDep) -> Assistant:
+    """`valid_assistant`, locked for the request's transaction (a concurrent delete waits, then finds none)."""
+    return await _visible(assistant_id, principal, session, for_update=True)
 
 
 async def valid_shared_assistant(assistant_id: AssistantId, session: SessionDep) -> Assistant:
@@ -52,6 +63,7 @@ async def valid_shared_assistant(assistant_id: AssistantId, session: SessionDep)
 
 
 ValidAssistant = Annotated[Assistant, Depends(valid_assistant)]
+AssistantToChange = Annotated[Assistant, Depends(assistant_to_change)]
 ValidSharedAssistant = Annotated[Assistant, Depends(valid_shared_assistant)]
 
 
@@ -88,7 +100,7 @@ async def get_assistant(assistant: ValidAssistant) -> AssistantPublic:
 
 @router.post("/assistants/{assistant_id}", responses=error_responses(400, 404))
 async def modify_assistant(
-    assistant: ValidAssistant,
+    assistant: AssistantToChange,
     body: AssistantUpdate,
     principal: PrincipalDep,
     session: SessionDep,
@@ -100,7 +112,7 @@ async def modify_assistant(
 
 @router.delete("/assistants/{assistant_id}", responses=error_responses(400, 404))
 async def delete_assistant(
-    assistant: ValidAssistant, session: SessionDep, service: AssistantServiceDep
+    assistant: AssistantToChange, session: SessionDep, service: AssistantServiceDep
 ) -> AssistantDeleted:
     """Delete one of your assistants. Shared ones are read-only (403)."""
     await service.delete(session, assistant)

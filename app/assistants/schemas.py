@@ -102,6 +102,8 @@ class ToolResourceVectorStores(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vector_store_ids: list[Text] = Field(default_factory=list, max_length=1)
+    # Vector stores to make with the assistant (refused until the gateway keeps vector stores).
+    vector_stores: list[dict[str, Any]] | None = Field(None, max_length=1)
 
 
 class ToolResources(BaseModel):
@@ -111,7 +113,10 @@ class ToolResources(BaseModel):
     file_search: ToolResourceVectorStores | None = None
 
 
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# Bounds of the gateway's numbers: finite, and within what a column or a prompt can take.
+MAX_TOKENS = 1_000_000
+MAX_SECONDS = 86_400.0
 Shortcuts = dict[Text, Annotated[Text, Field(min_length=1, max_length=20_000)]]
 
 
@@ -133,8 +138,8 @@ class AssistantFields(BaseModel):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_resources: ToolResources | None = None
     metadata: Metadata | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     response_format: ResponseFormat | None = None
     reasoning_effort: ReasoningEffort | None = None
     # The gateway's: a user's own assistant may carry these (ignored by OpenAI's SDK types).
@@ -144,7 +149,9 @@ class AssistantFields(BaseModel):
     history_messages: int | None = Field(
         None, ge=0, le=MAX_HISTORY_MESSAGES, description="How many of the thread's last messages a run sends."
     )
-    history_tokens: int | None = Field(None, ge=1, description="Older messages are left out past this many tokens.")
+    history_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Older messages are left out past this many tokens."
+    )
 
 
 class AssistantCreate(AssistantFields):
@@ -167,10 +174,10 @@ class SharedFields(BaseModel):
         None, description="default: follow FALLBACK_TO_SIMULATED; simulated: always fall back; never."
     )
     context_url: Text | None = Field(None, max_length=2_000)
-    context_ttl_seconds: float | None = Field(None, ge=0)
-    context_timeout_seconds: float | None = Field(None, gt=0, le=30)
+    context_ttl_seconds: float | None = Field(None, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    context_timeout_seconds: float | None = Field(None, gt=0, le=30, allow_inf_nan=False)
     tiers: list[Annotated[Text, Field(min_length=1, max_length=50)]] | None = Field(None, min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Cap on each reply, within the tier's cap.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Cap on each reply, within the tier's cap.")
 
     @field_validator("context_url")
     @classmethod

@@ -11,6 +11,7 @@ gateway cannot run yet (`code_interpreter`, `file_search`) are refused by name.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,8 @@ from app.registry import Catalog
 from app.threads.context import host_allowed
 from app.threads.profiles import Profile, Profiles
 
+log = logging.getLogger("app.assistants")
+
 # Assistants one user may own: enough for an app's per-character assistants, bounded for storage.
 MAX_ASSISTANTS_PER_USER = 1_000
 ID_PREFIX = "asst_"
@@ -63,7 +66,11 @@ def new_id() -> str:
 
 
 def public(assistant: Assistant) -> AssistantPublic:
-    return AssistantPublic(**_public_fields(assistant))
+    """What a user sees: a shared assistant's instructions are the operator's prompt, and stay theirs."""
+    fields = _public_fields(assistant)
+    if assistant.user_id is None:
+        fields["instructions"] = None
+    return AssistantPublic(**fields)
 
 
 def admin_public(assistant: Assistant) -> AdminAssistantPublic:
@@ -117,7 +124,12 @@ class AssistantService:
     async def sync_file(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         """Write ASSISTANTS_FILE's profiles as shared assistants (every process, at start-up)."""
         async with sessionmaker.begin() as session:
-            await repository.sync_file_assistants(session, [file_row(p) for p in self.profiles.profiles.values()])
+            rows = [file_row(profile) for profile in self.profiles.profiles.values()]
+            taken = await repository.sync_file_assistants(session, rows)
+        for assistant_id in taken:
+            log.warning(
+                "ASSISTANTS_FILE's %s is not served: an assistant made through /admin has that id", assistant_id
+            )
 
     # A user's own.
 
@@ -269,7 +281,7 @@ def _refuse_unsupported(body: AssistantFields) -> None:
     resources = body.tool_resources
     if resources is not None and (
         (resources.code_interpreter and resources.code_interpreter.file_ids)
-        or (resources.file_search and resources.file_search.vector_store_ids)
+        or (resources.file_search and (resources.file_search.vector_store_ids or resources.file_search.vector_stores))
     ):
         raise InvalidRequest(
             "tool_resources name files or vector stores, which this gateway's assistants cannot use yet.",

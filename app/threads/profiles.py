@@ -55,18 +55,18 @@ class Profile(BaseModel):
     model: str = "default-chat"
     # A template: {{user_id}}, {{chat_type}}, {{goal_id}}, {{date}}, {{context}}, {{context.KEY}}.
     instructions: str = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     history_messages: int = Field(20, ge=0, le=MAX_HISTORY_MESSAGES)
-    history_tokens: int | None = Field(None, ge=1)
+    history_tokens: int | None = Field(None, ge=1, le=1_000_000)
     # `/ptm` -> a full prompt; {{args}} is what the user typed after the command.
     shortcuts: dict[str, str] = {}
     chat_types: list[str] = []
     # default: follow FALLBACK_TO_SIMULATED; simulated: always fall back; never: never.
     fallback: Fallback = "default"
     context_url: str | None = None
-    context_ttl_seconds: float | None = Field(None, ge=0)
-    context_timeout_seconds: float | None = Field(None, gt=0, le=30)
+    context_ttl_seconds: float | None = Field(None, ge=0, le=86_400, allow_inf_nan=False)
+    context_timeout_seconds: float | None = Field(None, gt=0, le=30, allow_inf_nan=False)
     # The tiers whose users may use this profile; None: every tier. Each must be allowed the model.
     tiers: list[str] | None = Field(None, min_length=1)
 

@@ -54,6 +54,7 @@ class Line:
     model: str
     ours: Decimal
     theirs: Decimal
+    metered: bool = True  # False: the gateway records no cost for this model (realtime sessions)
 
     @property
     def difference(self) -> Decimal:
@@ -94,14 +95,16 @@ def _json_entries(path: Path) -> Iterator[tuple[date, object, Decimal]]:
         for bucket in buckets:
             day = _day(bucket.get("start_time") if isinstance(bucket, dict) else None, f"{path}: a bucket's start_time")
             for result in bucket.get("results") or []:
-                amount = result.get("amount") if isinstance(result, dict) else None
+                if not isinstance(result, dict):
+                    raise ExportError(f"{path}: a result on {day} is not an object")
+                amount = result.get("amount")
                 value = amount.get("value") if isinstance(amount, dict) else amount
                 yield day, result.get("line_item"), _amount(value, f"{path}: an amount on {day}")
 
 
 def _csv_entries(path: Path) -> Iterator[tuple[date, object, Decimal]]:
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is no column name
             rows = list(csv.DictReader(handle))
     except (OSError, csv.Error, UnicodeDecodeError) as error:
         raise ExportError(f"{path}: not readable CSV ({error})") from error
@@ -122,9 +125,11 @@ def _column(header: set[str], names: tuple[str, ...], path: Path) -> str:
 
 
 def _day(value: object, where: str) -> date:
-    """A UTC day from epoch seconds (the costs endpoint) or an ISO date or instant."""
+    """A UTC day from epoch seconds (the costs endpoint) or an ISO date or instant (20261201 is a date)."""
     try:
-        if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
+        if isinstance(value, int | float) or (
+            isinstance(value, str) and value.strip().isdigit() and len(value.strip()) > 8
+        ):
             return datetime.fromtimestamp(float(value), UTC).date()
         if isinstance(value, str):
             parsed = datetime.fromisoformat(value.strip())
@@ -152,12 +157,15 @@ async def our_costs(pool: asyncpg.Pool, first: date, last: date) -> Costs:
     return {(row["day"], row["model"]): row["cost"] for row in rows}
 
 
-def compare(ours: Costs, theirs: Costs) -> list[Line]:
-    """Every (day, model) either side knows, in order."""
-    keys = sorted(set(ours) | set(theirs))
+def compare(ours: Costs, theirs: Costs, catalog: Catalog) -> list[Line]:
+    """Every (day, model) either side knows, in order. Realtime models are not metered by the gateway
+    (a session's audio is billed upstream after the secret is handed out): listed, never flagged."""
+    unmetered = {spec.id for spec in catalog.models if spec.kind == "realtime"}
     return [
-        Line(day, model, ours.get((day, model), Decimal(0)), theirs.get((day, model), Decimal(0)))
-        for day, model in keys
+        Line(
+            day, model, ours.get((day, model), Decimal(0)), theirs.get((day, model), Decimal(0)), model not in unmetered
+        )
+        for day, model in sorted(set(ours) | set(theirs))
     ]
 
 
@@ -168,7 +176,9 @@ def render(lines: Iterable[Line], tolerance: Decimal) -> tuple[str, int]:
     over = 0
     for line in lines:
         flag = ""
-        if abs(line.difference) > tolerance:
+        if not line.metered:
+            flag = "  (not metered by the gateway)"
+        elif abs(line.difference) > tolerance:
             over += 1
             flag = "  <-- differs"
         out.append(
@@ -177,7 +187,8 @@ def render(lines: Iterable[Line], tolerance: Decimal) -> tuple[str, int]:
         )
     ours, theirs = sum((x.ours for x in lines), Decimal(0)), sum((x.theirs for x in lines), Decimal(0))
     out.append(f"{'total':<10}  {'':<28} {ours:>12.6f} {theirs:>12.6f} {ours - theirs:>+12.6f}")
-    out.append(f"{over} of {len(lines)} day-and-model lines differ by more than ${tolerance}")
+    metered = sum(line.metered for line in lines)
+    out.append(f"{over} of {metered} metered day-and-model lines differ by more than ${tolerance}")
     return "\n".join(out), over
 
 
