@@ -25,6 +25,7 @@ from app.images.history import ImageHistory
 from app.images.service import ImageService
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
+from app.responses.service import ResponsesService
 from app.runtime import Runtime
 from app.threads.service import ThreadService
 
@@ -129,6 +130,10 @@ def _embeddings(runtime: RuntimeDep) -> EmbeddingService:
     return runtime.embeddings
 
 
+def _responses(runtime: RuntimeDep) -> ResponsesService:
+    return runtime.responses
+
+
 def _threads(runtime: RuntimeDep) -> ThreadService:
     return runtime.threads
 
@@ -157,6 +162,7 @@ CatalogDep = Annotated[Catalog, Depends(_catalog)]
 AssistantServiceDep = Annotated[AssistantService, Depends(_assistants)]
 ChatServiceDep = Annotated[ChatService, Depends(_chat)]
 EmbeddingServiceDep = Annotated[EmbeddingService, Depends(_embeddings)]
+ResponsesServiceDep = Annotated[ResponsesService, Depends(_responses)]
 ThreadServiceDep = Annotated[ThreadService, Depends(_threads)]
 ImageServiceDep = Annotated[ImageService, Depends(_images)]
 ImageHistoryDep = Annotated[ImageHistory, Depends(_image_history)]

@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     # What was not found.
     NOT_FOUND = "not_found"
     ASSISTANT_NOT_FOUND = "assistant_not_found"
+    RESPONSE_NOT_FOUND = "response_not_found"
     THREAD_NOT_FOUND = "thread_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     IMAGE_CONTENT_MISSING = "image_content_missing"
@@ -203,6 +204,10 @@ class ModelNotFound(ResourceNotFound):
         NotFound.__init__(
             self, f"The model '{identifier}' does not exist or you do not have access to it.", param="model"
         )
+
+
+class ResponseNotFound(ResourceNotFound):
+    resource, param_name, code = "response", "response_id", ErrorCode.RESPONSE_NOT_FOUND
 
 
 class AssistantNotFound(ResourceNotFound):

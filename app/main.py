@@ -30,6 +30,7 @@ from app.middleware import RequestContextMiddleware
 from app.observability.router import router as observability_router
 from app.observability.routes import route_of
 from app.realtime.router import router as realtime_router
+from app.responses.router import router as responses_router
 from app.runtime import Runtime
 from app.threads.router import router as threads_router
 from app.usage.router import router as usage_router
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(observability_router)  # /metrics, tag "operations"
     app.include_router(usage_router, prefix="/v1")
     app.include_router(embeddings_router, prefix="/v1")
+    app.include_router(responses_router, prefix="/v1")
     app.include_router(images_router, prefix="/v1")
     app.include_router(assistants_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")

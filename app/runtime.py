@@ -49,6 +49,7 @@ from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
+from app.responses.service import ResponsesService
 from app.sse import Stopping
 from app.streams import StreamSlots
 from app.threads.context import ContextSource
@@ -87,6 +88,7 @@ class Runtime:
     assistants: AssistantService
     chat: ChatService
     embeddings: EmbeddingService
+    responses: ResponsesService
     threads: ThreadService
     images: ImageService
     image_history: ImageHistory
@@ -243,6 +245,7 @@ class Runtime:
             assistants=assistants,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             embeddings=EmbeddingService(catalog, limiter, calls),
+            responses=ResponsesService(settings, catalog, limiter, calls, db.pool, stopping),
             threads=ThreadService(profiles, turns),
             images=images,
             image_history=history,

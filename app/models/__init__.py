@@ -8,6 +8,7 @@ from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem
 from app.models.instances import GatewayInstance
 from app.models.ratelimit import RateLimitBucket
 from app.models.refusals import LimitRefusal
+from app.models.responses import ResponseOwner
 from app.models.secrets import GatewaySecret
 from app.models.threads import Thread, ThreadMessage, UserContextCache
 from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
@@ -25,6 +26,7 @@ __all__ = [
     "ImageBatchItem",
     "LimitRefusal",
     "RateLimitBucket",
+    "ResponseOwner",
     "Thread",
     "ThreadMessage",
     "UsageEvent",

@@ -88,12 +88,18 @@ class UpstreamHTTP:
         await self.session.close()
 
     async def post(self, path: str, body: bytes) -> UpstreamReply:
+        return await self.request("POST", path, body)
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, params: dict[str, str] | None = None
+    ) -> UpstreamReply:
         """The whole answer, within UPSTREAM_TOTAL_TIMEOUT. Attempts are retried only until the upstream
         answers: once its status line has come, a body that breaks off is a failure, never a retry (the
         upstream took the request and may bill it)."""
+        url = self.base_url + path
 
         async def attempt(number: int) -> UpstreamReply:
-            async with self.session.post(self.base_url + path, data=body, headers=self.headers) as response:
+            async with self.session.request(method, url, data=body, params=params, headers=self.headers) as response:
                 payload = await read_body(response)
                 if response.status >= 300:
                     raise StatusFailure(response.status, payload, response.headers)

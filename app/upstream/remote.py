@@ -1,6 +1,6 @@
 """A real OpenAI-compatible upstream, called with one key: the operator's or a user's own.
 
-Chat and embeddings go over the lean aiohttp client (app/upstream/http.py); images, moderation and
+Chat, embeddings and the Responses API go over the lean aiohttp client (app/upstream/http.py); images, moderation and
 realtime secrets through the `openai` SDK with `max_retries=0` (retried by our policy,
 like the pass-through). Image answers are read raw: megabytes of base64 are decoded off
 the event loop instead of being parsed into the SDK's models and dumped again.
@@ -18,7 +18,7 @@ from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from app.config import Settings
 from app.errors import UpstreamError
-from app.sse import CHAT_COMPLETIONS
+from app.sse import CHAT_COMPLETIONS, RESPONSES
 from app.upstream.http import UpstreamHTTP, UpstreamStream
 from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
 from app.upstream.retry import RetryPolicy
@@ -55,6 +55,17 @@ class RemoteProvider:
 
     async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply:
         return await self.http.post("/embeddings", orjson.dumps(payload))
+
+    async def responses(self, payload: dict[str, Any]) -> UpstreamReply:
+        return await self.http.post("/responses", orjson.dumps(payload))
+
+    async def responses_stream(self, payload: dict[str, Any]) -> UpstreamStream:
+        return await self.http.open_stream("/responses", orjson.dumps(payload), RESPONSES)
+
+    async def responses_call(
+        self, method: str, path: str, params: dict[str, str] | None = None, payload: dict[str, Any] | None = None
+    ) -> UpstreamReply:
+        return await self.http.request(method, path, orjson.dumps(payload) if payload is not None else None, params)
 
     async def images(self, params: dict[str, Any]) -> Generation:
         """Retried until the upstream answers; a body that breaks off after that is billed, not retried."""

@@ -27,6 +27,13 @@ from app.sse import Event
 from app.tokens import embedding_inputs, embedding_tokens, estimate_prompt_tokens, estimate_tokens
 from app.upstream.png import dimensions, simulated_png
 from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
+from app.upstream.simulated_responses import (
+    SimulatedResponses,
+    input_messages,
+    input_tokens,
+    response_object,
+    stream_events,
+)
 
 FINGERPRINT = "simulated"
 # Simulated embeddings: the words of a text, each adding +-1 at this many hashed places.
@@ -126,8 +133,28 @@ def _embeddings(items: list[str | list[int]], length: int, as_base64: bool) -> d
     return {"object": "list", "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+class SimulatedEvents:
+    """Events made up front, handed out as a stream."""
+
+    request_id = None
+    attempts = 1
+
+    def __init__(self, events: list[Event]) -> None:
+        self._events = events
+
+    async def events(self) -> AsyncIterator[Event]:
+        for event in self._events:
+            yield event
+
+    def close(self) -> None:
+        return None
+
+
 class SimulatedProvider:
     simulated = True
+
+    def __init__(self) -> None:
+        self.kept_responses = SimulatedResponses()
 
     async def chat(self, payload: dict[str, Any]) -> UpstreamReply:
         messages = payload["messages"]
@@ -157,6 +184,26 @@ class SimulatedProvider:
         items = embedding_inputs(payload["input"])
         body = await asyncio.to_thread(_embeddings, items, length, payload.get("encoding_format") == "base64")
         return UpstreamReply(orjson.dumps({**body, "model": payload["model"]}), None)
+
+    async def responses(self, payload: dict[str, Any]) -> UpstreamReply:
+        response_id = self.kept_responses.new_id()
+        response = response_object(payload, response_id, reply_text(input_messages(payload)), "completed")
+        self.kept_responses.keep(response, payload)
+        return UpstreamReply(orjson.dumps(response), None)
+
+    async def responses_stream(self, payload: dict[str, Any]) -> SimulatedEvents:
+        response_id = self.kept_responses.new_id()
+        text = reply_text(input_messages(payload))
+        self.kept_responses.keep(response_object(payload, response_id, text, "completed"), payload)
+        return SimulatedEvents(stream_events(payload, response_id, text))
+
+    async def responses_call(
+        self, method: str, path: str, params: dict[str, str] | None = None, payload: dict[str, Any] | None = None
+    ) -> UpstreamReply:
+        if path == "/responses/input_tokens":
+            counted = {"object": "response.input_tokens", "input_tokens": input_tokens(payload or {})}
+            return UpstreamReply(orjson.dumps(counted), None)
+        return UpstreamReply(orjson.dumps(self.kept_responses.call(method, path)), None)
 
     async def images(self, params: dict[str, Any]) -> Generation:
         """Real PNGs, the same for the same prompt. Only PNG can be drawn without an image

@@ -85,6 +85,7 @@ class FakeUpstream:
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._stopping = asyncio.Event()
+        self.responses: dict[str, tuple[JSONDict, list[JSONDict]]] = {}  # the Responses API's kept responses
 
     async def start(self) -> None:
         """Listen on an ephemeral loopback port."""
@@ -130,6 +131,7 @@ class FakeUpstream:
         self._scripts.clear()
         self._defaults.clear()
         self.requests.clear()
+        self.responses.clear()
 
     # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
     async def wait_streams_closed(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
@@ -170,6 +172,8 @@ class FakeUpstream:
         wants_stream = payload is not None and payload.get("stream") is True
         if request.path == CHAT_PATH and (wants_stream or reply.chunks is not None):
             return await self._stream(request, reply, out_headers, payload or {}, n)
+        if request.path.startswith(RESPONSES_PATH):
+            return await self._responses(request, reply, out_headers, payload or {}, n)
 
         route = ROUTES.get((request.method, request.path))
         if route is None:
@@ -243,6 +247,120 @@ class FakeUpstream:
         finally:
             self.streams_open -= 1
         return response
+
+    async def _responses(
+        self, request: web.Request, reply: Reply, headers: dict[str, str], payload: JSONDict, n: int
+    ) -> web.StreamResponse:
+        """The Responses API: create (plain, or streamed as named events), and the calls on a kept response."""
+        rest = request.path.removeprefix(RESPONSES_PATH).strip("/").split("/")
+        if request.method == "POST" and rest == [""]:
+            response_id = f"resp_fake_{n}"
+            usage = reply.usage(payload) if callable(reply.usage) else reply.usage
+            response = _response(payload, response_id, RESPONSE_USAGE if usage is None else usage)
+            items = [{"id": f"msg_in_{n}", "type": "message", "role": "user", "content": payload.get("input")}]
+            self.responses[response_id] = (response, items)
+            if payload.get("stream") is not True:
+                return await self._plain(request, reply, orjson.dumps(response), headers)
+            stream = web.StreamResponse(status=200, headers=headers)
+            stream.content_type = "text/event-stream"
+            await stream.prepare(request)
+            for number, (name, data) in enumerate(_response_events(response)):
+                if reply.chunk_delay:
+                    await asyncio.sleep(reply.chunk_delay)
+                await stream.write(
+                    f"event: {name}\ndata: ".encode() + orjson.dumps({**data, "sequence_number": number}) + b"\n\n"
+                )
+            await stream.write_eof()
+            return stream
+        if rest == ["input_tokens"]:
+            return _json_response(200, {"object": "response.input_tokens", "input_tokens": 7}, headers)
+        kept = self.responses.get(rest[0])
+        if kept is None:
+            return _json_response(404, _error_body(404, f"No response found with id '{rest[0]}'."), headers)
+        response, items = kept
+        if request.method == "DELETE":
+            del self.responses[rest[0]]
+            return _json_response(200, {"id": rest[0], "object": "response", "deleted": True}, headers)
+        if rest[1:] == ["cancel"]:
+            return _json_response(400, _error_body(400, "Only background responses can be cancelled."), headers)
+        if rest[1:] == ["input_items"]:
+            page = {
+                "object": "list",
+                "data": items,
+                "first_id": items[0]["id"],
+                "last_id": items[-1]["id"],
+                "has_more": False,
+            }
+            return _json_response(200, page, headers)
+        return _json_response(200, response, headers)
+
+
+RESPONSES_PATH = "/v1/responses"
+# What a default response reports: 5 of its 20 input tokens cached, 12 of its 30 output tokens reasoning.
+RESPONSE_USAGE: JSONDict = {
+    "input_tokens": 20,
+    "input_tokens_details": {"cached_tokens": 5},
+    "output_tokens": 30,
+    "output_tokens_details": {"reasoning_tokens": 12},
+    "total_tokens": 50,
+}
+
+
+def _response(payload: JSONDict, response_id: str, usage: JSONDict) -> JSONDict:
+    message = {
+        "type": "message",
+        "id": "msg_" + response_id,
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": CONTENT, "annotations": []}],
+    }
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": CREATED,
+        "status": "completed",
+        "model": payload.get("model"),
+        "output": [message],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "max_output_tokens": payload.get("max_output_tokens"),
+        "previous_response_id": payload.get("previous_response_id"),
+        "usage": usage,
+    }
+
+
+def _response_events(response: JSONDict) -> list[tuple[str, JSONDict]]:
+    """A streamed response's events, in order, as the API names them."""
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    message = response["output"][0]
+    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    deltas = [CONTENT[i : i + 8] for i in range(0, len(CONTENT), 8)]
+    return [
+        ("response.created", {"type": "response.created", "response": started}),
+        ("response.in_progress", {"type": "response.in_progress", "response": started}),
+        (
+            "response.output_item.added",
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**message, "status": "in_progress", "content": []},
+            },
+        ),
+        ("response.content_part.added", {"type": "response.content_part.added", **where, "part": part}),
+        *(
+            ("response.output_text.delta", {"type": "response.output_text.delta", **where, "delta": d, "logprobs": []})
+            for d in deltas
+        ),
+        ("response.output_text.done", {"type": "response.output_text.done", **where, "text": CONTENT, "logprobs": []}),
+        (
+            "response.content_part.done",
+            {"type": "response.content_part.done", **where, "part": {**part, "text": CONTENT}},
+        ),
+        ("response.output_item.done", {"type": "response.output_item.done", "output_index": 0, "item": message}),
+        ("response.completed", {"type": "response.completed", "response": response}),
+    ]
 
 
 def _parse_json(raw: bytes) -> JSONDict | None:
