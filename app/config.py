@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     stream_heartbeat_seconds: float = Field(15.0, gt=0)
     stream_max_seconds: float = Field(600.0, gt=0)
+    # Background responses: how often their state is read until they finish, and the most they may run.
+    responses_poll_seconds: float = Field(2.0, gt=0)
+    responses_background_max_seconds: float = Field(3600.0, gt=0)
     # How long a stopping server waits for requests in flight; streams are ended with an error event at once.
     shutdown_grace_seconds: float = Field(30.0, ge=0)
 

@@ -10,6 +10,7 @@ the `EventHub` handed to each part as it is built.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ class Runtime:
         await batch_runner.start()
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
 
+        responses = ResponsesService(settings, catalog, limiter, calls, db.pool, stopping)
         jobs = Jobs()
         jobs.run("shutdown watch", stopping.watch)
         jobs.every("instance heartbeat", settings.instance_beat_seconds, instance.beat)
@@ -216,6 +218,7 @@ class Runtime:
             lambda: prune_idle_threads(db.sessionmaker, days=settings.thread_retention_days),
         )
         jobs.every("image retention", settings.image_retention_interval, retention.prune)
+        jobs.every("background responses", settings.responses_poll_seconds, responses.settle_background)
         stack.push_async_callback(jobs.stop)
 
         images = ImageService(
@@ -245,7 +248,7 @@ class Runtime:
             assistants=assistants,
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             embeddings=EmbeddingService(catalog, limiter, calls),
-            responses=ResponsesService(settings, catalog, limiter, calls, db.pool, stopping),
+            responses=responses,
             threads=ThreadService(profiles, turns),
             images=images,
             image_history=history,
@@ -269,11 +272,17 @@ class Runtime:
 
     @property
     def idle(self) -> bool:
-        """No batch item under way, no usage row or refusal waiting to be written."""
-        return self.batch_runner.in_flight == 0 and self.usage.queue_depth == 0 == self.refusals.queue_depth
+        """No batch item or background response under way, no usage row or refusal waiting to be written."""
+        quiet = self.batch_runner.in_flight == 0 and not self.responses.background
+        return quiet and self.usage.queue_depth == 0 == self.refusals.queue_depth
 
     async def drain(self) -> None:
-        """Settle background work: no batch item under way, every queued usage row and refusal written."""
+        """Settle background work: no batch item or background response under way, every queued usage
+        row and refusal written."""
+        while self.responses.background:
+            await self.responses.settle_background()
+            if self.responses.background:
+                await asyncio.sleep(self.settings.responses_poll_seconds / 10)
         await self.batch_runner.idle()
         await self.usage.drain()
         await self.refusals.drain()

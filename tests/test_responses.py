@@ -22,6 +22,11 @@ FREE_CAP = 2048  # the free tier's max_completion_tokens (app/catalog.toml)
 DEFAULT_COST = Decimal(15 * 0.25 + 5 * 0.025 + 30 * 2.0) / 1_000_000
 
 
+@pytest.fixture(scope="module")
+def gateway_settings() -> dict[str, Any]:
+    return {"responses_poll_seconds": 0.1}  # background responses are read often, so they settle quickly
+
+
 def sdk(gateway: Gateway, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
 
@@ -118,11 +123,45 @@ async def test_a_follow_up_reserves_the_tokens_of_the_response_it_continues(
     assert len(upstream.received(RESPONSES)) == 1
 
 
+async def test_a_background_response_is_reserved_until_it_finishes_then_settled(
+    gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    key, user = await gateway.key("free")
+    client = sdk(gateway, key)
+    queued = await client.responses.create(model="default-chat", input="Think it over", background=True)
+    assert queued.status == "queued"
+    assert await db.fetchval("SELECT count(*) FROM usage_pending WHERE user_id = $1", user) == 1  # still reserved
+    [row] = await usage_rows(db, user_id=user, route="responses")  # read until done, then settled
+    assert (row["status"], row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == ("ok", 20, 5, 30)
+    assert row["cost_usd"] == pytest.approx(DEFAULT_COST, abs=Decimal("1e-8"))
+    assert (await client.responses.retrieve(queued.id)).status == "completed"
+
+    # Its events again, after the fourth: a client resuming a stream it lost.
+    resumed = await client.responses.retrieve(queued.id, stream=True, starting_after=3)
+    events = [event async for event in resumed]
+    assert events[0].sequence_number == 4 and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == CONTENT
+
+
+async def test_a_cancelled_background_response_is_charged_what_it_used(
+    gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    key, user = await gateway.key("free")
+    client = sdk(gateway, key)
+    queued = await client.responses.create(model="default-chat", input="Think it over", background=True)
+    cancelled = await client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    rows = await usage_rows(db, 2, user_id=user)
+    by_route = {row["route"]: row for row in rows}
+    assert (by_route["responses"]["status"], by_route["responses"]["completion_tokens"]) == ("cancelled", 3)
+    assert by_route["responses.cancel"]["cost_usd"] == 0
+
+
 @pytest.mark.parametrize(
     ("change", "param"),
     [
         ({"stream": 0}, "stream"),
-        ({"background": True}, "background"),
+        ({"background": True, "stream": True}, "stream"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"max_output_tokens": 100_000}, "max_output_tokens"),
         ({"model": "gpt-5"}, "model"),  # not the free tier's

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from app.deps import PrincipalDep, ResponsesServiceDep
-from app.errors import InvalidRequest, error_responses, request_id_of
+from app.errors import error_responses, request_id_of
 from app.responses.schemas import RESPONSE_ID_MAX, InputTokensRequest, ResponseCreate
 from app.validation import Text
 
@@ -56,11 +56,12 @@ async def get_response(
     request: Request,
     principal: PrincipalDep,
     service: ResponsesServiceDep,
-    stream: Annotated[bool, Query(description="Resuming a stream is not supported yet: a 400.")] = False,
+    stream: Annotated[bool, Query(description="Stream its events again (a background response's).")] = False,
+    starting_after: Annotated[int, Query(ge=-1, le=10**9, description="With `stream`: events after this one.")] = -1,
 ) -> Response:
-    """One of your responses."""
+    """One of your responses; with `stream=true`, its events after `starting_after` (to resume a stream)."""
     if stream:
-        raise InvalidRequest("Resuming a response's stream is not supported by this gateway yet.", param="stream")
+        return await service.resume(principal, response_id, starting_after, request_id_of(request))
     return await service.on_response(
         principal, response_id, request_id_of(request), route="responses.retrieve", method="GET"
     )

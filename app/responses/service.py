@@ -10,12 +10,17 @@ The upstream keeps responses under the operator's key, so every response id the 
 hands out is recorded with its user (`response_owner`); any other user's id is a 404 on
 every route, `previous_response_id` included. A streamed response is recorded from its
 `response.created` event, before the client sees its id.
+
+A background response keeps its call open (reserved) until it has finished: `settle_background`,
+a runtime job, reads it and settles it from its final usage.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -33,6 +38,8 @@ from app.sse import HEARTBEAT, ByteStream, Stopping, encode, paced
 from app.tokens import chars_to_tokens
 from app.upstream.provider import EventStream
 from app.usage.record import Status
+
+log = logging.getLogger("app.responses")
 
 ROUTE = "responses"
 CAP_HEADER = "x-gateway-max-output-tokens"
@@ -60,12 +67,26 @@ def chat_usage(usage: object) -> object:
     }
 
 
+def _overtime() -> UpstreamError:
+    return UpstreamError("The stream exceeded its maximum duration.", code=ErrorCode.STREAM_TIMEOUT)
+
+
 def _object(body: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+@dataclass(slots=True)
+class Running:
+    """A background response under way: its call stays open (reserved) until the response has finished."""
+
+    call: Call
+    principal: Principal
+    model: str
+    started: float
 
 
 class ResponsesService:
@@ -84,6 +105,7 @@ class ResponsesService:
         self.calls = calls
         self.pool = pool
         self.stopping = stopping
+        self.background: dict[str, Running] = {}
 
     # Ownership.
 
@@ -103,8 +125,10 @@ class ResponsesService:
 
     async def create(self, principal: Principal, body: ResponseCreate, request_id: str) -> Response:
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
-        if body.background:
-            raise InvalidRequest("Background responses are not supported by this gateway yet.", param="background")
+        if body.background and body.stream:
+            raise InvalidRequest(
+                "Streamed background responses are not supported yet: leave out one of the two.", param="stream"
+            )
         if body.conversation is not None:
             raise InvalidRequest("Conversations are not supported by this gateway yet.", param="conversation")
         payload = body.model_dump(exclude_unset=True)
@@ -155,9 +179,14 @@ class ResponsesService:
         except UpstreamError as failure:
             call.fail(failure)
             raise
+        headers = {**call.headers(reply.request_id), **extra}
+        if answer.get("status") in ("queued", "in_progress"):  # background: settled once it has finished
+            await self._record(answer["id"], principal, spec.id, 0)
+            self.background[answer["id"]] = Running(call, principal, spec.id, time.monotonic())
+            return Response(reply.body, media_type="application/json", headers=headers)
         call.finish(spent, upstream_request_id=reply.request_id)
         await self._record(answer["id"], principal, spec.id, spent.prompt_tokens + spent.completion_tokens)
-        return Response(reply.body, media_type="application/json", headers={**call.headers(reply.request_id), **extra})
+        return Response(reply.body, media_type="application/json", headers=headers)
 
     async def _stream(
         self, call: Call, principal: Principal, payload: dict[str, Any], extra: dict[str, str]
@@ -227,6 +256,38 @@ class ResponsesService:
             if response_id is not None:
                 await self._record(response_id, principal, model, spent.prompt_tokens + spent.completion_tokens)
 
+    async def settle_background(self) -> None:
+        """Read each background response this process started; settle those that finished (a runtime job).
+
+        One that outlives RESPONSES_BACKGROUND_MAX_SECONDS is settled at its reservation. One this
+        process was running when it died stays pending, and a live replica settles it as interrupted,
+        at its reservation, once the process's lease has run out (app/usage/ledger.py).
+        """
+        for response_id, running in list(self.background.items()):
+            call = running.call
+            try:
+                reply = await call.provider.responses_call("GET", f"/responses/{response_id}")
+            except GatewayError as error:
+                log.warning("background response %s could not be read: %s", response_id, error.message)
+                reply = None
+            answer = _object(reply.body) if reply is not None else None
+            status = answer.get("status") if answer is not None else None
+            finished = answer is not None and status not in ("queued", "in_progress")
+            if not finished and not self._overdue(running):
+                continue
+            del self.background[response_id]
+            if not finished or answer is None:
+                call.finish(call.reserved, status="error", error_code=ErrorCode.UPSTREAM_TIMEOUT)
+                continue
+            spent = call.token_spend(chat_usage(answer.get("usage")), 0)
+            outcome: Status = "cancelled" if status == "cancelled" else "error" if status == "failed" else "ok"
+            call.finish(spent, status=outcome, upstream_request_id=reply.request_id if reply else None)
+            tokens = spent.prompt_tokens + spent.completion_tokens
+            await self._record(response_id, running.principal, running.model, tokens)
+
+    def _overdue(self, running: Running) -> bool:
+        return time.monotonic() - running.started > self.settings.responses_background_max_seconds
+
     # The calls on a response: not billed, recorded as calls all the same.
 
     async def on_response(
@@ -248,6 +309,48 @@ class ResponsesService:
         if method == "DELETE":
             await self.pool.execute("DELETE FROM response_owner WHERE id = $1", response_id)
         return answer
+
+    async def resume(self, principal: Principal, response_id: str, starting_after: int, request_id: str) -> Response:
+        """A response's events again, those after `starting_after`, for its owner: not billed (the response
+        was), an open stream of the caller's all the same."""
+        await self.owned(principal, response_id)
+        call = await self.calls.open(
+            principal,
+            route=f"{ROUTE}.resume",
+            spec=None,
+            model=ROUTE,
+            request_id=request_id,
+            buckets=self.limiter.chat_rate(principal),
+            fallback="never",
+            stream=True,
+        )
+        stream = await self.calls.invoke(
+            call, lambda provider: provider.responses_resume(response_id, starting_after), stream=True
+        )
+        call.attach(stream)
+
+        async def relay() -> AsyncIterator[bytes]:
+            outcome: Status = "cancelled"
+            try:
+                async for event in paced(
+                    stream.events(),
+                    heartbeat=self.settings.stream_heartbeat_seconds,
+                    deadline=time.monotonic() + self.settings.stream_max_seconds,
+                    overtime=_overtime,
+                    stopping=self.stopping,
+                ):
+                    yield HEARTBEAT if event is None else encode(event.name or "message", event.data)
+                outcome = call.answered_status
+            except GatewayError as failure:
+                outcome = "error"
+                yield encode("error", {"type": "error", **failure.body()["error"]})
+            finally:
+                call.finish(status=outcome, stream=True, upstream_request_id=stream.request_id)
+
+        async def gone() -> None:
+            call.finish(status="cancelled", stream=True, upstream_request_id=stream.request_id)
+
+        return ByteStream(relay(), headers=call.headers(stream.request_id), on_close=gone, slot=call.take_slot())
 
     async def input_tokens(self, principal: Principal, body: InputTokensRequest, request_id: str) -> Response:
         spec = self.catalog.resolve(body.model, principal.tier, "chat")

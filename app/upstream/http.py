@@ -111,9 +111,19 @@ class UpstreamHTTP:
         except TimeoutError as error:
             raise UpstreamTimeout("The upstream did not answer in time.", billed=True) from error
 
-    async def open_stream(self, path: str, body: bytes, rule: StreamRule) -> UpstreamStream:
+    async def open_stream(
+        self,
+        path: str,
+        body: bytes | None,
+        rule: StreamRule,
+        *,
+        method: str = "POST",
+        params: dict[str, str] | None = None,
+    ) -> UpstreamStream:
         async def attempt(number: int) -> UpstreamStream:
-            response = await self.session.post(self.base_url + path, data=body, headers=self.headers)
+            response = await self.session.request(
+                method, self.base_url + path, data=body, params=params, headers=self.headers
+            )
             if response.status >= 300:
                 payload = await read_body(response)
                 response.release()

@@ -62,6 +62,10 @@ class RemoteProvider:
     async def responses_stream(self, payload: dict[str, Any]) -> UpstreamStream:
         return await self.http.open_stream("/responses", orjson.dumps(payload), RESPONSES)
 
+    async def responses_resume(self, response_id: str, starting_after: int) -> UpstreamStream:
+        params = {"stream": "true", "starting_after": str(starting_after)}
+        return await self.http.open_stream(f"/responses/{response_id}", None, RESPONSES, method="GET", params=params)
+
     async def responses_call(
         self, method: str, path: str, params: dict[str, str] | None = None, payload: dict[str, Any] | None = None
     ) -> UpstreamReply:

@@ -32,7 +32,6 @@ from app.upstream.simulated_responses import (
     input_messages,
     input_tokens,
     response_object,
-    stream_events,
 )
 
 FINGERPRINT = "simulated"
@@ -187,15 +186,19 @@ class SimulatedProvider:
 
     async def responses(self, payload: dict[str, Any]) -> UpstreamReply:
         response_id = self.kept_responses.new_id()
-        response = response_object(payload, response_id, reply_text(input_messages(payload)), "completed")
-        self.kept_responses.keep(response, payload)
+        text = reply_text(input_messages(payload))
+        self.kept_responses.keep(response_object(payload, response_id, text, "completed"), payload, text)
+        response = self.kept_responses.call("GET", f"/responses/{response_id}")
         return UpstreamReply(orjson.dumps(response), None)
 
     async def responses_stream(self, payload: dict[str, Any]) -> SimulatedEvents:
         response_id = self.kept_responses.new_id()
         text = reply_text(input_messages(payload))
-        self.kept_responses.keep(response_object(payload, response_id, text, "completed"), payload)
-        return SimulatedEvents(stream_events(payload, response_id, text))
+        self.kept_responses.keep(response_object(payload, response_id, text, "completed"), payload, text)
+        return SimulatedEvents(self.kept_responses.events(response_id))
+
+    async def responses_resume(self, response_id: str, starting_after: int) -> SimulatedEvents:
+        return SimulatedEvents(self.kept_responses.events(response_id)[starting_after + 1 :])
 
     async def responses_call(
         self, method: str, path: str, params: dict[str, str] | None = None, payload: dict[str, Any] | None = None

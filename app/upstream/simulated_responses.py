@@ -111,28 +111,35 @@ class SimulatedResponses:
     """The responses this process made, for retrieve, delete, cancel and input items."""
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        # id -> the response, its input items, its events
+        self._kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], list[Event]]] = OrderedDict()
 
     def new_id(self) -> str:
         return "resp_sim_" + secrets.token_hex(12)
 
-    def keep(self, response: dict[str, Any], payload: dict[str, Any]) -> None:
+    def keep(self, response: dict[str, Any], payload: dict[str, Any], text: str) -> None:
         items = [
             {"id": f"msg_in_{index}", "type": "message", "status": "completed", **message}
             for index, message in enumerate(input_messages(payload))
         ]
-        self._kept[response["id"]] = (response, items)
+        self._kept[response["id"]] = (response, items, stream_events(payload, response["id"], text))
         while len(self._kept) > KEPT:
             self._kept.popitem(last=False)
+
+    def events(self, response_id: str) -> list[Event]:
+        return self._get(response_id)[2]
+
+    def _get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[Event]]:
+        kept = self._kept.get(response_id)
+        if kept is None:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        return kept
 
     def call(self, method: str, path: str) -> dict[str, Any]:
         """`GET /responses/{id}`, `DELETE` it, `POST .../cancel`, `GET .../input_items`."""
         parts = path.strip("/").split("/")  # responses, id[, cancel | input_items]
         response_id = parts[1] if len(parts) > 1 else ""
-        kept = self._kept.get(response_id)
-        if kept is None:
-            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
-        response, items = kept
+        response, items, _ = self._get(response_id)
         if method == "DELETE":
             del self._kept[response_id]
             return {"id": response_id, "object": "response", "deleted": True}

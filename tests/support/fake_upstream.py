@@ -86,6 +86,7 @@ class FakeUpstream:
         self._port = 0
         self._stopping = asyncio.Event()
         self.responses: dict[str, tuple[JSONDict, list[JSONDict]]] = {}  # the Responses API's kept responses
+        self.background: dict[str, int] = {}  # background responses: reads left before they are done
 
     async def start(self) -> None:
         """Listen on an ephemeral loopback port."""
@@ -132,6 +133,7 @@ class FakeUpstream:
         self._defaults.clear()
         self.requests.clear()
         self.responses.clear()
+        self.background.clear()
 
     # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
     async def wait_streams_closed(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
@@ -259,6 +261,10 @@ class FakeUpstream:
             response = _response(payload, response_id, RESPONSE_USAGE if usage is None else usage)
             items = [{"id": f"msg_in_{n}", "type": "message", "role": "user", "content": payload.get("input")}]
             self.responses[response_id] = (response, items)
+            if payload.get("background") is True:  # queued; done after BACKGROUND_POLLS reads of it
+                self.background[response_id] = BACKGROUND_POLLS
+                queued = {**response, "status": "queued", "output": [], "usage": None, "background": True}
+                return await self._plain(request, reply, orjson.dumps(queued), headers)
             if payload.get("stream") is not True:
                 return await self._plain(request, reply, orjson.dumps(response), headers)
             stream = web.StreamResponse(status=200, headers=headers)
@@ -282,7 +288,12 @@ class FakeUpstream:
             del self.responses[rest[0]]
             return _json_response(200, {"id": rest[0], "object": "response", "deleted": True}, headers)
         if rest[1:] == ["cancel"]:
-            return _json_response(400, _error_body(400, "Only background responses can be cancelled."), headers)
+            if rest[0] not in self.background:
+                return _json_response(400, _error_body(400, "Only background responses can be cancelled."), headers)
+            cancelled = {**response, "status": "cancelled", "output": [], "usage": CANCELLED_USAGE}
+            self.responses[rest[0]] = (cancelled, items)
+            self.background[rest[0]] = 0
+            return _json_response(200, cancelled, headers)
         if rest[1:] == ["input_items"]:
             page = {
                 "object": "list",
@@ -292,10 +303,27 @@ class FakeUpstream:
                 "has_more": False,
             }
             return _json_response(200, page, headers)
+        if request.query.get("stream") == "true":  # a stream resumed: the events after `starting_after`
+            after = int(request.query.get("starting_after", "-1"))
+            stream = web.StreamResponse(status=200, headers=headers)
+            stream.content_type = "text/event-stream"
+            await stream.prepare(request)
+            for number, (name, data) in enumerate(_response_events(response)):
+                if number > after:
+                    body = orjson.dumps({**data, "sequence_number": number})
+                    await stream.write(f"event: {name}\ndata: ".encode() + body + b"\n\n")
+            await stream.write_eof()
+            return stream
+        polls = self.background.get(rest[0])
+        if polls:  # a background response still running
+            self.background[rest[0]] = polls - 1
+            return _json_response(200, {**response, "status": "in_progress", "output": [], "usage": None}, headers)
         return _json_response(200, response, headers)
 
 
 RESPONSES_PATH = "/v1/responses"
+BACKGROUND_POLLS = 2  # reads of a background response that find it still running
+CANCELLED_USAGE: JSONDict = {"input_tokens": 20, "output_tokens": 3, "total_tokens": 23}
 # What a default response reports: 5 of its 20 input tokens cached, 12 of its 30 output tokens reasoning.
 RESPONSE_USAGE: JSONDict = {
     "input_tokens": 20,
