@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     # Background responses: how often their state is read until they finish, and the most they may run.
     responses_poll_seconds: float = Field(2.0, gt=0)
     responses_background_max_seconds: float = Field(3600.0, gt=0)
+    # How long the gateway remembers who made a response (the upstream keeps them 30 days by default).
+    responses_retention_days: int = Field(30, ge=1)
     # How long a stopping server waits for requests in flight; streams are ended with an error event at once.
     shutdown_grace_seconds: float = Field(30.0, ge=0)
 

@@ -219,6 +219,7 @@ class Runtime:
         )
         jobs.every("image retention", settings.image_retention_interval, retention.prune)
         jobs.every("background responses", settings.responses_poll_seconds, responses.settle_background)
+        jobs.every("response retention", settings.thread_retention_interval, responses.prune_owners)
         stack.push_async_callback(jobs.stop)
 
         images = ImageService(

@@ -10,6 +10,7 @@ import asyncpg
 import openai
 import pytest
 
+from support import internals
 from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import CONTENT, RESPONSE_USAGE, FakeUpstream, Reply
@@ -201,3 +202,17 @@ async def test_simulated_responses_answer_every_route(gateway_with: GatewayFacto
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve(made.id)
     assert upstream.received(RESPONSES) == []
+
+
+async def test_who_made_an_old_response_is_forgotten_after_the_retention_age(
+    gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    key, _ = await gateway.key("free")
+    client = sdk(gateway, key)
+    old = await client.responses.create(model="default-chat", input="long ago")
+    recent = await client.responses.create(model="default-chat", input="just now")
+    await db.execute("UPDATE response_owner SET created_at = now() - interval '31 days' WHERE id = $1", old.id)
+    assert await internals.runtime(gateway.app).responses.prune_owners() == 1
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(old.id)
+    assert (await client.responses.retrieve(recent.id)).id == recent.id

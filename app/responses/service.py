@@ -47,6 +47,12 @@ CAP_HEADER = "x-gateway-max-output-tokens"
 BILLED_FIELDS = ("input", "instructions", "tools", "text", "tool_choice", "prompt")
 FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
+PRUNE_BATCH = 5_000
+PRUNE = """
+DELETE FROM response_owner WHERE id IN (
+    SELECT id FROM response_owner WHERE created_at < now() - make_interval(days => $1) LIMIT $2
+)
+"""
 RECORD = """
 INSERT INTO response_owner (id, user_id, model, tokens) VALUES ($1, $2, $3, $4)
 ON CONFLICT (id) DO UPDATE SET tokens = EXCLUDED.tokens WHERE response_owner.user_id = EXCLUDED.user_id
@@ -284,6 +290,17 @@ class ResponsesService:
             call.finish(spent, status=outcome, upstream_request_id=reply.request_id if reply else None)
             tokens = spent.prompt_tokens + spent.completion_tokens
             await self._record(response_id, running.principal, running.model, tokens)
+
+    async def prune_owners(self) -> int:
+        """Forget who made responses older than RESPONSES_RETENTION_DAYS, a batch at a time (a runtime job):
+        by then the upstream has dropped them, and any id of theirs is a 404 again."""
+        deleted = 0
+        while True:
+            status = await self.pool.execute(PRUNE, self.settings.responses_retention_days, PRUNE_BATCH)
+            count = int(status.split()[-1])
+            deleted += count
+            if count < PRUNE_BATCH:
+                return deleted
 
     def _overdue(self, running: Running) -> bool:
         return time.monotonic() - running.started > self.settings.responses_background_max_seconds

@@ -29,7 +29,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_response_owner")),
     )
+    op.create_index("ix_response_owner_created_at", "response_owner", ["created_at"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_response_owner_created_at", table_name="response_owner")
     op.drop_table("response_owner")
