@@ -25,7 +25,7 @@ UPSTREAM_HEADERS = {"Authorization": "Bearer sk-bench", "Content-Type": "applica
 
 def create_app(upstream: str) -> FastAPI:
     """The app, with one aiohttp session for its lifetime."""
-    url = upstream.rstrip("/") + "/chat/completions"
+    base = upstream.rstrip("/")
     session: aiohttp.ClientSession | None = None
 
     @asynccontextmanager
@@ -46,8 +46,7 @@ def create_app(upstream: str) -> FastAPI:
         """Process is up."""
         return {"status": "ok"}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
+    async def forward(request: Request, url: str) -> Response:
         """Forward the body; answer the upstream's bytes, streamed when the body asks for it."""
         assert session is not None
         body = await request.body()
@@ -65,6 +64,14 @@ def create_app(upstream: str) -> FastAPI:
                 upstream_response.close()
 
         return StreamingResponse(relay(), status_code=upstream_response.status, media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await forward(request, base + "/chat/completions")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await forward(request, base + "/responses")
 
     return app
 

@@ -19,6 +19,7 @@ MAX_HEAD = 64 * 1024
 CREATED = 1_700_000_000
 MODEL = "gpt-4o-mini"
 CHAT_PATH = b"/v1/chat/completions"
+RESPONSES_PATH = b"/v1/responses"
 HEALTH_PATH = b"/health"
 
 STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
@@ -126,6 +127,56 @@ def _stream_events(content_chunks: int, include_usage: bool) -> list[bytes]:
     return events
 
 
+def _response_object(output_tokens: int, status: str = "completed") -> dict[str, Any]:
+    """The Responses API's response object, as the last event or the plain answer carries it."""
+    done = status == "completed"
+    message = {
+        "type": "message",
+        "id": "msg_bench",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hello from the fast upstream.", "annotations": []}],
+    }
+    usage = {
+        "input_tokens": 11,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 11 + output_tokens,
+    }
+    return {
+        "id": "resp_bench",
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "model": MODEL,
+        "output": [message] if done else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage if done else None,
+    }
+
+
+def _response_events(content_chunks: int) -> list[bytes]:
+    """The named events of a streamed response, each one HTTP chunk, the last with the end of the body."""
+
+    def event(number: int, body: dict[str, Any]) -> bytes:
+        name = body["type"].encode()
+        return _chunk(b"event: " + name + b"\ndata: " + _dumps({**body, "sequence_number": number}) + b"\n\n")
+
+    where = {"item_id": "msg_bench", "output_index": 0, "content_index": 0}
+    bodies: list[dict[str, Any]] = [{"type": "response.created", "response": _response_object(0, "in_progress")}]
+    bodies += [
+        {"type": "response.output_text.delta", **where, "delta": f" token{i}", "logprobs": []}
+        for i in range(content_chunks)
+    ]
+    bodies.append({"type": "response.completed", "response": _response_object(content_chunks)})
+    events = [event(number, body) for number, body in enumerate(bodies)]
+    events[-1] += b"0\r\n\r\n"  # no [DONE]: the terminal event and the end of the body travel together
+    return events
+
+
 @dataclass(frozen=True)
 class Responses:
     """Every response pre-encoded, indexed by keep-alive where it matters."""
@@ -135,6 +186,8 @@ class Responses:
     not_found: tuple[bytes, bytes]
     stream_head: tuple[bytes, bytes]
     stream_events: tuple[list[bytes], list[bytes]]
+    response: tuple[bytes, bytes]
+    response_events: list[bytes]
     bad_request: bytes
     not_implemented: bytes
     head_too_large: bytes
@@ -172,6 +225,8 @@ class Responses:
                 _stream_events(content_chunks, include_usage=False),
                 _stream_events(content_chunks, include_usage=True),
             ),
+            response=both("200 OK", _dumps(_response_object(7))),
+            response_events=_response_events(content_chunks),
             bad_request=_http_response("400 Bad Request", b"{}", json_type, keep_alive=False),
             not_implemented=_http_response("501 Not Implemented", b"{}", json_type, keep_alive=False),
             head_too_large=_http_response("431 Request Header Fields Too Large", b"{}", json_type, keep_alive=False),
@@ -258,9 +313,14 @@ class UpstreamProtocol(asyncio.Protocol):
         if path == CHAT_PATH and method == b"POST":
             if STREAM_RE.search(body):
                 include_usage = USAGE_RE.search(body) is not None
-                self._start_stream(keep_alive, include_usage)
+                self._start_stream(keep_alive, responses.stream_events[include_usage])
                 return keep_alive
             transport.write(responses.completion[keep_alive])
+        elif path == RESPONSES_PATH and method == b"POST":
+            if STREAM_RE.search(body):
+                self._start_stream(keep_alive, responses.response_events)
+                return keep_alive
+            transport.write(responses.response[keep_alive])
         elif path == HEALTH_PATH and method == b"GET":
             transport.write(responses.health[keep_alive])
         else:
@@ -269,13 +329,12 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.close()
         return keep_alive
 
-    def _start_stream(self, keep_alive: bool, include_usage: bool) -> None:
-        """Send a chat stream, all at once or one event per chunk delay."""
+    def _start_stream(self, keep_alive: bool, events: list[bytes]) -> None:
+        """Send a stream's events, all at once or one per chunk delay."""
         responses = self._responses
         transport = self._transport
         assert transport is not None
         head = responses.stream_head[keep_alive]
-        events = responses.stream_events[include_usage]
         if not responses.chunk_delay:
             transport.write(head + b"".join(events))
             if not keep_alive:

@@ -5,6 +5,8 @@ Usage: .venv/bin/python bench/run.py [--duration S] [--connections N] [--streams
 Three phases, each with its own fake upstream and fresh gateway and baseline processes:
 load (wrk: throughput and 1-connection latency), streaming (TTFB and chunk delivery, with
 20 ms between upstream chunks) and open streams (gateway RSS with N streams held open).
+Load and streaming are measured for chat completions, then for the Responses API
+(`POST /v1/responses`, plain and streamed) on the same processes.
 Results are printed as a table and written to bench/results/latest.json.
 """
 
@@ -28,9 +30,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -104,22 +106,27 @@ class Target:
     pid: int
     model: str
     headers: dict[str, str]
+    api: Literal["chat", "responses"] = "chat"
 
     @property
-    def chat_url(self) -> str:
-        """The chat completions URL."""
-        return self.base_url + "/v1/chat/completions"
+    def url(self) -> str:
+        """Where every measurement sends its request: chat completions, or the Responses API."""
+        return self.base_url + ("/v1/chat/completions" if self.api == "chat" else "/v1/responses")
 
     def body(self, stream: bool = False) -> bytes:
         """The request body every measurement sends."""
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": "Say hello"}],
-            "max_tokens": 16,
-        }
+        payload: dict[str, Any] = {"model": self.model}
+        if self.api == "chat":
+            payload |= {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}
+        else:
+            payload |= {"input": "Say hello", "max_output_tokens": 16}
         if stream:
             payload["stream"] = True
         return json.dumps(payload).encode()
+
+    def of(self, api: Literal["chat", "responses"]) -> Target:
+        """The same server, called through another API."""
+        return replace(self, api=api)
 
 
 def child_env(**values: str) -> dict[str, str]:
@@ -160,7 +167,7 @@ async def probe(target: Target, stream: bool = False) -> None:
     """One request; raises with the status and body unless it answers 200."""
     async with (
         aiohttp.ClientSession() as session,
-        session.post(target.chat_url, data=target.body(stream), headers=target.headers) as response,
+        session.post(target.url, data=target.body(stream), headers=target.headers) as response,
     ):
         body = await response.read()
         if response.status != 200:
@@ -175,7 +182,7 @@ async def sample_statuses(target: Target, requests: int, concurrency: int) -> di
 
     async def worker(session: aiohttp.ClientSession, count: int) -> None:
         for _ in range(count):
-            async with session.post(target.chat_url, data=body, headers=target.headers) as response:
+            async with session.post(target.url, data=body, headers=target.headers) as response:
                 payload = await response.read()
                 statuses[response.status] += 1
                 if response.status >= 300:
@@ -333,7 +340,7 @@ def parse_wrk(output: str) -> WrkRun:
 def wrk(target: Target, script: Path, connections: int, seconds: int) -> WrkRun:
     """One wrk run, 1 thread, with latency percentiles."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
-    done = subprocess.run([*command, "-s", str(script), target.chat_url], capture_output=True, text=True, check=False)
+    done = subprocess.run([*command, "-s", str(script), target.url], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)
@@ -386,10 +393,13 @@ class StreamSample:
 
 
 def has_content(payload: bytes) -> bool:
-    """Whether a `data:` payload carries a non-empty delta content."""
+    """Whether a `data:` payload carries a non-empty delta content (a chat chunk's, or a response's text delta)."""
     if payload == b"[DONE]":
         return False
-    choices = orjson.loads(payload).get("choices") or []
+    event = orjson.loads(payload)
+    if event.get("type") == "response.output_text.delta":
+        return bool(event.get("delta"))
+    choices = event.get("choices") or []
     return bool(choices and (choices[0].get("delta") or {}).get("content"))
 
 
@@ -401,7 +411,7 @@ async def stream_once(session: aiohttp.ClientSession, target: Target) -> StreamS
     arrival_times: list[float] = []
     events = 0
     buffer = b""
-    async with session.post(target.chat_url, data=target.body(stream=True), headers=target.headers) as response:
+    async with session.post(target.url, data=target.body(stream=True), headers=target.headers) as response:
         if response.status != 200:
             raise BenchError(f"{target.name} stream answered {response.status}: {(await response.read())[:500]!r}")
         async for chunk in response.content.iter_any():
@@ -511,7 +521,7 @@ async def hold_streams(target: Target, count: int) -> dict[str, Any]:
         nonlocal opened, ended, failed
         seen = False
         try:
-            async with session.post(target.chat_url, data=body, headers=target.headers) as response:
+            async with session.post(target.url, data=body, headers=target.headers) as response:
                 if response.status != 200:
                     failures[f"HTTP {response.status}: {(await response.read())[:200]!r}"] += 1
                     return
@@ -575,6 +585,12 @@ def targets(results: dict[str, Any], streams: int) -> list[dict[str, Any]]:
     gateway_hold = hold["gateway"]
     rss = gateway_hold["rss_with_streams_mb"]
     all_open = gateway_hold["open_at_measurement"] == streams
+    responses, responses_stream = results["responses_load"], results["responses_streaming"]
+    bare_responses_rps = responses["bare"]["throughput"]["requests_per_sec"]
+    responses_ratio = (
+        responses["gateway"]["throughput"]["requests_per_sec"] / bare_responses_rps if bare_responses_rps else 0.0
+    )
+    responses_ttfb = responses_stream["gateway"]["ttfb_ms_p50"] - responses_stream["bare"]["ttfb_ms_p50"]
     return [
         {
             "target": "throughput gateway/bare",
@@ -595,6 +611,18 @@ def targets(results: dict[str, Any], streams: int) -> list[dict[str, Any]]:
             "pass": ttfb <= TARGET_TTFB_MS,
         },
         {"target": "chunks one by one", "value": "yes" if one_by_one else "no", "goal": "yes", "pass": one_by_one},
+        {
+            "target": "Responses throughput gateway/bare",
+            "value": f"{responses_ratio:.1%}",
+            "goal": ">= 50%",
+            "pass": responses_ratio >= TARGET_THROUGHPUT_RATIO,
+        },
+        {
+            "target": "Responses stream TTFB difference",
+            "value": f"{responses_ttfb:+.2f} ms",
+            "goal": "<= 2 ms",
+            "pass": responses_ttfb <= TARGET_TTFB_MS,
+        },
         {
             "target": f"RSS with {streams} open streams",
             "value": f"{rss:.1f} MB" + ("" if all_open else f" ({gateway_hold['open_at_measurement']} open)"),
@@ -631,6 +659,13 @@ def table_rows(results: dict[str, Any], streams: int) -> list[tuple[str, str, st
         ("stream first content p50 (ms)", *both(stream, ("first_content_ms_p50",), ".2f"), delay),
         ("stream events / distinct arrivals", events[0], events[1], f"{STREAM_SAMPLES} streams each"),
         ("median gap between events (ms)", *both(stream, ("median_gap_ms",), ".1f"), delay),
+        (
+            "Responses: throughput (req/s)",
+            *both(results["responses_load"], ("throughput", "requests_per_sec"), ".0f"),
+            "",
+        ),
+        ("Responses: latency p50 (ms, c=1)", *both(results["responses_load"], ("latency_c1", "p50_ms"), ".2f"), ""),
+        ("Responses: stream TTFB p50 (ms)", *both(results["responses_streaming"], ("ttfb_ms_p50",), ".2f"), ""),
         ("RSS idle (MB)", *both(hold, ("rss_idle_mb",), ".1f"), ""),
         (f"RSS with {streams} open streams (MB)", *both(hold, ("rss_with_streams_mb",), ".1f"), ""),
         ("streams open at RSS reading", *both(hold, ("open_at_measurement",), "d"), f"of {streams}"),
@@ -644,12 +679,13 @@ def problems(results: dict[str, Any]) -> list[str]:
     for name in ("gateway", "bare"):
         if results["open_streams"][name]["failures"]:
             lines.append(f"{name} stream failures: {results['open_streams'][name]['failures']}")
-        load = results["load"][name]
-        for run in ("throughput", "latency_c1"):
-            if load[run]["socket_errors"]:
-                lines.append(f"{name} wrk socket errors ({run}): {load[run]['socket_errors']}")
-        if "error_sample" in load:
-            lines.append(f"{name} error sample: {load['error_sample']}")
+        for section in ("load", "responses_load"):
+            load = results[section][name]
+            for run in ("throughput", "latency_c1"):
+                if load[run]["socket_errors"]:
+                    lines.append(f"{name} wrk socket errors ({section}, {run}): {load[run]['socket_errors']}")
+            if "error_sample" in load:
+                lines.append(f"{name} error sample ({section}): {load['error_sample']}")
     return lines
 
 
@@ -703,12 +739,19 @@ def run_phases(procs: Processes, db: BenchDatabase, key: str, args: argparse.Nam
         gateway = start_gateway(procs, "gateway-load", db.url, upstream, key)
         bare = start_bare(procs, "bare-load", upstream)
         results["load"] = load_phase(gateway, bare, args.connections, args.duration)
+        report("  the Responses API, on the same servers:")
+        results["responses_load"] = load_phase(
+            gateway.of("responses"), bare.of("responses"), args.connections, args.duration
+        )
         time.sleep(1)  # let the usage writer flush before the gateway stops
     with phase(f"streaming: {STREAM_SAMPLES} sequential streams each, {STREAM_DELAY_MS:.0f} ms between chunks", procs):
         upstream = start_upstream(procs, "upstream-stream", STREAM_CHUNKS, STREAM_DELAY_MS)
         gateway = start_gateway(procs, "gateway-stream", db.url, upstream, key)
         bare = start_bare(procs, "bare-stream", upstream)
         results["streaming"] = run_async(streaming_phase(gateway, bare, STREAM_SAMPLES, STREAM_DELAY_MS))
+        results["responses_streaming"] = run_async(
+            streaming_phase(gateway.of("responses"), bare.of("responses"), STREAM_SAMPLES, STREAM_DELAY_MS)
+        )
         time.sleep(1)
     with phase(f"open streams: {args.streams} concurrent, {HOLD_DELAY_MS:.0f} ms between chunks", procs):
         upstream = start_upstream(procs, "upstream-hold", HOLD_CHUNKS, HOLD_DELAY_MS)
@@ -761,7 +804,9 @@ def main() -> int:
         results["usage_rows"] = run_async(usage_rows(db))
         results["gateway_requests"] = (
             results["load"]["gateway"]["requests_sent"]
+            + results["responses_load"]["gateway"]["requests_sent"]
             + results["streaming"]["gateway"]["requests_sent"]
+            + results["responses_streaming"]["gateway"]["requests_sent"]
             + results["open_streams"]["gateway"]["got_first_event"]
         )
         results["targets"] = targets(results, args.streams)
