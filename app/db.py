@@ -122,6 +122,9 @@ class Database:
     # flush: a check commits before every upstream call, and the flush was most of its latency. What a
     # database crash loses of such commits is settled exactly all the same (app/usage/ledger.py).
     checks: asyncpg.Pool
+    # Small writes on a request's path whose loss in a database crash costs nothing but a 404 later
+    # (who made a Responses API response): committed without waiting for the WAL flush either.
+    relaxed: asyncpg.Pool
     waits: Waits
 
     @classmethod
@@ -161,9 +164,19 @@ class Database:
             server_settings=server_settings | {"synchronous_commit": "off"},
             reset=_keep_session,
         )
-        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, checks, waits)
+        relaxed = await asyncpg.create_pool(
+            asyncpg_url(url),
+            min_size=0,
+            max_size=pool_size,
+            command_timeout=client_timeout,
+            timeout=waits.connect,
+            server_settings=server_settings | {"synchronous_commit": "off"},
+            reset=_keep_session,
+        )
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, checks, relaxed, waits)
 
     async def close(self) -> None:
+        await self.relaxed.close()
         await self.checks.close()
         await self.pool.close()
         await self.engine.dispose()

@@ -50,6 +50,7 @@ from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
+from app.responses.owners import ResponseOwners
 from app.responses.service import ResponsesService
 from app.sse import Stopping
 from app.streams import StreamSlots
@@ -204,7 +205,7 @@ class Runtime:
         await batch_runner.start()
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
 
-        responses = ResponsesService(settings, catalog, limiter, calls, db.pool, stopping)
+        responses = ResponsesService(settings, catalog, limiter, calls, ResponseOwners(db.pool, db.relaxed), stopping)
         jobs = Jobs()
         jobs.run("shutdown watch", stopping.watch)
         jobs.every("instance heartbeat", settings.instance_beat_seconds, instance.beat)

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import orjson
 from starlette.responses import Response
 
@@ -33,6 +32,7 @@ from app.config import Settings
 from app.errors import ErrorCode, GatewayError, InvalidRequest, ResponseNotFound, UpstreamError
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog
+from app.responses.owners import ResponseOwners
 from app.responses.schemas import InputTokensRequest, ResponseCreate
 from app.sse import HEARTBEAT, ByteStream, Stopping, encode, paced
 from app.tokens import chars_to_tokens
@@ -46,17 +46,6 @@ CAP_HEADER = "x-gateway-max-output-tokens"
 # The request fields the upstream bills as input (besides a previous response's tokens).
 BILLED_FIELDS = ("input", "instructions", "tools", "text", "tool_choice", "prompt")
 FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
-
-PRUNE_BATCH = 5_000
-PRUNE = """
-DELETE FROM response_owner WHERE id IN (
-    SELECT id FROM response_owner WHERE created_at < now() - make_interval(days => $1) LIMIT $2
-)
-"""
-RECORD = """
-INSERT INTO response_owner (id, user_id, model, tokens) VALUES ($1, $2, $3, $4)
-ON CONFLICT (id) DO UPDATE SET tokens = EXCLUDED.tokens WHERE response_owner.user_id = EXCLUDED.user_id
-"""
 
 
 def chat_usage(usage: object) -> object:
@@ -102,14 +91,14 @@ class ResponsesService:
         catalog: Catalog,
         limiter: Limiter,
         calls: Calls,
-        pool: asyncpg.Pool,
+        owners: ResponseOwners,
         stopping: Stopping,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.limiter = limiter
         self.calls = calls
-        self.pool = pool
+        self.owners = owners
         self.stopping = stopping
         self.background: dict[str, Running] = {}
 
@@ -117,15 +106,15 @@ class ResponsesService:
 
     async def owned(self, principal: Principal, response_id: str, param: str = "response_id") -> int:
         """The tokens of one of the caller's responses; another user's (or none) is a 404."""
-        row = await self.pool.fetchrow("SELECT user_id, tokens FROM response_owner WHERE id = $1", response_id)
-        if row is None or row["user_id"] != principal.user_id:
+        owner = await self.owners.of(response_id)
+        if owner is None or owner[0] != principal.user_id:
             missing = ResponseNotFound(response_id)
             missing.param = param
             raise missing
-        return int(row["tokens"])
+        return owner[1]
 
     async def _record(self, response_id: str, principal: Principal, model: str, tokens: int) -> None:
-        await self.pool.execute(RECORD, response_id, principal.user_id, model, tokens)
+        await self.owners.record(response_id, principal.user_id, model, tokens)
 
     # Create.
 
@@ -292,15 +281,9 @@ class ResponsesService:
             await self._record(response_id, running.principal, running.model, tokens)
 
     async def prune_owners(self) -> int:
-        """Forget who made responses older than RESPONSES_RETENTION_DAYS, a batch at a time (a runtime job):
-        by then the upstream has dropped them, and any id of theirs is a 404 again."""
-        deleted = 0
-        while True:
-            status = await self.pool.execute(PRUNE, self.settings.responses_retention_days, PRUNE_BATCH)
-            count = int(status.split()[-1])
-            deleted += count
-            if count < PRUNE_BATCH:
-                return deleted
+        """Forget who made responses older than RESPONSES_RETENTION_DAYS (a runtime job): by then the
+        upstream has dropped them, and any id of theirs is a 404 again."""
+        return await self.owners.prune(self.settings.responses_retention_days)
 
     def _overdue(self, running: Running) -> bool:
         return time.monotonic() - running.started > self.settings.responses_background_max_seconds
@@ -324,7 +307,7 @@ class ResponsesService:
             principal, request_id, route, method, f"/responses/{response_id}{suffix}", params=params
         )
         if method == "DELETE":
-            await self.pool.execute("DELETE FROM response_owner WHERE id = $1", response_id)
+            await self.owners.forget(response_id)
         return answer
 
     async def resume(self, principal: Principal, response_id: str, starting_after: int, request_id: str) -> Response:
