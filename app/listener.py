@@ -48,6 +48,7 @@ class Listener:
         self.check_timeout = check_timeout
         self._channels: list[_Channel] = []
         self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
 
     def on(self, channel: str, handler: Callable[[str], None], *, resync: Callable[[], None] | None = None) -> None:
         """Call `handler(payload)` for each NOTIFY on `channel`; `resync()` on each (re)connect."""
@@ -56,7 +57,14 @@ class Listener:
         self._channels.append(_Channel(channel, handler, resync))
 
     async def start(self) -> None:
+        """Listen from now on; returns once the first connection is up and every part has resynced
+        (or after `check_timeout`, the connection then still being tried): a part's resync (auth's
+        forgets every cached principal) must not race the first requests the process serves."""
         self._task = asyncio.create_task(self._listen(), name="notify-listener")
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.check_timeout)
+        except TimeoutError:
+            log.warning("NOTIFY listener not connected yet; serving meanwhile, still trying")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -76,6 +84,7 @@ class Listener:
                 for channel in self._channels:
                     if channel.resync is not None:
                         self._run(channel.name, channel.resync)
+                self._connected.set()
                 while not closed.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(closed.wait(), self.check_seconds)

@@ -272,7 +272,9 @@ async def test_a_listen_connection_gone_silent_is_replaced_and_its_listeners_res
 
     await listener.start()
     try:
-        await wait_for(lambda: resynced(1), what="the first connection")
+        # Back from start only once connected and resynced: a resync (auth's clears its cache) never
+        # races the first requests the process serves.
+        assert resyncs == ["resync"]
         await db.execute("NOTIFY gateway_test_liveness, 'before'")
         await wait_for(lambda: heard_all("before"))
         # The link stays open and carries nothing, as when a NAT or firewall forgets it: no error
