@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,33 +147,21 @@ class Database:
                 "server_settings": server_settings,
             },
         )
-        pool = await asyncpg.create_pool(
-            asyncpg_url(url),
-            min_size=1,
-            max_size=pool_size,
-            command_timeout=client_timeout,
-            timeout=waits.connect,
-            server_settings=server_settings,
-            reset=_keep_session,
-        )
-        checks = await asyncpg.create_pool(
-            asyncpg_url(url),
-            min_size=0,
-            max_size=2,
-            command_timeout=client_timeout,
-            timeout=waits.connect,
-            server_settings=server_settings | {"synchronous_commit": "off"},
-            reset=_keep_session,
-        )
-        relaxed = await asyncpg.create_pool(
-            asyncpg_url(url),
-            min_size=0,
-            max_size=pool_size,
-            command_timeout=client_timeout,
-            timeout=waits.connect,
-            server_settings=server_settings | {"synchronous_commit": "off"},
-            reset=_keep_session,
-        )
+
+        def asyncpg_pool(min_size: int, max_size: int, **settings: str) -> Awaitable[asyncpg.Pool]:
+            return asyncpg.create_pool(
+                asyncpg_url(url),
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=client_timeout,
+                timeout=waits.connect,
+                server_settings=server_settings | settings,
+                reset=_keep_session,
+            )
+
+        pool = await asyncpg_pool(1, pool_size)
+        checks = await asyncpg_pool(0, 2, synchronous_commit="off")
+        relaxed = await asyncpg_pool(0, pool_size, synchronous_commit="off")
         return cls(engine, async_sessionmaker(engine, expire_on_commit=False), pool, checks, relaxed, waits)
 
     async def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from app.threads.profiles import MAX_HISTORY_MESSAGES, SHORTCUT, Fallback
+from app.threads.profiles import MAX_HISTORY_MESSAGES, SHORTCUT, Fallback, http_url
 from app.validation import Metadata, Text, check_json
 
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -182,9 +182,7 @@ class SharedFields(BaseModel):
     @field_validator("context_url")
     @classmethod
     def _context_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        return http_url(value)
 
 
 class SharedAssistantCreate(AssistantCreate, SharedFields):

@@ -27,6 +27,13 @@ MAX_HISTORY_MESSAGES = 200
 Fallback = Literal["default", "simulated", "never"]
 
 
+def http_url(value: str | None) -> str | None:
+    """A context URL: http or https, or none."""
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
 def placeholders(template: str) -> list[str]:
     return PLACEHOLDER.findall(template)
 
@@ -89,9 +96,7 @@ class Profile(BaseModel):
     @field_validator("context_url")
     @classmethod
     def _context_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        return http_url(value)
 
     def allows(self, tier: str) -> bool:
         return self.tiers is None or tier in self.tiers
