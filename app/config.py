@@ -138,9 +138,13 @@ class Settings(BaseSettings):
     usage_spool_dir: Path | None = None
     usage_replay_interval: float = Field(1.0, gt=0)
 
-    # Threads (profiles are the [profile.*] tables of ASSISTANTS_FILE). A turn is capped at
-    # THREAD_TURN_TIMEOUT; context URLs are called with THREAD_CONTEXT_TOKEN as bearer when set.
-    thread_turn_timeout: float = Field(600.0, gt=0)
+    # Threads and runs (ASSISTANTS_FILE's [profile.*] tables are shared assistants). Each upstream
+    # call of a run is capped at RUN_TIMEOUT; a run waiting for tool outputs expires after
+    # RUN_ACTION_TIMEOUT; runs whose process died are failed by a sweep every RUN_SWEEP_INTERVAL.
+    # Context URLs are called with THREAD_CONTEXT_TOKEN as bearer when set.
+    run_timeout: float = Field(600.0, gt=0)
+    run_action_timeout: float = Field(600.0, gt=0)
+    run_sweep_interval: float = Field(5.0, gt=0)
     thread_context_max_bytes: int = Field(16_384, ge=256)
     thread_context_ttl: float = Field(300.0, ge=0)
     thread_context_timeout: float = Field(2.0, gt=0, le=30)

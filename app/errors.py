@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
@@ -70,6 +71,9 @@ class ErrorCode(StrEnum):
     ASSISTANT_NOT_FOUND = "assistant_not_found"
     RESPONSE_NOT_FOUND = "response_not_found"
     THREAD_NOT_FOUND = "thread_not_found"
+    MESSAGE_NOT_FOUND = "message_not_found"
+    RUN_NOT_FOUND = "run_not_found"
+    STEP_NOT_FOUND = "step_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     IMAGE_CONTENT_MISSING = "image_content_missing"
     BATCH_NOT_FOUND = "batch_not_found"
@@ -78,6 +82,7 @@ class ErrorCode(StrEnum):
     # State.
     CONFLICT = "conflict"
     THREAD_BUSY = "thread_busy"
+    RUN_NOT_ACTIVE = "run_not_active"
     THREAD_DELETED = "thread_deleted"
     # Limits.
     RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
@@ -93,7 +98,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_AUTH_ERROR = "upstream_auth_error"
     UPSTREAM_REJECTED = "upstream_rejected"
     STREAM_TIMEOUT = "stream_timeout"
-    TURN_TIMEOUT = "turn_timeout"
+    RUN_TIMEOUT = "run_timeout"
     # Batch items.
     API_KEY_REVOKED = "api_key_revoked"
     INTERNAL_ERROR = "internal_error"
@@ -216,6 +221,18 @@ class AssistantNotFound(ResourceNotFound):
 
 class ThreadNotFound(ResourceNotFound):
     resource, param_name, code = "thread", "thread_id", ErrorCode.THREAD_NOT_FOUND
+
+
+class MessageNotFound(ResourceNotFound):
+    resource, param_name, code = "message", "message_id", ErrorCode.MESSAGE_NOT_FOUND
+
+
+class RunNotFound(ResourceNotFound):
+    resource, param_name, code = "run", "run_id", ErrorCode.RUN_NOT_FOUND
+
+
+class StepNotFound(ResourceNotFound):
+    resource, param_name, code = "run step", "step_id", ErrorCode.STEP_NOT_FOUND
 
 
 class ImageNotFound(ResourceNotFound):
@@ -361,15 +378,37 @@ def _printable(part: str) -> str:
     return part if part.isprintable() else "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in part)
 
 
+# The parts pydantic adds to a location to say which member of a union it tried (`str`,
+# `list[...]`, `function-before[...]`): not fields the client sent.
+UNION_MEMBER = re.compile(r"(str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\])")
+SOURCES = ("body", "query", "path", "header")
+
+
+def _fields(location: Sequence[Any]) -> list[Any]:
+    return [
+        part
+        for part in location
+        if part not in SOURCES and not (isinstance(part, str) and UNION_MEMBER.fullmatch(part))
+    ]
+
+
 def param_of(location: Sequence[Any]) -> str | None:
     """`("body", "messages", 0, "role")` -> `"messages.0.role"`: the field as the client sent it."""
-    parts = [_printable(str(part)) for part in location if part not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+    return ".".join(_printable(str(part)) for part in _fields(location)) or None
+
+
+def _most_specific(errors: Sequence[Any]) -> Any:
+    """The first error, or a deeper one within the same field: a union reports each member's failure,
+    and the member that got furthest (a part's bad text, not "not a string") says what is wrong."""
+    first = errors[0]
+    field = _fields(first.get("loc", ()))
+    within = [error for error in errors if _fields(error.get("loc", ()))[: len(field)] == field]
+    return max(within, key=lambda error: len(_fields(error.get("loc", ()))))
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
     """A validation failure (FastAPI's or pydantic's) as our 400, naming the first bad field."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first = _most_specific(errors) if errors else {"loc": (), "msg": "invalid request"}
     param = param_of(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         context = first.get("ctx")

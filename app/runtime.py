@@ -55,10 +55,9 @@ from app.responses.service import ResponsesService
 from app.sse import Stopping
 from app.streams import StreamSlots
 from app.threads.context import ContextSource
-from app.threads.replies import ReplyStore
 from app.threads.retention import prune_idle_threads
+from app.threads.runs import CANCEL_CHANNEL, RunEngine
 from app.threads.service import ThreadService
-from app.threads.turns import TurnRunner
 from app.upstream.hub import Upstream
 from app.usage.spool import Spool
 from app.usage.writer import UsageWriter
@@ -172,9 +171,7 @@ class Runtime:
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
-        turns = TurnRunner(
-            settings, catalog, profiles, limiter, calls, ReplyStore(writes), writes, context, stopping, instance
-        )
+        runs = RunEngine(settings, catalog, profiles, limiter, calls, db.sessionmaker, context, stopping, instance)
 
         storage = await open_storage(settings)
         stack.push_async_callback(storage.close)
@@ -185,6 +182,7 @@ class Runtime:
         batch_events = BatchEvents(instance.id)
         events.batches.subscribe(batch_events.notify)
         listener.on(image_repository.BATCH_CHANNEL, batch_events.heard, resync=batch_events.notify_all)
+        listener.on(CANCEL_CHANNEL, runs.heard_cancel, resync=runs.resync)
         batch_runner = BatchRunner(settings, catalog, generator, db, events, instance)
         retention = image_retention(settings, db, storage, idempotency)
 
@@ -218,10 +216,12 @@ class Runtime:
             settings.thread_retention_interval,
             lambda: prune_idle_threads(db.sessionmaker, days=settings.thread_retention_days),
         )
+        jobs.every("run sweep", settings.run_sweep_interval, runs.sweep)
         jobs.every("image retention", settings.image_retention_interval, retention.prune)
         jobs.every("background responses", settings.responses_poll_seconds, responses.settle_background)
         jobs.every("response retention", settings.thread_retention_interval, responses.prune_owners)
         stack.push_async_callback(jobs.stop)
+        stack.push_async_callback(runs.stop)  # before the usage writer drains: runs record usage as they end
 
         images = ImageService(
             catalog=catalog,
@@ -251,7 +251,7 @@ class Runtime:
             chat=ChatService(settings, catalog, limiter, calls, stopping),
             embeddings=EmbeddingService(catalog, limiter, calls),
             responses=responses,
-            threads=ThreadService(profiles, turns),
+            threads=ThreadService(runs),
             images=images,
             image_history=history,
             batches=BatchService(

@@ -21,6 +21,7 @@ from support.auth import bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream
 from support.gateway import Gateway, app_command, free_port, gateway_env
+from support.waiting import wait_for
 
 SHIPPED_ASSISTANTS = PACKAGE_DIR / "assistants.toml"
 PREMIUM_PROFILE = """
@@ -223,17 +224,41 @@ async def test_the_teacher_preset_is_for_the_tiers_that_may_use_its_model(
 
 
 async def test_a_profile_kept_to_paid_tiers(gateway: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    """The profile's assistant (`asst_premium`) runs for the tiers it names only; a refused run writes nothing."""
     free_key, free_user = await gateway.key("free")
-    refused = await gateway.client.post("/v1/threads", json={"profile": "premium"}, headers=bearer(free_key))
-    error = assert_error(refused, 403, code="profile_not_allowed", param="profile")
-    assert error["message"] == "Profile 'premium' is not available on your tier 'free'."
+    message = {"role": "user", "content": "hi"}
+    started = await gateway.client.post(
+        "/v1/threads/runs",
+        json={"assistant_id": "asst_premium", "thread": {"messages": [message]}},
+        headers=bearer(free_key),
+    )
+    error = assert_error(started, 403, code="profile_not_allowed", param="assistant_id")
+    assert error["message"] == "Assistant 'asst_premium' is not available on your tier 'free'."
     assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", free_user) == 0
 
+    own = await gateway.client.post("/v1/threads", json={"messages": [message]}, headers=bearer(free_key))
+    assert own.status_code == 200, own.text
+    runs = f"/v1/threads/{own.json()['id']}/runs"
+    for stream in (False, True):
+        body = {"assistant_id": "asst_premium", "additional_messages": [message], "stream": stream}
+        refused = await gateway.client.post(runs, json=body, headers=bearer(free_key))
+        assert_error(refused, 403, code="profile_not_allowed", param="assistant_id")
+    assert await db.fetchval("SELECT count(*) FROM thread_run WHERE user_id = $1", free_user) == 0
+    assert await db.fetchval("SELECT count(*) FROM thread_message") == 1  # the thread's own, no run's
+    assert upstream.requests == []
+
     pro_key, _ = await gateway.key("pro")
-    created = await gateway.client.post("/v1/threads", json={"profile": "premium"}, headers=bearer(pro_key))
-    assert created.status_code == 201, created.text
-    turn = await gateway.client.post(
-        f"/v1/threads/{created.json()['id']}/messages", json={"content": "hi"}, headers=bearer(pro_key)
-    )
-    assert turn.status_code == 200, turn.text
+    created = await gateway.client.post("/v1/threads", json={"messages": [message]}, headers=bearer(pro_key))
+    assert created.status_code == 200, created.text
+    run_path = f"/v1/threads/{created.json()['id']}/runs"
+    queued = await gateway.client.post(run_path, json={"assistant_id": "asst_premium"}, headers=bearer(pro_key))
+    assert queued.status_code == 200, queued.text
+    assert queued.json()["assistant_id"] == "asst_premium"
+
+    async def ended() -> dict[str, Any] | None:
+        run = await gateway.client.get(f"{run_path}/{queued.json()['id']}", headers=bearer(pro_key))
+        return run.json() if run.json()["status"] not in ("queued", "in_progress") else None
+
+    run = await wait_for(ended, what="the premium run to end")
+    assert run["status"] == "completed", run
     assert upstream.requests[-1].json["model"] == "gpt-5"

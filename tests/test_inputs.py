@@ -1,10 +1,10 @@
-"""No input is a 5xx: NUL, lone surrogates, over-long ids, overflowing dates, cursors and numbers, deep JSON.
+"""No input is a 5xx: NUL, lone surrogates, over-long ids, overflowing dates, foreign cursors and numbers, deep JSON.
 
 Every route family gets inputs that used to reach Postgres, the driver or an encoder and fail
 there with a 500 (an image prompt with a NUL was generated and charged first). Each must be
 refused with our 400 naming the field (`param`), before any statement and any upstream call:
 the fake upstream receives nothing, and no usage row, thread message, image row or image file
-is left behind.
+is left behind (nor a thread run or step).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import orjson
 import pytest
 
 from support import internals
@@ -24,13 +23,26 @@ from support.auth import ADMIN_KEY, bearer, make_jwt
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream
 from support.gateway import Gateway
+from support.waiting import wait_for
 
 NUL = "a\x00b"
 LONE = "a\ud800b"  # a lone surrogate: Python's JSON parser reads it from the escape "\ud800"
 LONG_USER = "u" * 201  # user ids are stored in 200 characters
 ZERO_ID = "00000000-0000-0000-0000-000000000000"
 # Tables a refused request must leave empty (the key's own rows are the only ones expected).
-WRITTEN = ("usage_event", "usage_pending", "thread_message", "image", "image_batch", "image_batch_item")
+WRITTEN = (
+    "usage_event",
+    "usage_pending",
+    "thread_message",
+    "thread_run",
+    "run_step",
+    "image",
+    "image_batch",
+    "image_batch_item",
+)
+# Ids of the Assistants API: a prefix and 32 hex digits; only the right prefix's are a list's cursors.
+ZEROS = "0" * 32
+NOT_HEX = "g" * 32
 
 
 def encoded(body: Any) -> bytes:
@@ -48,10 +60,6 @@ def deep(levels: int) -> dict[str, Any]:
 
 def image_cursor(created: str) -> str:
     return base64.urlsafe_b64encode(f"{created}|{ZERO_ID}".encode()).decode().rstrip("=")
-
-
-def thread_cursor(parts: list[object]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(parts)).decode().rstrip("=")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,8 @@ async def caller(gateway: Gateway) -> dict[str, str]:
 
 @pytest.fixture
 async def thread_id(gateway: Gateway, caller: dict[str, str]) -> str:
-    response = await gateway.client.post("/v1/threads", json={"profile": "coach"}, headers=caller)
-    assert response.status_code == 201, response.text
+    response = await gateway.client.post("/v1/threads", json={}, headers=caller)
+    assert response.status_code == 200, response.text
     return str(response.json()["id"])
 
 
@@ -162,53 +170,128 @@ async def test_chat_passes_a_nul_in_a_message_through(gateway: Gateway, upstream
     assert upstream.requests[-1].json["messages"][0]["content"] == NUL
 
 
-# Threads.
+# Threads, messages and runs.
+
+RUNS = "/v1/threads/runs"
+GET_OR_CREATE = "/v1/assistants/asst_coach/thread"
+
+
+def message(content: Any = "hi", **extra: Any) -> dict[str, Any]:
+    return {"role": "user", "content": content, **extra}
+
+
+def run(**extra: Any) -> dict[str, Any]:
+    return {"assistant_id": "asst_coach", **extra}
 
 
 @pytest.mark.parametrize(
     ("method", "path", "body", "params", "param"),
     [
-        ("POST", "/v1/threads", {"profile": "coach", "title": NUL}, None, "title"),
-        ("POST", "/v1/threads", {"profile": "coach", "title": LONE}, None, "title"),
-        ("POST", "/v1/threads", {"profile": "coach", "title": "t" * 201}, None, "title"),
-        ("POST", "/v1/threads", {"profile": NUL}, None, "profile"),
-        ("POST", "/v1/threads", {"chat_type": LONE}, None, "chat_type"),
-        ("POST", "/v1/threads", {"profile": "coach", "metadata": {"k": NUL}}, None, "metadata.k"),
-        ("POST", "/v1/threads", {"profile": "coach", "metadata": {NUL: "v"}}, None, "metadata.a\\u0000b.[key]"),
-        ("POST", "/v1/threads/get-or-create", {"profile": "coach", "title": NUL}, None, "title"),
-        ("GET", "/v1/threads", None, {"profile": NUL}, "profile"),
-        ("GET", "/v1/threads", None, {"profile": "p" * 101}, "profile"),
-        ("GET", "/v1/threads", None, {"cursor": "c" * 201}, "cursor"),
-        ("GET", "/v1/threads", None, {"cursor": thread_cursor(["t", "0001-01-01T00:00:00+14:00", ZERO_ID])}, "cursor"),
-        ("GET", "/v1/threads", None, {"cursor": thread_cursor(["t", "9999-12-31T23:59:59-14:00", ZERO_ID])}, "cursor"),
-        ("GET", "/v1/threads", None, {"cursor": thread_cursor(["t", "2026-01-01T00:00:00", ZERO_ID])}, "cursor"),
+        ("POST", "/v1/threads", {"messages": [message(NUL)]}, None, "messages.0.content"),
+        ("POST", "/v1/threads", {"messages": [message(LONE)]}, None, "messages.0.content"),
+        ("POST", "/v1/threads", {"messages": [message("m" * 256_001)]}, None, "messages.0.content"),
+        (
+            "POST",
+            "/v1/threads",
+            {"messages": [message([{"type": "text", "text": NUL}])]},
+            None,
+            "messages.0.content.0.text",
+        ),
+        (
+            "POST",
+            "/v1/threads",
+            {"messages": [message(metadata={"goal_id": LONE})]},
+            None,
+            "messages.0.metadata.goal_id",
+        ),
+        ("POST", "/v1/threads", {"metadata": {"title": NUL}}, None, "metadata.title"),
+        ("POST", "/v1/threads", {"metadata": {"title": LONE}}, None, "metadata.title"),
+        ("POST", "/v1/threads", {"metadata": {"title": "t" * 513}}, None, "metadata"),
+        ("POST", "/v1/threads", {"metadata": {"k": NUL}}, None, "metadata.k"),
+        ("POST", "/v1/threads", {"metadata": {NUL: "v"}}, None, "metadata.a\\u0000b.[key]"),
+        ("POST", RUNS, {"assistant_id": NUL}, None, "assistant_id"),
+        ("POST", RUNS, {"assistant_id": "a" * 121}, None, "assistant_id"),
+        ("POST", RUNS, run(thread={"messages": [message(LONE)]}), None, "thread.messages.0.content"),
+        ("POST", RUNS, run(thread={"metadata": {"title": NUL}}), None, "thread.metadata.title"),
+        ("POST", RUNS, run(context={"k": NUL}), None, "context"),
+        ("POST", GET_OR_CREATE, {"chat_type": LONE}, None, "chat_type"),
+        ("POST", "/v1/assistants/a%00b/thread", {}, None, "assistant_id"),
+        ("POST", GET_OR_CREATE, {"chat_type": "c" * 101}, None, "chat_type"),
+        ("POST", GET_OR_CREATE, {"metadata": {"title": NUL}}, None, "metadata.title"),
+        ("GET", "/v1/threads/a%00b", None, None, "thread_id"),
+        ("DELETE", f"/v1/threads/{'t' * 65}", None, None, "thread_id"),
+        ("GET", "/v1/threads", None, {"assistant_id": NUL}, "assistant_id"),
+        ("GET", "/v1/threads", None, {"assistant_id": "a" * 121}, "assistant_id"),
+        ("GET", "/v1/threads", None, {"metadata_key": NUL, "metadata_value": "v"}, "metadata_key"),
+        ("GET", "/v1/threads", None, {"metadata_key": "k", "metadata_value": "v" * 513}, "metadata_value"),
+        ("GET", "/v1/threads", None, {"metadata_key": "k"}, "metadata_key"),
+        ("GET", "/v1/threads", None, {"limit": 2**64}, "limit"),
+        ("GET", "/v1/threads", None, {"after": "c" * 65}, "after"),
+        ("GET", "/v1/threads", None, {"after": NUL}, "after"),
+        ("GET", "/v1/threads", None, {"after": f"thread_{NOT_HEX}"}, "after"),
+        ("GET", "/v1/threads", None, {"before": f"msg_{ZEROS}"}, "before"),
+        ("GET", "/v1/threads", None, {"before": f"thread_{ZEROS}0"}, "before"),
     ],
 )
 async def test_thread_routes(
     gateway: Gateway, db, upstream, image_dir: Path, caller, method, path, body, params, param
 ) -> None:
     await refused(gateway, db, upstream, image_dir, caller, method, path, body, param, params)
+    assert await db.fetchval("SELECT count(*) FROM thread") == 0
 
 
 @pytest.mark.parametrize(
     ("method", "suffix", "body", "params", "param"),
     [
-        ("PATCH", "", {"title": NUL}, None, "title"),
-        ("PATCH", "", {"metadata": {"k": LONE}}, None, "metadata.k"),
-        ("POST", "/messages", {"content": NUL}, None, "content"),
-        ("POST", "/messages", {"content": LONE}, None, "content"),
-        ("POST", "/messages", {"content": "hi", "goal_id": NUL}, None, "goal_id"),
-        ("POST", "/messages", {"content": "hi", "goal_id": "g" * 201}, None, "goal_id"),
-        ("POST", "/messages", {"content": "hi", "chat_type": NUL}, None, "chat_type"),
-        ("POST", "/messages", {"content": "hi", "context": {"k": NUL}}, None, "context"),
-        ("POST", "/messages", {"content": "hi", "context": {LONE: 1}}, None, "context"),
-        ("POST", "/messages", {"content": "hi", "context": deep(17)}, None, "context"),
-        ("POST", "/messages", {"content": "hi", "context": deep(254)}, None, "context"),
-        ("POST", "/messages", {"content": "hi", "context": {"n": 2**64}}, None, "context"),
-        ("POST", "/messages", b'{"content": "hi", "context": {"n": NaN}}', None, "context"),
-        ("POST", "/messages", b'{"content": "hi", "context": {"n": -Infinity}}', None, "context"),
-        ("GET", "/messages", None, {"cursor": thread_cursor(["m", 2**63])}, "cursor"),
-        ("GET", "/messages", None, {"cursor": thread_cursor(["m", -1])}, "cursor"),
+        ("POST", "", {"metadata": {"title": NUL}}, None, "metadata.title"),
+        ("POST", "", {"metadata": {"k": LONE}}, None, "metadata.k"),
+        ("POST", "", {"metadata": {"title": "t" * 513}}, None, "metadata"),
+        ("POST", "/messages", message(NUL), None, "content"),
+        ("POST", "/messages", message(LONE), None, "content"),
+        ("POST", "/messages", message("m" * 256_001), None, "content"),
+        ("POST", "/messages", message([{"type": "text", "text": LONE}]), None, "content.0.text"),
+        (
+            "POST",
+            "/messages",
+            message([{"type": "image_url", "image_url": {"url": NUL}}]),
+            None,
+            "content.0.image_url.url",
+        ),
+        ("POST", "/messages", message(metadata={"goal_id": NUL}), None, "metadata.goal_id"),
+        ("POST", "/messages", message(metadata={"goal_id": "g" * 513}), None, "metadata"),
+        ("POST", "/messages", message(metadata={"chat_type": NUL}), None, "metadata.chat_type"),
+        ("POST", "/messages", message(attachments=[{"file_id": NUL}]), None, "attachments.0.file_id"),
+        ("POST", "/runs", {"assistant_id": NUL}, None, "assistant_id"),
+        ("POST", "/runs", run(instructions=NUL), None, "instructions"),
+        ("POST", "/runs", run(additional_instructions=LONE), None, "additional_instructions"),
+        ("POST", "/runs", run(additional_messages=[message(NUL)]), None, "additional_messages.0.content"),
+        ("POST", "/runs", run(metadata={"k": NUL}), None, "metadata.k"),
+        ("POST", "/runs", run(max_completion_tokens=2**64), None, "max_completion_tokens"),
+        ("POST", "/runs", encoded(run())[:-1] + b', "temperature": NaN}', None, "temperature"),
+        ("POST", "/runs", run(context={"k": NUL}), None, "context"),
+        ("POST", "/runs", run(context={LONE: 1}), None, "context"),
+        ("POST", "/runs", run(context=deep(17)), None, "context"),
+        ("POST", "/runs", run(context=deep(254)), None, "context"),
+        ("POST", "/runs", run(context={"n": 2**64}), None, "context"),
+        ("POST", "/runs", encoded(run())[:-1] + b', "context": {"n": NaN}}', None, "context"),
+        ("POST", "/runs", encoded(run())[:-1] + b', "context": {"n": -Infinity}}', None, "context"),
+        (
+            "POST",
+            f"/runs/run_{ZEROS}/submit_tool_outputs",
+            {"tool_outputs": [{"tool_call_id": NUL, "output": "x"}]},
+            None,
+            "tool_outputs.0.tool_call_id",
+        ),
+        ("GET", "/messages", None, {"after": f"msg_{NOT_HEX}"}, "after"),
+        ("GET", "/messages", None, {"after": f"run_{ZEROS}"}, "after"),
+        ("GET", "/messages", None, {"before": "m" * 65}, "before"),
+        ("GET", "/messages", None, {"before": NUL}, "before"),
+        ("GET", "/messages", None, {"run_id": NUL}, "run_id"),
+        ("GET", "/messages", None, {"run_id": f"msg_{ZEROS}"}, "run_id"),
+        ("GET", "/runs", None, {"after": f"thread_{ZEROS}"}, "after"),
+        ("GET", "/runs", None, {"limit": 2**64}, "limit"),
+        ("GET", "/messages/a%00b", None, None, "message_id"),
+        ("POST", "/runs/a%00b/cancel", None, None, "run_id"),
     ],
 )
 async def test_one_thread_routes(
@@ -219,9 +302,16 @@ async def test_one_thread_routes(
 
 
 async def test_context_nesting_within_the_cap_is_answered(gateway: Gateway, caller, thread_id: str) -> None:
-    body = {"content": "hi", "context": deep(16)}
-    response = await send(gateway, caller, "POST", f"/v1/threads/{thread_id}/messages", body)
+    body = run(context=deep(16), additional_messages=[message()])
+    response = await send(gateway, caller, "POST", f"/v1/threads/{thread_id}/runs", body)
     assert response.status_code == 200, response.text
+    path = f"/v1/threads/{thread_id}/runs/{response.json()['id']}"
+
+    async def ended() -> dict[str, Any] | None:
+        polled = (await send(gateway, caller, "GET", path)).json()
+        return polled if polled["status"] not in ("queued", "in_progress") else None
+
+    assert (await wait_for(ended, what="the run to end"))["status"] == "completed"
 
 
 # Images and batches.
@@ -389,7 +479,7 @@ async def test_usage_with_an_unstorable_subject(gateway: Gateway, subject: str) 
 
 async def test_an_error_can_name_a_key_with_a_lone_surrogate(gateway: Gateway, db, upstream, image_dir, caller) -> None:
     """The key is in the error's location: it must come back as JSON text, not fail the response."""
-    response = await send(gateway, caller, "POST", "/v1/threads", {"profile": "coach", "metadata": {LONE: "v"}})
+    response = await send(gateway, caller, "POST", "/v1/threads", {"metadata": {LONE: "v"}})
     param = assert_error(response, 400)["param"]
     assert param.startswith("metadata.a") and param.endswith("b.[key]")
     await assert_nothing_done(gateway, db, upstream, image_dir)

@@ -100,8 +100,9 @@ async def test_metrics_count_requests_upstream_calls_and_refusals(
         upstream.script(CHAT_PATH, Reply(status=500))
         assert (await chat(gw.client, key)).status_code == 502
         assert (await gw.client.get("/no/such/route")).status_code == 404
-        thread_id = "3f8a1c52-0000-4000-8000-00000000abcd"
-        assert (await gw.client.get(f"/v1/threads/{thread_id}", headers=bearer(key))).status_code == 404
+        thread_id = "thread_3f8a1c5200004000800000000000abcd"
+        missing = await gw.client.get(f"/v1/threads/{thread_id}", headers=bearer(key))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "thread_not_found"
 
         rows = [*await usage_rows(db, 3, user_id=user), *await usage_rows(db, 1, user_id=limited_user)]
         response = await gw.client.get("/metrics")

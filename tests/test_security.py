@@ -120,10 +120,15 @@ async def test_revocation_reaches_every_process_at_once(
 
 async def test_a_jwt_is_never_a_key_user(gateway: Gateway) -> None:
     key, user = await gateway.key("free")
-    made = await gateway.client.post("/v1/threads", json={"profile": "coach"}, headers=bearer(key))
-    assert made.status_code == 201, made.text
+    made = await gateway.client.post("/v1/threads", json={"metadata": {"app": "coach"}}, headers=bearer(key))
+    assert made.status_code == 200, made.text
+    thread_id = made.json()["id"]
+    as_key = await gateway.client.get("/v1/threads", headers=bearer(key))
+    assert [thread["id"] for thread in as_key.json()["data"]] == [thread_id]
     as_jwt = await gateway.client.get("/v1/threads", headers=bearer(make_jwt(user)))
     assert as_jwt.status_code == 200 and as_jwt.json()["data"] == []
+    opened = await gateway.client.get(f"/v1/threads/{thread_id}", headers=bearer(make_jwt(user)))
+    assert_error(opened, 404, code="thread_not_found")
     refused = await gateway.admin("POST", "/admin/keys", json={"user_id": "jwt:someone", "tier": "free"})
     assert_error(refused, 400, param="user_id")
 
@@ -255,13 +260,19 @@ async def _chunks(body: bytes) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
+ZEROS = "0" * 32
+THREAD_ID = f"thread_{ZEROS}"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
         ("GET", "/v1/images/batches", "POST"),
-        ("GET", "/v1/threads/get-or-create", "POST"),
-        ("PUT", "/v1/threads/00000000-0000-0000-0000-000000000000", "DELETE, GET, HEAD, PATCH"),
+        ("GET", "/v1/assistants/asst_coach/thread", "POST"),
+        ("PUT", f"/v1/threads/{THREAD_ID}", "DELETE, GET, HEAD, POST"),
         ("DELETE", "/v1/threads", "GET, HEAD, POST"),
+        ("PATCH", f"/v1/threads/{THREAD_ID}/messages/msg_{ZEROS}", "DELETE, GET, HEAD, POST"),
+        ("GET", f"/v1/threads/{THREAD_ID}/runs/run_{ZEROS}/cancel", "POST"),
         ("POST", "/v1/images/estimate/x", None),
     ],
 )

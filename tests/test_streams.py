@@ -165,25 +165,34 @@ async def test_chat_turns_and_batch_events_share_one_cap(
     client = sdk(gateway, key)
     chat = await open_chat_stream(client)
     batch_id = await paused_batch(gateway, db, key)
-    thread = await gateway.client.post("/v1/threads", json={"profile": "teacher"}, headers=bearer(key))
+    thread = await gateway.client.post("/v1/threads", json={}, headers=bearer(key))
+    assert thread.status_code == 200, thread.text
     thread_id = thread.json()["id"]
-    turn = {"content": "Plan a lesson", "stream": True}
+    runs = f"/v1/threads/{thread_id}/runs"
+    turn = {
+        "assistant_id": "asst_teacher",
+        "additional_messages": [{"role": "user", "content": "Plan a lesson"}],
+        "stream": True,
+    }
 
     async with batch_stream(gateway, key, batch_id) as progress:
         assert internals.open_streams(gateway.app, user) == 2
-        refused = await gateway.client.post(f"/v1/threads/{thread_id}/messages", json=turn, headers=bearer(key))
+        refused = await gateway.client.post(runs, json=turn, headers=bearer(key))
         assert_error(refused, 429, code="too_many_streams")
         assert refused.headers["retry-after"]
         assert_error(await gateway.client.get(f"{BATCHES}/{batch_id}/events", headers=bearer(key)), 429)
-        # The refused turn stored nothing and called nothing.
+        # The refused run stored nothing (neither its message nor itself) and called nothing.
         messages = await gateway.client.get(f"/v1/threads/{thread_id}/messages", headers=bearer(key))
-        assert messages.json()["data"] == []
+        assert messages.status_code == 200 and messages.json()["data"] == []
+        listed = await gateway.client.get(runs, headers=bearer(key))
+        assert listed.status_code == 200 and listed.json()["data"] == []
         assert len(upstream.received()) == 1
 
         await chat.close()
         await held(gateway, user, 1)
-        answered = await gateway.client.post(f"/v1/threads/{thread_id}/messages", json=turn, headers=bearer(key))
-        assert answered.status_code == 200 and "event: done" in answered.text
+        answered = await gateway.client.post(runs, json=turn, headers=bearer(key))
+        assert answered.status_code == 200, answered.text
+        assert "event: thread.run.completed" in answered.text and "event: done" in answered.text
 
         cancelled = await gateway.client.post(f"{BATCHES}/{batch_id}/cancel", headers=bearer(key))
         assert cancelled.status_code == 200

@@ -1,40 +1,44 @@
-"""Threads as a client sees them: conversations through the fake upstream, streamed events, context, retention.
+"""Threads as apps written for the Assistants API (v2) drive them, through the official SDK's `client.beta`.
 
-A gateway for this module runs with its own assistants file (profiles made for the
-tests) and a small aiohttp server that plays the app's context URL.
+A gateway for this module runs with its own assistants file (profiles made for the tests,
+shared as `asst_<name>`) and a small aiohttp server that plays the app's context URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
-import httpx
+import openai
 import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from openai import AsyncAssistantEventHandler
+from openai.types.beta.threads import Message, Run, Text, TextDelta
 from sqlalchemy import event
+from typing_extensions import override
 
-from app.config import PACKAGE_DIR
-from app.threads.context import ContextSource
-from app.threads.profiles import load_profiles
 from app.threads.retention import RETENTION_LOCK, prune_idle_threads
 from support import internals
-from support.auth import bearer, make_jwt
+from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import CONTENT, CONTENT_PIECES, FakeUpstream, Reply
-from support.gateway import Gateway, GatewayFactory, app_command, make_settings
-from support.tcp_proxy import TcpProxy
+from support.gateway import Gateway, GatewayFactory, app_command_async, gateway_env, gateway_process
+from support.processes import kill_process_async
 from support.waiting import usage_rows, wait_for
+
+# The SDK marks the Assistants API deprecated; these apps call it all the same, and so do the tests.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The Assistants API is deprecated:DeprecationWarning"),
+]
 
 CHAT = "/v1/chat/completions"
 CONTEXT_TOKEN = "ctx-token-0123456789"
@@ -181,765 +185,893 @@ def gw(gateway: Gateway, context_server: ContextServer) -> Gateway:
     return gateway
 
 
-async def user(gateway: Gateway, tier: str = "pro") -> tuple[str, dict[str, str]]:
+async def user(gateway: Gateway, tier: str = "pro") -> tuple[str, openai.AsyncOpenAI]:
     key, user_id = await gateway.key(tier)
-    return user_id, bearer(key)
+    return user_id, openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
 
 
-async def new_thread(gateway: Gateway, headers: dict[str, str], **body: Any) -> dict[str, Any]:
-    response = await gateway.client.post("/v1/threads", json={"profile": "tutor", **body}, headers=headers)
-    assert response.status_code == 201, response.text
-    return response.json()
+def texts(messages: list[Message]) -> list[tuple[str, str]]:
+    return [(m.role, "".join(part.text.value for part in m.content if part.type == "text")) for m in messages]
 
 
-async def say(gateway: Gateway, headers: dict[str, str], thread_id: str, content: str, **extra: Any) -> httpx.Response:
-    return await gateway.client.post(
-        f"/v1/threads/{thread_id}/messages", json={"content": content, **extra}, headers=headers
+async def thread_texts(client: openai.AsyncOpenAI, thread_id: str) -> list[tuple[str, str]]:
+    return texts([m async for m in client.beta.threads.messages.list(thread_id, order="asc")])
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+
+async def test_the_coach_flow_polls_a_run_to_completion(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(metadata={"app": "coach"})
+    assert thread.id.startswith("thread_") and thread.metadata == {"app": "coach"}
+    sent = await client.beta.threads.messages.create(thread.id, role="user", content="What is a fraction?")
+    assert sent.id.startswith("msg_") and sent.status == "completed"
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id,
+        assistant_id="asst_tutor",
+        additional_instructions="The student is Alex, year 5.",
+        poll_interval_ms=50,
     )
+    assert run.status == "completed", run.last_error
+    assert run.id.startswith("run_") and run.assistant_id == "asst_tutor" and run.thread_id == thread.id
+    assert run.usage is not None and (run.usage.prompt_tokens, run.usage.completion_tokens) == (11, 7)
+    assert run.model == "default-chat" and run.completed_at is not None and run.started_at is not None
+    assert upstream.received()[-1].json is not None
+    assert upstream.received()[-1].json["messages"] == [
+        # OpenAI's wording: additional instructions are appended to the assistant's.
+        {"role": "system", "content": f"You tutor for {user_id}. Student: .\n\nThe student is Alex, year 5."},
+        {"role": "user", "content": "What is a fraction?"},
+    ]
+    assert await thread_texts(client, thread.id) == [("user", "What is a fraction?"), ("assistant", CONTENT)]
+    [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=run.id)]
+    assert reply.assistant_id == "asst_tutor" and reply.run_id == run.id and reply.status == "completed"
+    [usage] = await usage_rows(db, user_id=user_id)
+    assert (usage["route"], usage["status"], usage["thread_id"]) == ("threads.runs", "ok", uuid.UUID(thread.id[7:]))
+    assert orjson.loads(usage["detail"]) == {"run_id": run.id, "assistant_id": "asst_tutor"}
 
 
-def parse_sse(body: str) -> list[tuple[str, Any]]:
-    """(event, data) pairs in order; comment blocks (keep-alives) are skipped."""
-    events = []
-    for block in body.split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines:
-            continue
-        fields = dict(line.split(": ", 1) for line in lines)
-        events.append((fields["event"], orjson.loads(fields["data"])))
-    return events
+class Collector(AsyncAssistantEventHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.deltas: list[str] = []
+
+    @override
+    async def on_event(self, event: Any) -> None:
+        self.names.append(event.event)
+
+    @override
+    async def on_text_delta(self, delta: TextDelta, snapshot: Text) -> None:
+        self.deltas.append(delta.value or "")
 
 
-async def stream_turn(
-    gateway: Gateway, headers: dict[str, str], thread_id: str, content: str, **extra: Any
-) -> tuple[httpx.Response, list[tuple[str, Any]]]:
-    async with gateway.client.stream(
-        "POST",
-        f"/v1/threads/{thread_id}/messages",
-        json={"content": content, "stream": True, **extra},
-        headers=headers,
-    ) as response:
-        body = (await response.aread()).decode()
-    return response, parse_sse(body) if response.status_code == 200 else []
+async def test_a_streamed_run_relays_the_assistants_events(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Tell me about lions."}])
+    handler = Collector()
+    async with client.beta.threads.runs.stream(
+        thread_id=thread.id, assistant_id="asst_tutor", event_handler=handler
+    ) as stream:
+        await stream.until_done()
+        final = await stream.get_final_run()
+        messages = await stream.get_final_messages()
+    assert handler.names == [
+        "thread.run.created",
+        "thread.run.queued",
+        "thread.run.in_progress",
+        "thread.run.step.created",
+        "thread.run.step.in_progress",
+        "thread.message.created",
+        "thread.message.in_progress",
+        *["thread.message.delta"] * len(CONTENT_PIECES),
+        "thread.message.completed",
+        "thread.run.step.completed",
+        "thread.run.completed",
+    ]
+    assert "".join(handler.deltas) == CONTENT
+    assert final.status == "completed"
+    assert texts(messages) == [("assistant", CONTENT)]
+    assert await thread_texts(client, thread.id) == [("user", "Tell me about lions."), ("assistant", CONTENT)]
+    request = upstream.received()[-1].json
+    assert request is not None and request["stream"] is True
+    [usage] = await usage_rows(db, user_id=user_id)
+    assert usage["stream"] is True and usage["status"] == "ok"
 
 
-async def stored(db: asyncpg.Pool, thread_id: str) -> list[asyncpg.Record]:
-    return await db.fetch("SELECT * FROM thread_message WHERE thread_id = $1 ORDER BY seq", uuid.UUID(thread_id))
-
-
-def gpt5_mini_cost(prompt: int, completion: int, cached: int = 0) -> float:
-    return ((prompt - cached) * 0.25 + cached * 0.025 + completion * 2.0) / 1_000_000
-
-
-# --- profiles -------------------------------------------------------------------------------
-
-
-def test_shipped_profiles_load_beside_voice_presets() -> None:
-    profiles = load_profiles(PACKAGE_DIR / "assistants.toml")
-    assert {"teacher", "coach"} <= set(profiles.profiles)
-    assert set(profiles.profiles["teacher"].shortcuts) == {"/ptm", "/lesson", "/progress"}
-    assert profiles.for_chat_type("pillar_health").name == "coach_health"
-    assert profiles.for_chat_type("journal_reflection").name == "coach_journal"
-
-
-@pytest.mark.parametrize(
-    ("table", "named"),
-    [
-        ('[profile.a]\ninstructions = "x"\ntemperature = 5', "profile.a.temperature"),
-        ('[profile.a]\ninstructions = "Hi {{nope}}"', "{{nope}}"),
-        ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"/x" = "{{context}}"', "{{context}}"),
-        ('[profile.a]\ninstructions = "x"\n[profile.a.shortcuts]\n"ptm" = "y"', "'ptm'"),
-        (
-            '[profile.a]\ninstructions = "x"\nchat_types = ["g"]\n[profile.b]\ninstructions = "y"\nchat_types = ["g"]',
-            "'g'",
-        ),
-        ('[profile.a]\ninstructions = "x"\ncontext_url = "ftp://x"', "profile.a.context_url"),
-        ('[profile.a]\ninstructions = "x"\nhistory_mesages = 3', "history_mesages"),
-        ('[profile.Bad]\ninstructions = "x"', "'Bad'"),
-        ("[voice_preset.a]\nanything = 1", "profile"),
-        ("[profile.a\n", "ASSISTANTS_FILE"),
-    ],
-)
-def test_a_bad_profiles_file_stops_start_up_naming_the_problem(tmp_path: Path, table: str, named: str) -> None:
-    path = tmp_path / "assistants.toml"
-    path.write_text(table)
-    with pytest.raises(SystemExit) as stopped:
-        load_profiles(path)
-    message = str(stopped.value)
-    assert message.startswith(f"invalid ASSISTANTS_FILE {path}")
-    assert named in message, message
-
-
-def test_only_the_profile_table_is_read(assistants_file: Path) -> None:
-    profiles = load_profiles(assistants_file)
-    assert set(profiles.profiles) == {
-        "tutor",
-        "coach",
-        "coach_health",
-        "budget",
-        "slow_context",
-        "redirected",
-        "rescue",
-        "premium",
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-tools",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-5-mini",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
-    assert profiles.max_history == 50
 
 
-# --- the threads API --------------------------------------------------------------------------
+USAGE_CHUNK = {
+    "id": "chatcmpl-tools",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "gpt-5-mini",
+    "choices": [],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29},
+}
 
 
-async def test_create_get_update_delete(gw: Gateway, db: asyncpg.Pool) -> None:
-    user_id, headers = await user(gw)
-    created = await new_thread(gw, headers, title="Maths", metadata={"class": "5B"})
-    assert created["object"] == "thread" and created["profile"] == "tutor"
-    assert created["title"] == "Maths" and created["metadata"] == {"class": "5B"}
-    thread_id = created["id"]
-    assert (await gw.client.get(f"/v1/threads/{thread_id}", headers=headers)).json() == created
-
-    patched = await gw.client.patch(f"/v1/threads/{thread_id}", json={"metadata": {"term": "2"}}, headers=headers)
-    assert patched.status_code == 200
-    assert patched.json()["title"] == "Maths" and patched.json()["metadata"] == {"term": "2"}
-    assert patched.json()["updated_at"] > created["updated_at"]
-
-    assert (await say(gw, headers, thread_id, "Hello")).status_code == 200
-    deleted = await gw.client.delete(f"/v1/threads/{thread_id}", headers=headers)
-    assert deleted.json() == {"id": thread_id, "object": "thread.deleted", "deleted": True}
-    assert_error(await gw.client.get(f"/v1/threads/{thread_id}", headers=headers), 404, code="thread_not_found")
-    assert await stored(db, thread_id) == []  # the messages went with it
-    assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", user_id) == 0
+def tool_call_reply(*calls: tuple[str, str, str]) -> Reply:
+    """A streamed answer that asks for these function calls (id, name, arguments), the arguments in two pieces."""
+    chunks: list[dict[str, Any] | str] = [chunk({"role": "assistant", "content": None})]
+    for index, (call_id, name, arguments) in enumerate(calls):
+        half = len(arguments) // 2
+        first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        chunks.append(chunk({"tool_calls": [first]}))
+        for piece in (arguments[:half], arguments[half:]):
+            chunks.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+    chunks += [chunk({}, "tool_calls"), USAGE_CHUNK]
+    return Reply(chunks=chunks)
 
 
-async def test_a_chat_type_names_the_profile(gw: Gateway) -> None:
-    _, headers = await user(gw)
-    response = await gw.client.post("/v1/threads", json={"chat_type": "pillar_health"}, headers=headers)
-    assert response.status_code == 201 and response.json()["profile"] == "coach_health"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "enclosure_weather",
+        "description": "The weather at an enclosure.",
+        "parameters": {"type": "object", "properties": {"enclosure": {"type": "string"}}},
+    },
+}
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "code"),
-    [
-        ({"profile": "nobody"}, "profile", "unknown_profile"),
-        ({}, "profile", None),
-        ({"chat_type": "astrology"}, "chat_type", "unknown_chat_type"),
-        ({"profile": "tutor", "chat_type": "general"}, "chat_type", None),
-        ({"profile": "tutor", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
-        ({"profile": "tutor", "title": "x" * 201}, "title", None),
-        ({"profile": "tutor", "colour": "red"}, "colour", None),
-    ],
-)
-async def test_bad_thread_bodies(gw: Gateway, db: asyncpg.Pool, body: dict[str, Any], param: str, code: str) -> None:
-    user_id, headers = await user(gw, "free")
-    response = await gw.client.post("/v1/threads", json=body, headers=headers)
-    assert_error(response, 400, param=param, code=code)
-    assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", user_id) == 0
+async def test_a_function_tool_run_takes_two_rounds(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Weather at the lions and seals?"}])
+    upstream.script(
+        CHAT,
+        tool_call_reply(("call_a", "enclosure_weather", '{"enclosure": "lions"}')),
+        tool_call_reply(
+            ("call_b", "enclosure_weather", '{"enclosure": "seals"}'), ("call_c", "enclosure_weather", "{}")
+        ),
+    )
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id,
+        assistant_id="asst_tutor",
+        tools=[WEATHER],
+        poll_interval_ms=50,  # type: ignore[list-item]
+    )
+    assert run.status == "requires_action" and run.required_action is not None
+    [asked] = run.required_action.submit_tool_outputs.tool_calls
+    assert (asked.id, asked.function.name, asked.function.arguments) == (
+        "call_a",
+        "enclosure_weather",
+        '{"enclosure": "lions"}',
+    )
+    assert run.expires_at is not None
+    sent = upstream.received()[-1].json
+    assert sent is not None and sent["tools"] == [WEATHER]
+
+    # Round two, streamed: the model asks for two more calls.
+    handler = Collector()
+    async with client.beta.threads.runs.submit_tool_outputs_stream(
+        thread_id=thread.id,
+        run_id=run.id,
+        tool_outputs=[{"tool_call_id": "call_a", "output": "sunny"}],
+        event_handler=handler,
+    ) as stream:
+        await stream.until_done()
+        second = await stream.get_final_run()
+    assert second.status == "requires_action" and second.required_action is not None
+    assert [c.id for c in second.required_action.submit_tool_outputs.tool_calls] == ["call_b", "call_c"]
+    assert handler.names[0] == "thread.run.queued" and handler.names[-1] == "thread.run.requires_action"
+    assert "thread.run.step.delta" in handler.names
+    assert upstream.received()[-1].json["messages"][-2:] == [  # type: ignore[index]
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_a",
+                    "type": "function",
+                    "function": {"name": "enclosure_weather", "arguments": '{"enclosure": "lions"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+    ]
+
+    # A wrong set of outputs is refused; the run still waits.
+    wrong = await gw.client.post(
+        f"/v1/threads/{thread.id}/runs/{run.id}/submit_tool_outputs",
+        json={"tool_outputs": [{"tool_call_id": "call_b", "output": "x"}]},
+        headers={"authorization": f"Bearer {client.api_key}"},
+    )
+    assert_error(wrong, 400, param="tool_outputs")
+
+    # Round three, plain: the answer.
+    third = await client.beta.threads.runs.submit_tool_outputs_and_poll(
+        thread_id=thread.id,
+        run_id=run.id,
+        tool_outputs=[{"tool_call_id": "call_b", "output": "rain"}, {"tool_call_id": "call_c", "output": "fog"}],
+        poll_interval_ms=50,
+    )
+    assert third.status == "completed"
+    assert third.usage is not None and third.usage.prompt_tokens == 20 + 20 + 11
+    assert upstream.received()[-1].json["messages"][-2:] == [  # type: ignore[index]
+        {"role": "tool", "tool_call_id": "call_b", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_c", "content": "fog"},
+    ]
+    steps = [step async for step in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")]
+    assert [step.type for step in steps] == ["tool_calls", "tool_calls", "message_creation"]
+    assert [step.status for step in steps] == ["completed"] * 3
+    first_calls = steps[0].step_details.tool_calls  # type: ignore[union-attr]
+    assert first_calls[0].function.output == "sunny"  # type: ignore[union-attr]
+    one = await client.beta.threads.runs.steps.retrieve(steps[2].id, thread_id=thread.id, run_id=run.id)
+    assert one.step_details.message_creation.message_id  # type: ignore[union-attr]
+    assert await thread_texts(client, thread.id) == [
+        ("user", "Weather at the lions and seals?"),
+        ("assistant", CONTENT),
+    ]
+    rows = await usage_rows(db, count=3, user_id=user_id)
+    assert [r["route"] for r in rows] == ["threads.runs"] * 3
+    assert len({r["call_id"] for r in rows}) == 3
+
+    # Once the run is over, outputs are refused.
+    late = await gw.client.post(
+        f"/v1/threads/{thread.id}/runs/{run.id}/submit_tool_outputs",
+        json={"tool_outputs": [{"tool_call_id": "call_b", "output": "x"}]},
+        headers={"authorization": f"Bearer {client.api_key}"},
+    )
+    assert_error(late, 400, code="run_not_active")
 
 
-async def test_get_or_create_returns_the_users_thread_for_a_profile(gw: Gateway, db: asyncpg.Pool) -> None:
-    _, headers = await user(gw)
-    first = await gw.client.post("/v1/threads/get-or-create", json={"profile": "coach"}, headers=headers)
-    assert first.status_code == 201
-    again = await gw.client.post("/v1/threads/get-or-create", json={"chat_type": "general"}, headers=headers)
-    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    other = await gw.client.post("/v1/threads/get-or-create", json={"profile": "tutor"}, headers=headers)
-    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+async def test_code_interpreter_is_refused_by_name(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Plot it."}])
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.beta.threads.runs.create(
+            thread_id=thread.id, assistant_id="asst_tutor", tools=[{"type": "code_interpreter"}]
+        )
+    assert "code_interpreter" in str(refused.value) and refused.value.code == "unsupported_tool"
+    assert upstream.requests == [] and await db.fetchval("SELECT count(*) FROM thread_run") == 0
+
+
+async def test_cancelling_a_run_stops_the_upstream_and_keeps_the_partial_reply(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Tell me a long story."}])
+    upstream.script(CHAT, Reply(chunk_delay=0.3))
+    run = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor")
+    assert run.status == "queued"
+
+    async def replying() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM thread_message WHERE role = 'assistant'"))
+
+    await wait_for(replying)
+    cancelling = await client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    ended = await client.beta.threads.runs.poll(run.id, thread_id=thread.id, poll_interval_ms=50)
+    assert ended.status == "cancelled" and ended.cancelled_at is not None
+    [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=run.id)]
+    assert reply.status == "incomplete" and reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "run_cancelled"
+    assert CONTENT.startswith(texts([reply])[0][1]) and texts([reply])[0][1] != CONTENT
+    assert await upstream.wait_streams_closed()
+    [row] = await usage_rows(db, user_id=user_id)
+    assert row["status"] == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        await client.beta.threads.runs.cancel(run.id, thread_id=thread.id)  # over: nothing to cancel
+    # The thread takes a new run at once.
+    again = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    assert again.status == "completed"
+
+
+async def test_a_client_that_leaves_mid_stream_leaves_the_partial_reply_stored(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Go on."}])
+    upstream.script(CHAT, Reply(chunk_delay=0.3))
+    deltas = 0
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id="asst_tutor") as stream:
+        async for event in stream:
+            if event.event == "thread.message.delta":
+                deltas += 1
+                if deltas == 2:
+                    break  # the app's user closed the screen
+    assert await upstream.wait_streams_closed()
+
+    async def ended() -> asyncpg.Record | None:
+        row = await db.fetchrow("SELECT status FROM thread_run WHERE thread_id = $1", uuid.UUID(thread.id[7:]))
+        return row if row and row["status"] == "cancelled" else None
+
+    await wait_for(ended)
+    [reply] = await db.fetch("SELECT content, status, incomplete_reason FROM thread_message WHERE role = 'assistant'")
+    assert (reply["status"], reply["incomplete_reason"]) == ("incomplete", "run_cancelled")
+    assert reply["content"] == "".join(CONTENT_PIECES[:2])
+    [row] = await usage_rows(db, user_id=user_id)
+    assert row["status"] == "cancelled" and row["stream"] is True
+
+
+async def test_another_users_ids_are_404_everywhere(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, owner = await user(gw)
+    thread = await owner.beta.threads.create(messages=[{"role": "user", "content": "secret"}])
+    run = await owner.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    [message, _] = [m async for m in owner.beta.threads.messages.list(thread.id)]
+    [step] = [s async for s in owner.beta.threads.runs.steps.list(run.id, thread_id=thread.id)]
     _, stranger = await user(gw)
-    theirs = await gw.client.post("/v1/threads/get-or-create", json={"profile": "coach"}, headers=stranger)
-    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+    calls = [
+        stranger.beta.threads.retrieve(thread.id),
+        stranger.beta.threads.update(thread.id, metadata={"x": "y"}),
+        stranger.beta.threads.delete(thread.id),
+        stranger.beta.threads.messages.list(thread.id),
+        stranger.beta.threads.messages.create(thread.id, role="user", content="hi"),
+        stranger.beta.threads.messages.retrieve(message.id, thread_id=thread.id),
+        stranger.beta.threads.messages.update(message.id, thread_id=thread.id, metadata={"x": "y"}),
+        stranger.beta.threads.messages.delete(message.id, thread_id=thread.id),
+        stranger.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor"),
+        stranger.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor", stream=True),
+        stranger.beta.threads.runs.list(thread.id),
+        stranger.beta.threads.runs.retrieve(run.id, thread_id=thread.id),
+        stranger.beta.threads.runs.update(run.id, thread_id=thread.id, metadata={"x": "y"}),
+        stranger.beta.threads.runs.cancel(run.id, thread_id=thread.id),
+        stranger.beta.threads.runs.submit_tool_outputs(
+            run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": "call_a", "output": "x"}]
+        ),
+        stranger.beta.threads.runs.steps.list(run.id, thread_id=thread.id),
+        stranger.beta.threads.runs.steps.retrieve(step.id, thread_id=thread.id, run_id=run.id),
+    ]
+    requests = len(upstream.requests)
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await call
+        assert missing.value.code in ("thread_not_found", "run_not_found", "message_not_found", "step_not_found")
+    assert len(upstream.requests) == requests
+    listed = await stranger.get("/threads", cast_to=dict)  # type: ignore[type-var]
+    assert listed["data"] == []
+    assert await thread_texts(owner, thread.id) == [("user", "secret"), ("assistant", CONTENT)]
+    # Another user's run id on the caller's own thread is a 404 too.
+    mine = await stranger.beta.threads.create()
+    with pytest.raises(openai.NotFoundError):
+        await stranger.beta.threads.runs.retrieve(run.id, thread_id=mine.id)
+
+
+async def test_a_run_whose_process_is_killed_fails_within_seconds(
+    gw: Gateway,
+    gateway_with: GatewayFactory,
+    upstream: FakeUpstream,
+    db: asyncpg.Pool,
+    database_url: str,
+    assistants_file: Path,
+    tmp_path: Path,
+) -> None:
+    fast = {"INSTANCE_BEAT_SECONDS": "0.2", "INSTANCE_LEASE_SECONDS": "1", "RUN_SWEEP_INTERVAL": "0.2"}
+    env = gateway_env(database_url, upstream, ASSISTANTS_FILE=str(assistants_file), **fast)
+    upstream.set_default(CHAT, Reply(chunk_delay=1.0))
+    key, user_id = await gw.key("pro")
+    async with gateway_process(env, tmp_path / "killed.log") as doomed:
+        client = openai.AsyncOpenAI(base_url=doomed.url + "/v1", api_key=key, max_retries=0)
+        thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Still there?"}])
+        run = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor")
+
+        async def replying() -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM thread_message WHERE status = 'in_progress'"))
+
+        await wait_for(replying)
+        await kill_process_async(doomed.proc)
+    upstream.set_default(CHAT, None)
+    async with gateway_with(
+        assistants_file=assistants_file, instance_beat_seconds=0.2, instance_lease_seconds=1, run_sweep_interval=0.2
+    ) as survivor:
+        client = openai.AsyncOpenAI(base_url=survivor.url + "/v1", api_key=key, max_retries=0)
+        started = asyncio.get_running_loop().time()
+        ended = await client.beta.threads.runs.poll(run.id, thread_id=thread.id, poll_interval_ms=100)
+        assert asyncio.get_running_loop().time() - started < 10
+        assert ended.status == "failed" and ended.last_error is not None
+        assert ended.last_error.code == "server_error" and "stopped" in ended.last_error.message
+        [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=run.id)]
+        assert reply.status == "incomplete" and reply.incomplete_details.reason == "run_failed"  # type: ignore[union-attr]
+        steps = [s async for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)]
+        assert [s.status for s in steps] == ["failed"]
+        # The killed process's upstream call still gets its one row, and the thread takes a new run.
+        [row] = await usage_rows(db, user_id=user_id)
+        assert row["route"] == "threads.runs"
+        again = await client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+        )
+        assert again.status == "completed"
+
+
+async def test_a_second_run_on_a_busy_thread_is_a_409(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "One at a time."}])
+    upstream.script(CHAT, Reply(chunk_delay=0.2))
+    first = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor")
+    with pytest.raises(openai.ConflictError) as busy:
+        await client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor")
+    assert f"already has an active run {first.id}" in busy.value.message
+    assert busy.value.response.headers["retry-after"] == "1"
+    with pytest.raises(openai.BadRequestError) as adding:
+        await client.beta.threads.messages.create(thread.id, role="user", content="and another")
+    assert "while a run" in adding.value.message
+    # Concurrent starts on an idle thread: exactly one run.
+    await client.beta.threads.runs.poll(first.id, thread_id=thread.id, poll_interval_ms=50)
+    tries = await asyncio.gather(
+        *[client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor") for _ in range(5)],
+        return_exceptions=True,
+    )
+    started = [t for t in tries if isinstance(t, Run)]
+    assert len(started) == 1 and all(isinstance(t, openai.ConflictError) for t in tries if t not in started)
+    await client.beta.threads.runs.poll(started[0].id, thread_id=thread.id, poll_interval_ms=50)
+    assert await db.fetchval("SELECT count(*) FROM thread_run") == 2
+    # The refused starts reserved nothing that stayed: two calls, two rows.
+    assert len(await usage_rows(db, count=2, user_id=user_id)) == 2
+    assert len(upstream.received()) == 2
+
+
+# --- what the threads did before, in Assistants terms ------------------------------------------
+
+
+async def test_the_teacher_flow_expands_shortcuts_and_sends_context(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create()
+    typed = await client.beta.threads.messages.create(thread.id, role="user", content="/ptm Alex and his parents")
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", extra_body={"context": {"student": "Alex"}}, poll_interval_ms=50
+    )
+    assert run.status == "completed"
+    assert upstream.received()[-1].json["messages"] == [  # type: ignore[index]
+        {"role": "system", "content": f"You tutor for {user_id}. Student: Alex."},
+        {"role": "user", "content": "Prepare a parent-teacher meeting about Alex and his parents."},
+    ]
+    stored = await client.beta.threads.messages.retrieve(typed.id, thread_id=thread.id)
+    assert texts([stored]) == [("user", "/ptm Alex and his parents")]  # kept as typed
+    assert stored.model_extra is not None
+    assert stored.model_extra["expanded_content"] == "Prepare a parent-teacher meeting about Alex and his parents."
+
+    await client.beta.threads.messages.create(thread.id, role="user", content="/lesson fractions for year 5")
+    await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50)
+    sent = upstream.received()[-1].json["messages"]  # type: ignore[index]
+    assert sent[0] == {"role": "system", "content": f"You tutor for {user_id}. Student: ."}  # context was per run
+    assert sent[1]["content"] == "Prepare a parent-teacher meeting about Alex and his parents."  # history: as sent
+    assert sent[-1] == {"role": "user", "content": "Plan a lesson.\n\nfractions for year 5"}
+    await client.beta.threads.messages.create(thread.id, role="user", content="/shrug not a shortcut")
+    await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50)
+    assert upstream.received()[-1].json["messages"][-1]["content"] == "/shrug not a shortcut"  # type: ignore[index]
+
+
+async def test_chat_type_in_message_metadata_steers_the_shared_assistant(
+    gw: Gateway, upstream: FakeUpstream, context_server: ContextServer
+) -> None:
+    user_id, client = await user(gw)
+    context_server.contexts[user_id] = {"name": "Sam", "goals": ["sleep", "walk"], "streak": 4}
+    thread = await client.beta.threads.create()
+    await client.beta.threads.messages.create(thread.id, role="user", content="Hi", metadata={"chat_type": "general"})
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_coach", extra_body={"context": {"streak": 5}}, poll_interval_ms=50
+    )
+    assert run.assistant_id == "asst_coach"
+    assert upstream.received()[-1].json["messages"] == [  # type: ignore[index]
+        {"role": "system", "content": "You coach. Chat type: general."},
+        {
+            "role": "system",
+            "content": 'Context about the user, from the app:\ngoals: ["sleep","walk"]\nname: Sam\nstreak: 5',
+        },
+        {"role": "user", "content": "Hi"},
+    ]
+    await client.beta.threads.messages.create(
+        thread.id, role="user", content="Sleep tips?", metadata={"chat_type": "pillar_health", "goal_id": "sleep-8h"}
+    )
+    health = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_coach", poll_interval_ms=50
+    )
+    assert health.assistant_id == "asst_coach_health"  # the chat type's assistant answered
+    sent = upstream.received()[-1].json["messages"]  # type: ignore[index]
+    assert sent[0] == {"role": "system", "content": "Health coach for goal sleep-8h."}
+    assert sent[1]["content"].endswith("name: Sam\nstreak: 4")
+    assert [c["query"]["profile"] for c in context_server.calls] == ["coach", "coach_health"]
+    assert [c["auth"] for c in context_server.calls] == [f"Bearer {CONTEXT_TOKEN}"] * 2
+    # Fetched contexts are cached per profile: the next run does not call the app again.
+    await client.beta.threads.messages.create(thread.id, role="user", content="More?")
+    await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id="asst_coach", poll_interval_ms=50)
+    assert len(context_server.calls) == 2
+
+
+async def test_the_history_window_and_truncation_strategy(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create()
+    for n in range(3):
+        await client.beta.threads.messages.create(thread.id, role="user", content=f"turn {n}")
+        await client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+        )
+    # tutor: history_messages = 4, the newest four (OpenAI's `last_messages` counts the new one too).
+    assert upstream.received()[-1].json["messages"][1:] == [  # type: ignore[index]
+        {"role": "assistant", "content": CONTENT},
+        {"role": "user", "content": "turn 1"},
+        {"role": "assistant", "content": CONTENT},
+        {"role": "user", "content": "turn 2"},
+    ]
+    await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id,
+        assistant_id="asst_tutor",
+        truncation_strategy={"type": "last_messages", "last_messages": 2},
+        additional_messages=[{"role": "user", "content": "turn 3"}],
+        poll_interval_ms=50,
+    )
+    assert upstream.received()[-1].json["messages"][1:] == [  # type: ignore[index]
+        {"role": "assistant", "content": CONTENT},
+        {"role": "user", "content": "turn 3"},
+    ]
+    assert len(await thread_texts(client, thread.id)) == 8
+
+
+async def test_run_parameters_reach_the_upstream(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "JSON please"}])
+    schema = {"name": "fact", "schema": {"type": "object", "properties": {"fact": {"type": "string"}}}}
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id,
+        assistant_id="asst_tutor",
+        model="gpt-5-nano",
+        instructions="Only JSON.",
+        temperature=0.2,
+        top_p=0.5,
+        max_completion_tokens=100,
+        response_format={"type": "json_schema", "json_schema": schema},  # type: ignore[typeddict-item]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="none",
+        parallel_tool_calls=False,
+        metadata={"screen": "facts"},
+        poll_interval_ms=50,
+    )
+    assert run.status == "completed" and run.model == "gpt-5-nano" and run.metadata == {"screen": "facts"}
+    assert (run.temperature, run.top_p, run.max_completion_tokens) == (0.2, 0.5, 100)
+    sent = upstream.received()[-1].json
+    assert sent is not None
+    assert {name: sent[name] for name in sent if name not in ("messages", "stream", "stream_options")} == {
+        "model": "gpt-5-nano",
+        "temperature": 0.2,
+        "top_p": 0.5,
+        "max_completion_tokens": 100,
+        "response_format": {"type": "json_schema", "json_schema": schema},
+        "tools": [WEATHER],
+        "tool_choice": "none",
+        "parallel_tool_calls": False,
+    }
+    assert sent["messages"][0] == {"role": "system", "content": "Only JSON."}  # replaced, not templated
+    changed = await client.beta.threads.runs.update(run.id, thread_id=thread.id, metadata={"screen": "home"})
+    assert changed.metadata == {"screen": "home"}
+    listed = [r.id async for r in client.beta.threads.runs.list(thread.id)]
+    assert listed == [run.id]
+
+
+async def test_a_reply_cut_by_max_completion_tokens_is_incomplete(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Ramble."}])
+    pieces = [chunk({"content": "so "}), chunk({"content": "much"}), chunk({}, "length"), USAGE_CHUNK]
+    upstream.script(CHAT, Reply(chunks=pieces))  # type: ignore[arg-type]
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", max_completion_tokens=16, poll_interval_ms=50
+    )
+    assert run.status == "incomplete" and run.incomplete_details is not None
+    assert run.incomplete_details.reason == "max_completion_tokens"
+    [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=run.id)]
+    assert reply.status == "incomplete" and texts([reply]) == [("assistant", "so much")]
+
+
+async def test_an_upstream_failure_fails_the_run(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hello?"}])
+    upstream.script(CHAT, *[Reply(status=500)] * 3)  # tutor: fallback = never
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
+    assert run.failed_at is not None
+    assert await thread_texts(client, thread.id) == [("user", "hello?")]
+    [row] = await usage_rows(db, user_id=user_id)
+    assert (row["status"], row["route"]) == ("error", "threads.runs")
+
+    # Streamed: the failure mid-stream ends with `thread.run.failed`, the partial reply stored.
+    upstream.script(CHAT, Reply(error_after=2))
+    names = []
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id="asst_tutor") as stream:
+        async for event in stream:
+            names.append(event.event)
+    assert names[-2:] == ["thread.run.step.failed", "thread.run.failed"]
+    assert names.count("thread.message.incomplete") == 1
+    replies = [m async for m in client.beta.threads.messages.list(thread.id) if m.role == "assistant"]
+    assert [m.status for m in replies] == ["incomplete"]
+
+
+async def test_limits_apply_to_runs(gw: Gateway, db: asyncpg.Pool, upstream: FakeUpstream) -> None:
+    user_id, client = await user(gw, "free")
+    limits = {"limit_overrides": {"chat_requests_per_minute": 1}}
+    assert (await gw.admin("PATCH", f"/admin/users/{user_id}", json=limits)).status_code == 200
+    await asyncio.sleep(0.1)  # the NOTIFY reaches the principal cache
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "one"}])
+    first = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    assert first.status == "completed"
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client.beta.threads.runs.create(
+            thread_id=thread.id, assistant_id="asst_tutor", additional_messages=[{"role": "user", "content": "two"}]
+        )
+    assert refused.value.code == "rate_limit_exceeded" and refused.value.response.headers["retry-after"]
+    assert await thread_texts(client, thread.id) == [("user", "one"), ("assistant", CONTENT)]  # nothing written
+    assert await db.fetchval("SELECT count(*) FROM thread_run") == 1 and len(upstream.requests) == 1
+
+
+async def test_bad_runs_are_refused_before_anything_is_stored(
+    gw: Gateway, db: asyncpg.Pool, upstream: FakeUpstream
+) -> None:
+    _, client = await user(gw, "free")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"assistant_id": "asst_nobody"}, "assistant_id"),
+        ({"assistant_id": "asst_premium"}, "assistant_id"),  # not for the free tier
+        ({"assistant_id": "asst_tutor", "model": "gpt-5"}, "model"),
+        ({"assistant_id": "asst_tutor", "extra_body": {"context": {"notes": "x" * 17_000}}}, "context"),
+        ({"assistant_id": "asst_tutor", "extra_body": {"context": ["a", "list"]}}, "context"),
+        ({"assistant_id": "asst_tutor", "temperature": 3}, "temperature"),
+        ({"assistant_id": "asst_tutor", "extra_body": {"colour": "red"}}, "colour"),
+        (
+            {"assistant_id": "asst_tutor", "additional_messages": [{"role": "user", "content": ""}]},
+            "additional_messages.0.content",
+        ),
+    ]
+    for params, param in bad:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.beta.threads.runs.create(thread_id=thread.id, **params)
+        assert refused.value.status_code in (400, 403, 404), (params, refused.value)
+        body = refused.value.body
+        assert isinstance(body, dict) and body.get("param") == param, (params, body)
+    assert upstream.requests == [] and await db.fetchval("SELECT count(*) FROM thread_run") == 0
+    assert await db.fetchval("SELECT count(*) FROM thread_message") == 1
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    assert run.status == "completed"  # and the thread is not left busy
+
+
+async def test_a_streamed_run_sends_heartbeats_and_has_a_time_limit(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, assistants_file: Path, db: asyncpg.Pool
+) -> None:
+    upstream.reset()
+    upstream.script(CHAT, Reply(chunk_delay=0.15), Reply(chunk_delay=0.4))
+    async with gateway_with(assistants_file=assistants_file, stream_heartbeat_seconds=0.1, run_timeout=1.5) as slow:
+        key, _ = await slow.key("pro")
+        _, client = await user(slow)
+        client = client.with_options(api_key=key)
+        thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+        headers = {**bearer(key), "openai-beta": "assistants=v2"}
+        async with slow.client.stream(
+            "POST",
+            f"/v1/threads/{thread.id}/runs",
+            json={"assistant_id": "asst_tutor", "stream": True},
+            headers=headers,
+        ) as response:
+            body = (await response.aread()).decode()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert ": keep-alive" in body  # the upstream was silent for longer than the heartbeat
+        assert body.endswith("event: done\ndata: [DONE]\n\n")
+        assert "event: thread.run.completed" in body
+
+        # 0.4 s a piece, six pieces: past the 1.5 s limit. The run fails, its partial reply kept.
+        run = await client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+        )
+        assert run.status == "failed" and run.last_error is not None
+        assert "time limit" in run.last_error.message
+        reply = await db.fetchrow("SELECT status, incomplete_reason FROM thread_message ORDER BY seq DESC LIMIT 1")
+        assert (reply["status"], reply["incomplete_reason"]) == ("incomplete", "run_failed")
+
+
+async def test_create_and_run_makes_the_thread_and_streams_it_first(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, client = await user(gw)
+    handler = Collector()
+    async with client.beta.threads.create_and_run_stream(
+        assistant_id="asst_tutor",
+        thread={"messages": [{"role": "user", "content": "A fresh start."}], "metadata": {"from": "home"}},
+        event_handler=handler,
+    ) as stream:
+        await stream.until_done()
+        run = await stream.get_final_run()
+    assert handler.names[:3] == ["thread.created", "thread.run.created", "thread.run.queued"]
+    assert handler.names[-1] == "thread.run.completed" and "".join(handler.deltas) == CONTENT
+    thread = await client.beta.threads.retrieve(run.thread_id)
+    assert thread.metadata == {"from": "home"}
+    assert await thread_texts(client, thread.id) == [("user", "A fresh start."), ("assistant", CONTENT)]
+
+    polled = await client.beta.threads.create_and_run_poll(
+        assistant_id="asst_tutor", thread={"messages": [{"role": "user", "content": "Again."}]}, poll_interval_ms=50
+    )
+    assert polled.status == "completed" and polled.thread_id != thread.id
+    assert await thread_texts(client, polled.thread_id) == [("user", "Again."), ("assistant", CONTENT)]
+
+
+async def test_image_url_parts_reach_a_vision_model(gw: Gateway, upstream: FakeUpstream) -> None:
+    _, client = await user(gw)
+    image = {"url": "https://zoo.example/lion.jpg", "detail": "low"}
+    thread = await client.beta.threads.create()
+    message = await client.beta.threads.messages.create(
+        thread.id,
+        role="user",
+        content=[{"type": "text", "text": "Who is this?"}, {"type": "image_url", "image_url": image}],  # type: ignore[list-item]
+    )
+    assert [part.type for part in message.content] == ["text", "image_url"]
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+    )
+    assert run.status == "completed"
+    assert upstream.received()[-1].json["messages"][-1] == {  # type: ignore[index]
+        "role": "user",
+        "content": [{"type": "text", "text": "Who is this?"}, {"type": "image_url", "image_url": image}],
+    }
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.beta.threads.messages.create(
+            thread.id, role="user", content=[{"type": "image_file", "image_file": {"file_id": "file-abc"}}]
+        )
+    assert refused.value.body["param"] == "content.0.type"  # type: ignore[index]
+
+
+async def test_messages_keep_their_order_and_page_both_ways(gw: Gateway) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": f"m{n}"} for n in range(3)])
+    ids = [(await client.beta.threads.messages.create(thread.id, role="user", content=f"m{n}")).id for n in range(3, 7)]
+    # All made within the same second: the order is creation order all the same.
+    oldest = await client.beta.threads.messages.list(thread.id, order="asc", limit=3)
+    assert [texts([m])[0][1] for m in oldest.data] == ["m0", "m1", "m2"] and oldest.has_more
+    assert oldest.first_id == oldest.data[0].id and oldest.last_id == oldest.data[-1].id
+    every = [texts([m])[0][1] async for m in client.beta.threads.messages.list(thread.id, order="asc", limit=2)]
+    assert every == [f"m{n}" for n in range(7)]
+    newest = [texts([m])[0][1] async for m in client.beta.threads.messages.list(thread.id, limit=3)]
+    assert newest == [f"m{n}" for n in range(6, -1, -1)]
+    before = await client.beta.threads.messages.list(thread.id, order="asc", before=ids[1], limit=2)
+    assert [texts([m])[0][1] for m in before.data] == ["m2", "m3"] and before.has_more
+    after = await client.beta.threads.messages.list(thread.id, order="desc", after=ids[1], limit=10)
+    assert [texts([m])[0][1] for m in after.data] == ["m3", "m2", "m1", "m0"] and not after.has_more
+
+    changed = await client.beta.threads.messages.update(ids[0], thread_id=thread.id, metadata={"seen": "yes"})
+    assert changed.metadata == {"seen": "yes"}
+    deleted = await client.beta.threads.messages.delete(ids[0], thread_id=thread.id)
+    assert deleted.deleted and deleted.id == ids[0]
+    with pytest.raises(openai.NotFoundError):
+        await client.beta.threads.messages.retrieve(ids[0], thread_id=thread.id)
+    for bad in ("not-an-id", "thread_" + uuid.uuid4().hex):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.beta.threads.messages.list(thread.id, after=bad)
+        assert refused.value.body["param"] == "after"  # type: ignore[index]
+
+
+async def test_threads_round_trip_and_list_as_our_extension(gw: Gateway, db: asyncpg.Pool) -> None:
+    user_id, client = await user(gw)
+    made = await client.beta.threads.create(metadata={"class": "5B"})
+    assert made.object == "thread" and isinstance(made.created_at, int)
+    assert (await client.beta.threads.retrieve(made.id)).model_dump() == made.model_dump()
+    changed = await client.beta.threads.update(made.id, metadata={"term": "2"})
+    assert changed.metadata == {"term": "2"}
+    others = [await client.beta.threads.create(metadata={"class": str(n)}) for n in range(3)]
+    listed = await client.get("/threads", cast_to=dict, options={"params": {"limit": 2}})  # type: ignore[type-var]
+    assert [t["id"] for t in listed["data"]] == [others[2].id, others[1].id] and listed["has_more"] is True
+    rest = await client.get(
+        "/threads",
+        cast_to=dict,
+        options={"params": {"limit": 5, "after": listed["last_id"]}},  # type: ignore[type-var]
+    )
+    assert [t["id"] for t in rest["data"]] == [others[0].id, made.id] and rest["has_more"] is False
+    filtered = await client.get(
+        "/threads",
+        cast_to=dict,
+        options={"params": {"metadata_key": "class", "metadata_value": "1"}},  # type: ignore[type-var]
+    )
+    assert [t["id"] for t in filtered["data"]] == [others[1].id]
+    deleted = await client.beta.threads.delete(made.id)
+    assert deleted.deleted and deleted.id == made.id
+    with pytest.raises(openai.NotFoundError) as gone:
+        await client.beta.threads.retrieve(made.id)
+    assert gone.value.code == "thread_not_found"
+    assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", user_id) == 3
+
+
+async def test_get_or_create_finds_the_users_thread_of_an_assistant(gw: Gateway, db: asyncpg.Pool) -> None:
+    _, client = await user(gw)
+
+    async def lookup(assistant_id: str, **body: Any) -> dict[str, Any]:
+        return await client.post(f"/assistants/{assistant_id}/thread", body=body, cast_to=dict)  # type: ignore[type-var]
+
+    first = await lookup("asst_coach", chat_type="general")
+    assert first["created"] is True and first["assistant_id"] == "asst_coach"
+    again = await lookup("asst_coach", chat_type="general")
+    assert again["created"] is False and again["id"] == first["id"]
+    other = await lookup("asst_tutor")
+    assert other["created"] is True and other["id"] != first["id"]
+    with pytest.raises(openai.BadRequestError) as wrong:
+        await lookup("asst_tutor", chat_type="pillar_health")  # that chat type is asst_coach_health's
+    assert wrong.value.body["param"] == "chat_type"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        await lookup("asst_nobody")
+    filtered = await client.get("/threads", cast_to=dict, options={"params": {"assistant_id": "asst_coach"}})  # type: ignore[type-var]
+    assert [t["id"] for t in filtered["data"]] == [first["id"]]
 
     # Concurrent first calls of a new user still make one thread.
     newcomer_id, newcomer = await user(gw)
     answers = await asyncio.gather(
-        *[gw.client.post("/v1/threads/get-or-create", json={"profile": "coach"}, headers=newcomer) for _ in range(6)]
+        *[newcomer.post("/assistants/asst_coach/thread", body={}, cast_to=dict) for _ in range(6)]  # type: ignore[type-var]
     )
-    assert sorted(a.status_code for a in answers) == [200] * 5 + [201]
-    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(a["created"] for a in answers) == [False] * 5 + [True]
+    assert len({a["id"] for a in answers}) == 1
     assert await db.fetchval("SELECT count(*) FROM thread WHERE user_id = $1", newcomer_id) == 1
 
 
-async def test_another_users_thread_is_a_404_everywhere(gw: Gateway, db: asyncpg.Pool, upstream: FakeUpstream) -> None:
-    owner_id, owner = await user(gw)
-    thread_id = (await new_thread(gw, owner, title="private"))["id"]
-    assert (await say(gw, owner, thread_id, "secret")).status_code == 200
-    _, stranger = await user(gw)
-    missing = str(uuid.uuid4())
-    for method, path, body in [
-        ("GET", "", None),
-        ("PATCH", "", {"title": "mine now"}),
-        ("DELETE", "", None),
-        ("GET", "/messages", None),
-        ("POST", "/messages", {"content": "hi"}),
-        ("POST", "/messages", {"content": "hi", "stream": True}),
-    ]:
-        theirs = await gw.client.request(method, f"/v1/threads/{thread_id}{path}", json=body, headers=stranger)
-        nothing = await gw.client.request(method, f"/v1/threads/{missing}{path}", json=body, headers=stranger)
-        error = assert_error(theirs, 404, code="thread_not_found", param="thread_id")
-        # Word for word what a thread that does not exist gets: nothing confirms it is there.
-        assert error["message"].replace(thread_id, "ID") == assert_error(nothing, 404)["message"].replace(missing, "ID")
-    listed = await gw.client.get("/v1/threads", headers=stranger)
-    assert listed.json()["data"] == []
-    assert len(upstream.requests) == 1
-    assert [r["content"] for r in await stored(db, thread_id)] == ["secret", CONTENT]
-    assert (await gw.client.get(f"/v1/threads/{thread_id}", headers=owner)).json()["title"] == "private"
-    # A JWT whose subject is the owner's id is another user (JWT_USER_PREFIX): it sees nothing.
-    via_jwt = await gw.client.get(f"/v1/threads/{thread_id}", headers=bearer(make_jwt(owner_id)))
-    assert_error(via_jwt, 404, code="thread_not_found")
-
-
-async def test_threads_are_listed_newest_first_in_stable_pages(gw: Gateway) -> None:
-    _, headers = await user(gw)
-    ids = [(await new_thread(gw, headers, title=str(n)))["id"] for n in range(5)]
-    await new_thread(gw, headers, profile="coach")
-    first = (await gw.client.get("/v1/threads", params={"limit": 2, "profile": "tutor"}, headers=headers)).json()
-    assert [t["id"] for t in first["data"]] == [ids[4], ids[3]] and first["has_more"] is True
-    await new_thread(gw, headers, title="late")  # arrives between pages: no repeat, no skip
-    second = await gw.client.get(
-        "/v1/threads", params={"limit": 2, "profile": "tutor", "cursor": first["next_cursor"]}, headers=headers
-    )
-    assert [t["id"] for t in second.json()["data"]] == [ids[2], ids[1]]
-    last = await gw.client.get(
-        "/v1/threads", params={"limit": 2, "profile": "tutor", "cursor": second.json()["next_cursor"]}, headers=headers
-    )
-    assert [t["id"] for t in last.json()["data"]] == [ids[0]]
-    assert last.json()["has_more"] is False and last.json()["next_cursor"] is None
-    everything = (await gw.client.get("/v1/threads", params={"limit": 100}, headers=headers)).json()
-    assert len(everything["data"]) == 7 and everything["data"][0]["title"] == "late"
-
-
-async def test_messages_page_in_either_order(gw: Gateway) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    for n in range(3):
-        assert (await say(gw, headers, thread_id, f"question {n}")).status_code == 200
-    path = f"/v1/threads/{thread_id}/messages"
-    oldest = (await gw.client.get(path, params={"order": "asc", "limit": 4}, headers=headers)).json()
-    assert [m["content"] for m in oldest["data"]] == ["question 0", CONTENT, "question 1", CONTENT]
-    assert [m["role"] for m in oldest["data"]] == ["user", "assistant"] * 2
-    rest = (
-        await gw.client.get(path, params={"order": "asc", "limit": 4, "cursor": oldest["next_cursor"]}, headers=headers)
-    ).json()
-    assert [m["content"] for m in rest["data"]] == ["question 2", CONTENT] and rest["has_more"] is False
-
-    newest = (await gw.client.get(path, params={"limit": 3}, headers=headers)).json()  # desc by default
-    assert [m["content"] for m in newest["data"]] == [CONTENT, "question 2", CONTENT]
-    assert (await say(gw, headers, thread_id, "question 3")).status_code == 200  # new messages: pages hold still
-    older = (await gw.client.get(path, params={"limit": 3, "cursor": newest["next_cursor"]}, headers=headers)).json()
-    assert [m["content"] for m in older["data"]] == ["question 1", CONTENT, "question 0"]
-    assert older["has_more"] is False
-
-
-@pytest.mark.parametrize(
-    ("path", "params", "param"),
-    [
-        ("/v1/threads", {"cursor": "not-a-cursor"}, "cursor"),
-        ("/v1/threads", {"cursor": "WyJtIiwzXQ"}, "cursor"),  # a message cursor
-        ("/v1/threads", {"limit": 0}, "limit"),
-        ("/v1/threads", {"limit": 101}, "limit"),
-        ("/messages", {"cursor": "eyJhIjogMX0"}, "cursor"),
-        ("/messages", {"order": "sideways"}, "order"),
-    ],
-)
-async def test_bad_pagination_is_400(gw: Gateway, path: str, params: dict[str, Any], param: str) -> None:
-    _, headers = await user(gw)
-    if path == "/messages":
-        path = f"/v1/threads/{(await new_thread(gw, headers))['id']}/messages"
-    assert_error(await gw.client.get(path, params=params, headers=headers), 400, param=param)
-
-
-async def test_unknown_and_malformed_thread_ids(gw: Gateway) -> None:
-    _, headers = await user(gw)
-    assert_error(await say(gw, headers, str(uuid.uuid4()), "hi"), 404, code="thread_not_found")
-    assert_error(await gw.client.get("/v1/threads/not-a-uuid", headers=headers), 400, param="thread_id")
-    assert_error(await gw.client.get("/v1/threads"), 401)
-
-
-# --- turns ------------------------------------------------------------------------------------
-
-
-async def test_a_conversation_sends_the_exact_prompt_and_stores_the_history(
+async def test_assistant_fallback_answers_simulated_and_says_so(
     gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
 ) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    first = await say(gw, headers, thread_id, "What is a fraction?", context={"student": "Alex"}, goal_id="g-7")
-    assert first.status_code == 200, first.text
-    answer = first.json()
-    assert answer["object"] == "thread.turn" and answer["thread_id"] == thread_id
-    assert answer["message"]["role"] == "assistant" and answer["message"]["content"] == CONTENT
-    assert answer["message"]["status"] == "completed" and answer["message"]["goal_id"] == "g-7"
-    assert answer["message"]["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-    assert answer["user_message"]["content"] == "What is a fraction?"
-    assert answer["tokens_used"] == 18 and answer["model_used"] == "gpt-5-mini" and answer["simulated"] is False
-    assert answer["cost_estimate"] == pytest.approx(gpt5_mini_cost(11, 7, 2))
-    assert first.headers["x-ratelimit-limit-requests"] == "120"
-    assert first.headers["x-upstream-request-id"] == "req_fake_1"
-    assert upstream.requests[-1].json == {
-        "model": "gpt-5-mini",
-        "messages": [
-            {"role": "system", "content": f"You tutor for {user_id}. Student: Alex."},
-            {"role": "user", "content": "What is a fraction?"},
-        ],
-        "temperature": 0.5,
-        "max_completion_tokens": 300,
-    }
-
-    second = await say(gw, headers, thread_id, "And a decimal?")
-    assert second.status_code == 200
-    assert upstream.requests[-1].json["messages"] == [
-        {"role": "system", "content": f"You tutor for {user_id}. Student: ."},  # no context this time
-        {"role": "user", "content": "What is a fraction?"},
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "And a decimal?"},
-    ]
-    rows = await stored(db, thread_id)
-    assert [(r["role"], r["content"], r["status"]) for r in rows] == [
-        ("user", "What is a fraction?", "completed"),
-        ("assistant", CONTENT, "completed"),
-        ("user", "And a decimal?", "completed"),
-        ("assistant", CONTENT, "completed"),
-    ]
-    assert rows[1]["model"] == "gpt-5-mini" and rows[1]["prompt_tokens"] == 11 and rows[1]["cost_usd"] > 0
-    assert rows[1]["id"] == uuid.UUID(answer["message"]["id"])
-    usage = await usage_rows(db, count=2, user_id=user_id)
-    assert [(u["route"], u["status"], u["thread_id"]) for u in usage] == [
-        ("threads.messages", "ok", uuid.UUID(thread_id))
-    ] * 2
-    assert usage[0]["cost_usd"] == Decimal(str(round(gpt5_mini_cost(11, 7, 2), 8)))
-    thread = (await gw.client.get(f"/v1/threads/{thread_id}", headers=headers)).json()
-    assert thread["updated_at"] > answer["message"]["created_at"]
-
-
-async def test_the_history_window_keeps_the_last_messages(gw: Gateway, upstream: FakeUpstream) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]  # tutor: history_messages = 4
-    for n in range(4):
-        assert (await say(gw, headers, thread_id, f"turn {n}")).status_code == 200
-    assert upstream.requests[-1].json["messages"] == [
-        {"role": "system", "content": f"You tutor for {user_id}. Student: ."},
-        {"role": "user", "content": "turn 1"},
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "turn 2"},
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "turn 3"},
-    ]
-
-
-async def test_the_history_window_keeps_to_its_token_budget(gw: Gateway, upstream: FakeUpstream) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers, profile="budget"))["id"]  # history_tokens = 10
-    for text in ("x" * 20, "y" * 8):  # 5 and 2 tokens; each reply is 8 tokens
-        assert (await say(gw, headers, thread_id, text)).status_code == 200
-    # Newest first: the reply (8 tokens) fits, "x"*20 (5 more) would pass 10.
-    assert upstream.requests[-1].json["messages"][1:] == [
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "y" * 8},
-    ]
-    assert (await say(gw, headers, thread_id, "z")).status_code == 200
-    # The reply (8) and "y"*8 (2) make exactly 10; the reply before would pass it.
-    assert upstream.requests[-1].json["messages"][1:] == [
-        {"role": "user", "content": "y" * 8},
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "z"},
-    ]
-
-
-async def test_shortcuts_expand_upstream_but_are_stored_as_typed(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
-) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    answer = await say(gw, headers, thread_id, "/ptm Alex and his parents")
-    assert upstream.requests[-1].json["messages"][-1] == {
-        "role": "user",
-        "content": "Prepare a parent-teacher meeting about Alex and his parents.",
-    }
-    assert answer.json()["user_message"]["content"] == "/ptm Alex and his parents"
-    await say(gw, headers, thread_id, "/lesson fractions for year 5")
-    assert upstream.requests[-1].json["messages"][-1]["content"] == "Plan a lesson.\n\nfractions for year 5"
-    await say(gw, headers, thread_id, "/shrug not a shortcut")
-    sent = upstream.requests[-1].json["messages"]
-    assert sent[-1]["content"] == "/shrug not a shortcut"
-    assert sent[1]["content"] == "Prepare a parent-teacher meeting about Alex and his parents."  # history: as sent
-    rows = await stored(db, thread_id)
-    assert [r["content"] for r in rows if r["role"] == "user"] == [
-        "/ptm Alex and his parents",
-        "/lesson fractions for year 5",
-        "/shrug not a shortcut",
-    ]
-
-
-async def test_chat_type_switches_the_turns_profile_and_context(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
-) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await gw.client.post("/v1/threads", json={"chat_type": "general"}, headers=headers)).json()["id"]
-    context_server.contexts[user_id] = {"name": "Sam", "goals": ["sleep", "walk"], "streak": 4}
-    await say(gw, headers, thread_id, "Hi", chat_type="general", context={"streak": 5, "today": "tired"})
-    assert upstream.requests[-1].json["messages"] == [
-        {"role": "system", "content": "You coach. Chat type: general."},
-        {
-            "role": "system",
-            "content": "Context about the user, from the app:\n"
-            'goals: ["sleep","walk"]\nname: Sam\nstreak: 5\ntoday: tired',
-        },
-        {"role": "user", "content": "Hi"},
-    ]
-    health = await say(gw, headers, thread_id, "Sleep tips?", chat_type="pillar_health", goal_id="sleep-8h")
-    assert health.json()["message"]["chat_type"] == "pillar_health"
-    sent = upstream.requests[-1].json["messages"]
-    assert sent[0] == {"role": "system", "content": "Health coach for goal sleep-8h."}
-    assert sent[1]["content"].endswith("name: Sam\nstreak: 4")  # the request's context was for that turn only
-    assert sent[2:] == [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": CONTENT},
-        {"role": "user", "content": "Sleep tips?"},
-    ]
-    assert [c["query"]["profile"] for c in context_server.calls] == ["coach", "coach_health"]
-    rows = await stored(db, thread_id)
-    assert [(r["chat_type"], r["goal_id"]) for r in rows] == [
-        ("general", None),
-        ("general", None),
-        ("pillar_health", "sleep-8h"),
-        ("pillar_health", "sleep-8h"),
-    ]
-    assert_error(await say(gw, headers, thread_id, "x", chat_type="astrology"), 400, param="chat_type")
-
-
-async def test_bad_turns_are_refused_before_anything_is_stored(gw: Gateway, db: asyncpg.Pool, upstream) -> None:
-    _, headers = await user(gw, "free")
-    thread_id = (await new_thread(gw, headers))["id"]
-    too_big = {"notes": "x" * 17_000}
-    assert_error(
-        await say(gw, headers, thread_id, "hi", context=too_big), 400, param="context", code="context_too_large"
-    )
-    assert_error(await say(gw, headers, thread_id, ""), 400, param="content")
-    assert_error(await say(gw, headers, thread_id, "x" * 64_001), 400, param="content")  # the free tier's prompt cap
-    assert_error(await say(gw, headers, thread_id, "hi", context=["a", "list"]), 400, param="context")
-    assert_error(await say(gw, headers, thread_id, "hi", model="gpt-5"), 400, param="model")
-    assert upstream.requests == [] and await stored(db, thread_id) == []
-    assert (await say(gw, headers, thread_id, "fine")).status_code == 200  # and the thread is not left locked
-
-
-async def test_the_tier_caps_the_window_not_the_user(gw: Gateway, upstream: FakeUpstream) -> None:
-    _, headers = await user(gw, "free")  # max_prompt_chars 64000
-    thread_id = (await new_thread(gw, headers))["id"]
-    for text in ("a" * 40_000, "b" * 30_000):
-        assert (await say(gw, headers, thread_id, text)).status_code == 200
-    sent = upstream.requests[-1].json["messages"]
-    assert [m["content"][:1] for m in sent[1:]] == ["H", "b"]  # the 40,000-character turn no longer fits
-    assert sum(len(m["content"]) for m in sent) <= 64_000
-
-
-async def test_a_failed_turn_leaves_no_trace(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]  # tutor: fallback = never
-    upstream.script(CHAT, *[Reply(status=500)] * 3)
-    assert_error(await say(gw, headers, thread_id, "hello?"), 502, code="upstream_error")
-    assert await stored(db, thread_id) == []
-    [row] = await usage_rows(db, user_id=user_id)
-    assert (row["status"], row["thread_id"], row["route"]) == ("error", uuid.UUID(thread_id), "threads.messages")
-    assert (await say(gw, headers, thread_id, "hello again")).status_code == 200
-    assert upstream.requests[-1].json["messages"][1:] == [{"role": "user", "content": "hello again"}]
-
-
-async def test_limits_apply_to_turns(gw: Gateway, db: asyncpg.Pool, upstream: FakeUpstream) -> None:
-    user_id, headers = await user(gw, "free")
-    limits = {"limit_overrides": {"chat_requests_per_minute": 1}}
-    assert (await gw.admin("PATCH", f"/admin/users/{user_id}", json=limits)).status_code == 200
-    await asyncio.sleep(0.1)  # the NOTIFY reaches the principal cache
-    thread_id = (await new_thread(gw, headers))["id"]
-    assert (await say(gw, headers, thread_id, "one")).status_code == 200
-    refused = await say(gw, headers, thread_id, "two")
-    assert_error(refused, 429, code="rate_limit_exceeded")
-    assert refused.headers["retry-after"]
-    assert [r["content"] for r in await stored(db, thread_id)] == ["one", CONTENT]
-    assert len(upstream.requests) == 1
-
-
-async def test_profile_fallback_answers_simulated(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers, profile="rescue"))["id"]
+    user_id, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "anyone there?"}])
     upstream.script(CHAT, *[Reply(status=503)] * 6)
-    answer = await say(gw, headers, thread_id, "anyone there?")
-    assert answer.status_code == 200
-    assert answer.headers["x-gateway-fallback"] == "true" and answer.headers["x-gateway-simulated"] == "true"
-    body = answer.json()
-    assert body["simulated"] is True and body["cost_estimate"] == 0 and body["message"]["simulated"] is True
-    response, events = await stream_turn(gw, headers, thread_id, "still there?")
-    assert response.headers["x-gateway-fallback"] == "true"
-    assert events[-2][0] == "message.completed" and events[-2][1]["simulated"] is True
-    rows = await usage_rows(db, count=2, user_id=user_id)
-    assert [r["status"] for r in rows] == ["fallback", "fallback"] and all(r["cost_usd"] == 0 for r in rows)
-    assert [r["simulated"] for r in await stored(db, thread_id)] == [False, True, False, True]
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id="asst_rescue", poll_interval_ms=50
+    )
+    assert run.status == "completed" and run.model_extra is not None
+    assert run.model_extra["simulated"] is True and run.model_extra["cost_usd"] == 0
+    [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=run.id)]
+    assert reply.model_extra is not None and reply.model_extra["simulated"] is True and texts([reply])[0][1]
+    [row] = await usage_rows(db, user_id=user_id)
+    assert row["status"] == "fallback" and row["cost_usd"] == 0
 
 
-async def test_simulated_mode_threads(gateway_with: GatewayFactory, assistants_file: Path, db: asyncpg.Pool) -> None:
+async def test_simulated_mode_answers_runs_offline(
+    gateway_with: GatewayFactory, assistants_file: Path, db: asyncpg.Pool
+) -> None:
     async with gateway_with(simulated=True, assistants_file=assistants_file) as sim:
-        key, user_id = await sim.key("pro")
-        headers = bearer(key)
-        thread_id = (await new_thread(sim, headers))["id"]
-        plain = (await say(sim, headers, thread_id, "Hi")).json()
-        assert plain["simulated"] is True and plain["cost_estimate"] == 0 and plain["message"]["content"]
-        _, events = await stream_turn(sim, headers, thread_id, "Hi")
-        text = "".join(data["content"] for name, data in events if name == "message.delta")
-        assert text == plain["message"]["content"]  # deterministic per last user message
+        user_id, client = await user(sim)
+        thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Hi"}])
+        queued = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_tutor")
+        assert queued.model_extra is not None and queued.model_extra["simulated"] is True  # known from the start
+        plain = await client.beta.threads.runs.poll(queued.id, thread_id=thread.id, poll_interval_ms=50)
+        assert plain.status == "completed" and plain.model_extra is not None and plain.model_extra["simulated"]
+        [reply] = [m async for m in client.beta.threads.messages.list(thread.id, run_id=plain.id)]
+        handler = Collector()
+        async with client.beta.threads.create_and_run_stream(
+            assistant_id="asst_tutor", thread={"messages": [{"role": "user", "content": "Hi"}]}, event_handler=handler
+        ) as stream:
+            await stream.until_done()
+        assert "".join(handler.deltas) == texts([reply])[0][1]  # deterministic per last user message
         rows = await usage_rows(db, count=2, user_id=user_id)
         assert {r["status"] for r in rows} == {"simulated"}
-
-
-# --- streamed turns ---------------------------------------------------------------------------
-
-
-async def test_streamed_turn_events_in_order(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    response, events = await stream_turn(gw, headers, thread_id, "/ptm Kim")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.headers["cache-control"] == "no-cache"
-    names = [name for name, _ in events]
-    assert names == ["message.created", "message.created", *["message.delta"] * 5, "message.completed", "done"]
-    user_message, reply = events[0][1], events[1][1]
-    assert (user_message["role"], user_message["content"], user_message["status"]) == ("user", "/ptm Kim", "completed")
-    assert (reply["role"], reply["status"], reply["content"]) == ("assistant", "in_progress", "")
-    deltas = [data for name, data in events if name == "message.delta"]
-    assert tuple(d["content"] for d in deltas) == CONTENT_PIECES
-    assert {d["id"] for d in deltas} == {reply["id"]} and {d["thread_id"] for d in deltas} == {thread_id}
-    completed = events[-2][1]
-    assert completed["message"]["id"] == reply["id"] and completed["message"]["content"] == CONTENT
-    assert completed["message"]["status"] == "completed" and completed["tokens_used"] == 18
-    assert completed["user_message"]["id"] == user_message["id"]
-    assert events[-1][1] == {"status": "completed", "message_id": reply["id"]}
-
-    sent = upstream.requests[-1].json
-    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
-    assert sent["messages"][-1] == {"role": "user", "content": "Prepare a parent-teacher meeting about Kim."}
-    rows = await stored(db, thread_id)
-    assert [(str(r["id"]), r["content"], r["status"]) for r in rows] == [
-        (user_message["id"], "/ptm Kim", "completed"),
-        (reply["id"], CONTENT, "completed"),
-    ]
-    [usage] = await usage_rows(db, user_id=user_id)
-    assert usage["stream"] is True and usage["status"] == "ok" and usage["thread_id"] == uuid.UUID(thread_id)
-    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (11, 7) and usage["ttft_ms"] is not None
-
-
-async def test_an_upstream_failure_mid_stream(gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, Reply(error_after=3))
-    _, events = await stream_turn(gw, headers, thread_id, "go")
-    names = [name for name, _ in events]
-    assert names == ["message.created", "message.created", "message.delta", "message.delta", "error", "done"]
-    error = events[-2][1]["error"]
-    assert error["code"] == "upstream_error" and "upstream exploded" in error["message"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert events[-1][1] == {"status": "incomplete", "message_id": events[1][1]["id"]}
-    reply = (await stored(db, thread_id))[-1]
-    assert (reply["content"], reply["status"], reply["incomplete_reason"]) == (
-        "Hello from",
-        "incomplete",
-        "upstream_error",
-    )
-    [usage] = await usage_rows(db, user_id=user_id)
-    assert usage["status"] == "error" and usage["tokens_estimated"] is True
-
-
-async def test_a_failure_before_the_stream_is_an_http_error(gw: Gateway, upstream: FakeUpstream, db) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, *[Reply(status=500)] * 3)
-    response, _ = await stream_turn(gw, headers, thread_id, "go")
-    assert response.status_code == 502
-    assert await stored(db, thread_id) == []
-
-
-async def test_a_client_that_leaves_mid_stream_gets_the_partial_reply_stored(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
-) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, Reply(chunk_delay=0.3))
-    async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            f"{gw.url}/v1/threads/{thread_id}/messages", json={"content": "tell me", "stream": True}, headers=headers
-        )
-        seen = b""
-        while b"event: message.delta" not in seen:
-            seen += await response.content.readany()
-        response.close()  # the phone went into a tunnel
-    assert await upstream.wait_streams_closed(timeout=3), "the upstream stream was left open"
-
-    async def partial() -> asyncpg.Record | None:
-        rows = await stored(db, thread_id)
-        return rows[-1] if len(rows) == 2 else None
-
-    reply = await wait_for(partial)
-    assert reply is not None and reply["role"] == "assistant"
-    assert reply["status"] == "incomplete" and reply["incomplete_reason"] == "client_disconnected"
-    assert reply["content"].startswith("Hello") and reply["content"] != CONTENT
-    [usage] = await usage_rows(db, user_id=user_id)
-    assert usage["status"] == "cancelled" and usage["thread_id"] == uuid.UUID(thread_id)
-    # The lock is released, and the partial reply is part of the history.
-    again = await say(gw, headers, thread_id, "go on")
-    assert again.status_code == 200
-    assert upstream.requests[-1].json["messages"][-2] == {"role": "assistant", "content": reply["content"]}
-    listed = (await gw.client.get(f"/v1/threads/{thread_id}/messages", params={"order": "asc"}, headers=headers)).json()
-    assert listed["data"][1]["status"] == "incomplete"
-
-
-async def test_heartbeats_while_the_upstream_is_silent(
-    gateway_with: GatewayFactory, upstream: FakeUpstream, assistants_file: Path
-) -> None:
-    upstream.reset()
-    upstream.script(CHAT, Reply(chunk_delay=0.35))
-    async with gateway_with(assistants_file=assistants_file, stream_heartbeat_seconds=0.1) as slow:
-        key, _ = await slow.key("pro")
-        thread_id = (await new_thread(slow, bearer(key)))["id"]
-        async with slow.client.stream(
-            "POST", f"/v1/threads/{thread_id}/messages", json={"content": "hi", "stream": True}, headers=bearer(key)
-        ) as response:
-            body = (await response.aread()).decode()
-    assert ": keep-alive" in body
-    assert [name for name, _ in parse_sse(body)][-2:] == ["message.completed", "done"]
-
-
-async def test_a_turn_has_a_time_limit(
-    gateway_with: GatewayFactory, upstream: FakeUpstream, assistants_file: Path, db: asyncpg.Pool
-) -> None:
-    upstream.reset()
-    upstream.script(CHAT, Reply(chunk_delay=0.3), Reply(delay=2))
-    async with gateway_with(assistants_file=assistants_file, thread_turn_timeout=0.7) as capped:
-        key, _ = await capped.key("pro")
-        thread_id = (await new_thread(capped, bearer(key)))["id"]
-        _, events = await stream_turn(capped, bearer(key), thread_id, "long story")
-        assert [name for name, _ in events][-2:] == ["error", "done"]
-        assert events[-2][1]["error"]["code"] == "turn_timeout"
-        reply = (await stored(db, thread_id))[-1]
-        assert reply["status"] == "incomplete" and reply["incomplete_reason"] == "turn_timeout"
-        assert_error(await say(capped, bearer(key), thread_id, "and now?"), 504, code="turn_timeout")
-
-
-# --- concurrency ------------------------------------------------------------------------------
-
-
-async def test_concurrent_turns_on_one_thread_never_interleave(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
-) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, Reply(delay=0.4))
-    answers = await asyncio.gather(*[say(gw, headers, thread_id, f"message {n}") for n in range(5)])
-    codes = sorted(a.status_code for a in answers)
-    assert codes == [200, 409, 409, 409, 409]
-    busy = next(a for a in answers if a.status_code == 409)
-    assert_error(busy, 409, code="thread_busy")
-    assert busy.headers["retry-after"] == "1"
-    winner = next(a for a in answers if a.status_code == 200).json()
-    rows = await stored(db, thread_id)
-    assert [(r["role"], r["content"]) for r in rows] == [
-        ("user", winner["user_message"]["content"]),
-        ("assistant", CONTENT),
-    ]
-    assert len(upstream.requests) == 1
-    # Other threads of the same user are not held up.
-    other = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, Reply(delay=0.3))
-    both = await asyncio.gather(say(gw, headers, thread_id, "next"), say(gw, headers, other, "elsewhere"))
-    assert [b.status_code for b in both] == [200, 200]
-
-
-async def test_a_streamed_turn_holds_the_thread_until_it_ends(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
-) -> None:
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    upstream.script(CHAT, Reply(chunk_delay=0.15))
-    streaming = asyncio.create_task(stream_turn(gw, headers, thread_id, "first"))
-
-    async def upstream_called() -> bool:
-        return len(upstream.requests) == 1
-
-    assert await wait_for(upstream_called)
-    await asyncio.sleep(0.2)  # well into the stream
-    assert_error(await say(gw, headers, thread_id, "second"), 409, code="thread_busy")
-    _, events = await streaming
-    assert events[-1][1]["status"] == "completed"
-    assert (await say(gw, headers, thread_id, "third")).status_code == 200
-    rows = await stored(db, thread_id)
-    assert [r["content"] for r in rows if r["role"] == "user"] == ["first", "third"]
-    assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
-
-
-async def test_a_dead_turns_lock_is_released_with_its_process(gw: Gateway, db: asyncpg.Pool) -> None:
-    """A lock names its process: held while that process beats, free as soon as it stops."""
-    _, headers = await user(gw)
-    thread_id = uuid.UUID((await new_thread(gw, headers))["id"])
-    alive = internals.runtime(gw.app).instance.id
-    lock = "UPDATE thread SET running_since = now(), running_owner = $2 WHERE id = $1"
-    await db.execute(lock, thread_id, alive)  # a turn running in this (live) gateway
-    assert_error(await say(gw, headers, str(thread_id), "hello"), 409, code="thread_busy")
-    dead = uuid.uuid4()  # a process that died mid-turn: it never beats again
-    await db.execute("INSERT INTO gateway_instance (id, host, pid, heartbeat_at) VALUES ($1, 'gone', 1, now())", dead)
-    await db.execute(lock, thread_id, dead)
-    assert_error(await say(gw, headers, str(thread_id), "hello"), 409, code="thread_busy")  # within its lease
-    await db.execute("UPDATE gateway_instance SET heartbeat_at = now() - interval '11 seconds' WHERE id = $1", dead)
-    assert (await say(gw, headers, str(thread_id), "hello")).status_code == 200  # its lease (10 s) is over
-    row = await db.fetchrow("SELECT running_since, running_owner FROM thread WHERE id = $1", thread_id)
-    assert row["running_since"] is None and row["running_owner"] is None
-    # A lock older than the turn limit (600 s) plus a margin is stale whoever holds it.
-    await db.execute(
-        "UPDATE thread SET running_since = now() - interval '11 minutes', running_owner = $2 WHERE id = $1",
-        thread_id,
-        alive,
-    )
-    assert (await say(gw, headers, str(thread_id), "hello")).status_code == 200
 
 
 # --- context from the app ---------------------------------------------------------------------
 
 
-async def test_context_url_is_called_with_the_user_and_cached(
+async def run_once(client: openai.AsyncOpenAI, assistant_id: str, content: str = "hi", **extra: Any) -> Run:
+    run = await client.beta.threads.create_and_run_poll(
+        assistant_id=assistant_id,
+        thread={"messages": [{"role": "user", "content": content}]},
+        poll_interval_ms=50,
+        **extra,
+    )
+    assert run.status == "completed", run.last_error
+    return run
+
+
+async def test_a_slow_context_url_never_fails_the_run(
     gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
 ) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers, profile="coach"))["id"]
-    context_server.contexts[user_id] = {"name": "Ana"}
-    await say(gw, headers, thread_id, "one")
-    assert context_server.calls == [
-        {"path": "/context", "query": {"user_id": user_id, "profile": "coach"}, "auth": f"Bearer {CONTEXT_TOKEN}"}
-    ]
-    context_block = {"role": "system", "content": "Context about the user, from the app:\nname: Ana"}
-    assert upstream.requests[-1].json["messages"][1] == context_block
-    row = await db.fetchrow("SELECT * FROM user_context_cache WHERE user_id = $1", user_id)
-    assert row["profile"] == "coach" and orjson.loads(row["context"]) == {"name": "Ana"}
-
-    context_server.contexts[user_id] = {"name": "Ana B."}
-    await say(gw, headers, thread_id, "two")  # within the profile's TTL (60 s): from the cache
+    user_id, client = await user(gw)
+    await run_once(client, "asst_slow_context", extra_body={"context": {"from": "app"}})
     assert len(context_server.calls) == 1
-    assert upstream.requests[-1].json["messages"][1] == context_block
-
-    await db.execute("UPDATE user_context_cache SET fetched_at = now() - interval '61 seconds'")
-    await say(gw, headers, thread_id, "three")  # expired: fetched again
-    assert len(context_server.calls) == 2
-    assert upstream.requests[-1].json["messages"][1]["content"].endswith("name: Ana B.")
-
-    await db.execute("UPDATE user_context_cache SET fetched_at = now() - interval '1 day'")
-    context_server.status = 500
-    assert (await say(gw, headers, thread_id, "four")).status_code == 200  # a failing URL: the old context serves
-    assert len(context_server.calls) == 3
-    assert upstream.requests[-1].json["messages"][1]["content"].endswith("name: Ana B.")
-
-
-async def test_a_slow_context_url_never_fails_the_turn(
-    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
-) -> None:
-    user_id, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers, profile="slow_context"))["id"]
-    started = time.monotonic()
-    answer = await say(gw, headers, thread_id, "hi", context={"from": "app"})
-    assert answer.status_code == 200 and time.monotonic() - started < 2
-    assert len(context_server.calls) == 1
-    assert upstream.requests[-1].json["messages"][:2] == [
+    assert upstream.received()[-1].json["messages"][:2] == [  # type: ignore[index]
         {"role": "system", "content": "Slow."},
         {"role": "system", "content": "Context about the user, from the app:\nfrom: app"},
     ]
@@ -952,15 +1084,13 @@ async def test_a_redirecting_context_url_is_not_followed(
     elsewhere = ContextServer()  # another server, whose answer must never become the user's context
     await elsewhere.start()
     try:
-        user_id, headers = await user(gw)
+        user_id, client = await user(gw)
         elsewhere.contexts[user_id] = {"leaked": "from elsewhere"}
         context_server.redirect_to = f"http://127.0.0.1:{elsewhere.port}/context"
-        thread_id = (await new_thread(gw, headers, profile="redirected"))["id"]
-        answer = await say(gw, headers, thread_id, "hi")
-        assert answer.status_code == 200, answer.text  # a failed fetch: the turn goes on without context
+        await run_once(client, "asst_redirected")  # a failed fetch: the run goes on without context
         assert [call["path"] for call in context_server.calls] == ["/redirect"]
         assert elsewhere.calls == []
-        assert upstream.requests[-1].json["messages"] == [
+        assert upstream.received()[-1].json["messages"] == [  # type: ignore[index]
             {"role": "system", "content": "Redirected."},
             {"role": "user", "content": "hi"},
         ]
@@ -972,133 +1102,60 @@ async def test_a_redirecting_context_url_is_not_followed(
 async def test_the_user_id_reaches_the_context_url_intact(gw: Gateway, context_server: ContextServer) -> None:
     user_id = "ana&x=1 =é+ü/?#%20"
     key, _ = await gw.key("pro", user=user_id)
-    thread_id = (await new_thread(gw, bearer(key), profile="coach"))["id"]
-    assert (await say(gw, bearer(key), thread_id, "hi")).status_code == 200
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    await run_once(client, "asst_coach")
     assert [call["query"] for call in context_server.calls] == [{"user_id": user_id, "profile": "coach"}]
 
 
-async def test_allowed_context_hosts(
-    gateway_with: GatewayFactory, assistants_file: Path, upstream: FakeUpstream, context_server: ContextServer
+async def test_an_expired_or_failing_context_is_refetched_or_kept(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool, context_server: ContextServer
 ) -> None:
-    context_server.reset()
-    async with gateway_with(assistants_file=assistants_file, context_allowed_hosts="localhost, 127.0.0.1") as allowed:
-        user_id, headers = await user(allowed)
-        thread_id = (await new_thread(allowed, headers, profile="coach"))["id"]
-        assert (await say(allowed, headers, thread_id, "hi")).status_code == 200
-        assert [call["query"]["user_id"] for call in context_server.calls] == [user_id]
-
-    # A host outside the list is refused at start-up (tests/test_config_checks.py); were such a
-    # profile ever loaded, the fetch itself still refuses to call it.
-    settings = make_settings("postgresql://127.0.0.1:9/unused", None, context_allowed_hosts="app.example.com")
-    source = ContextSource(settings, writes=None)  # type: ignore[arg-type]
-    await source.start()
-    try:
-        coach = load_profiles(assistants_file).get("coach")
-        assert await source.for_turn("someone", coach, None, None, {"sent": "by the app"}) == {"sent": "by the app"}
-    finally:
-        await source.close()
-    assert len(context_server.calls) == 1
-
-
-# --- database round trips ---------------------------------------------------------------------
-
-
-async def test_statements_of_a_turn(gw: Gateway) -> None:
-    """Three statements a turn: one read (lock + history + cached context) and the two inserts it must make.
-
-    Each runs alone on a short autocommit checkout: the user message is stored only after the
-    turn's limits were taken, and no connection is held across the upstream call."""
-    _, headers = await user(gw)
-    thread_id = (await new_thread(gw, headers))["id"]
-    coach_id = (await new_thread(gw, headers, profile="coach"))["id"]
-    await say(gw, headers, thread_id, "warm up")  # the key is now cached: no auth lookups below
-    engine = internals.sync_engine(gw.app)
-    seen: list[str] = []
-
-    def statement(conn, cursor, sql, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        seen.append(" ".join(sql.split()).split(" (")[0])
-
-    def checkout(*args: Any) -> None:
-        seen.append("CHECKOUT")
-
-    listeners = [(engine, "before_cursor_execute", statement), (engine.pool, "checkout", checkout)]
-    for target, name, listener in listeners:
-        event.listen(target, name, listener)
-    try:
-        assert (await say(gw, headers, thread_id, "measured")).status_code == 200
-        plain, seen[:] = list(seen), []
-        _, events = await stream_turn(gw, headers, thread_id, "measured stream")
-        assert events[-1][1]["status"] == "completed"
-        streamed, seen[:] = list(seen), []
-        assert (await say(gw, headers, coach_id, "with a context URL")).status_code == 200
-        with_fetch = list(seen)
-    finally:
-        for target, name, listener in listeners:
-            event.remove(target, name, listener)
-
-    # Two connections, never one held across the upstream call.
-    turn = ["CHECKOUT", "WITH locked AS", "CHECKOUT", "INSERT INTO thread_message", "CHECKOUT", "WITH touched AS"]
-    assert plain == turn
-    assert streamed == turn
-    # A context URL called on a cache miss adds the cache write, before the user message is stored.
-    assert with_fetch == [*turn[:2], "CHECKOUT", "INSERT INTO user_context_cache", *turn[2:]]
-
-
-async def test_wire_round_trips_of_a_turn(
-    gateway_with: GatewayFactory, database_url: str, assistants_file: Path, upstream: FakeUpstream
-) -> None:
-    """Every round trip to Postgres while a turn runs, whatever pool or client made it."""
-    if not httpx.URL(database_url).host:
-        pytest.skip("needs a TCP database (TEST_DATABASE_URL) to count round trips through a proxy")
-    proxy = TcpProxy.for_database(database_url)
-    await proxy.start()
-    proxied = proxy.url_for(database_url)
-    upstream.reset()
-    # No background writes in the window: usage rows wait for shutdown, a JWT caller has no key to touch,
-    # the batch runner looks for work once at start-up only (a poll landing in the window was a 7th trip).
-    quiet = {"usage_flush_interval": 3600, "image_batch_poll_seconds": 3600}
-    async with gateway_with(database_url=proxied, assistants_file=assistants_file, **quiet) as wired:
-        headers = bearer(make_jwt(f"wire-{uuid.uuid4().hex[:8]}"))
-        thread_id = (await new_thread(wired, headers))["id"]
-        await say(wired, headers, thread_id, "warm up")  # statements prepared once per connection
-        await stream_turn(wired, headers, thread_id, "warm up")
-        counts = []
-        for streamed in (False, True):
-            proxy.start_counting()
-            if streamed:
-                assert (await stream_turn(wired, headers, thread_id, "measured"))[1][-1][1]["status"] == "completed"
-            else:
-                assert (await say(wired, headers, thread_id, "measured")).status_code == 200
-            await asyncio.sleep(0.05)
-            counts.append(proxy.stop_counting())
-    await proxy.stop()
-    for total, pings in counts:
-        # The request rate (before any write); lock + read; the tokens and budget; the user message;
-        # the reply. Each is one autocommit statement.
-        assert total - pings == 5, proxy.writes
-        assert pings == 0  # no pool_pre_ping (app/db.py): it cost three round trips per checkout
-    print(f"\nround trips of a turn: {counts[0][0]} ({counts[0][1]} of them pool pre-pings)")
+    user_id, client = await user(gw)
+    context_server.contexts[user_id] = {"name": "Ana"}
+    await run_once(client, "asst_coach")
+    row = await db.fetchrow("SELECT * FROM user_context_cache WHERE user_id = $1", user_id)
+    assert row["profile"] == "coach"
+    context_server.contexts[user_id] = {"name": "Ana B."}
+    await db.execute("UPDATE user_context_cache SET fetched_at = now() - interval '61 seconds'")
+    await run_once(client, "asst_coach")  # past the profile's TTL (60 s): fetched again
+    assert len(context_server.calls) == 2
+    assert upstream.received()[-1].json["messages"][1]["content"].endswith("name: Ana B.")  # type: ignore[index]
+    await db.execute("UPDATE user_context_cache SET fetched_at = now() - interval '1 day'")
+    context_server.status = 500
+    await run_once(client, "asst_coach")  # a failing URL: the old context serves
+    assert len(context_server.calls) == 3
+    assert upstream.received()[-1].json["messages"][1]["content"].endswith("name: Ana B.")  # type: ignore[index]
 
 
 # --- retention --------------------------------------------------------------------------------
 
 
-async def _idle_and_fresh_threads(gateway: Gateway, db: asyncpg.Pool) -> tuple[str, str, str]:
-    user_id, headers = await user(gateway)
-    idle = (await new_thread(gateway, headers, title="idle"))["id"]
-    fresh = (await new_thread(gateway, headers, title="fresh"))["id"]
-    for thread_id in (idle, fresh):
-        assert (await say(gateway, headers, thread_id, "hi")).status_code == 200
-    await db.execute("UPDATE thread SET updated_at = now() - interval '31 days' WHERE id = $1", uuid.UUID(idle))
+async def _idle_and_fresh_threads(gateway: Gateway, db: asyncpg.Pool) -> tuple[str, uuid.UUID, uuid.UUID]:
+    user_id, client = await user(gateway)
+    idle = (await run_once(client, "asst_tutor")).thread_id
+    fresh = (await run_once(client, "asst_tutor")).thread_id
+    idle_id, fresh_id = uuid.UUID(idle.removeprefix("thread_")), uuid.UUID(fresh.removeprefix("thread_"))
+    await db.execute("UPDATE thread SET updated_at = now() - interval '31 days' WHERE id = $1", idle_id)
     await db.execute(
         "INSERT INTO user_context_cache (user_id, profile, context, fetched_at)"
         " VALUES ($1, 'coach', '{}', now() - interval '40 days'), ($1, 'coach_health', '{}', now())",
         user_id,
     )
-    return user_id, idle, fresh
+    return user_id, idle_id, fresh_id
 
 
-async def test_retention_deletes_idle_threads_with_their_messages(gw: Gateway, db: asyncpg.Pool) -> None:
+async def rows_of(db: asyncpg.Pool, thread_id: uuid.UUID) -> tuple[int, int, int, int]:
+    counts = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM thread WHERE id = $1),"
+        " (SELECT count(*) FROM thread_message WHERE thread_id = $1),"
+        " (SELECT count(*) FROM thread_run WHERE thread_id = $1),"
+        " (SELECT count(*) FROM run_step WHERE thread_id = $1)",
+        thread_id,
+    )
+    return tuple(counts)  # type: ignore[return-value]
+
+
+async def test_retention_deletes_idle_threads_with_their_messages_runs_and_steps(gw: Gateway, db: asyncpg.Pool) -> None:
     user_id, idle, fresh = await _idle_and_fresh_threads(gw, db)
     blocker = await db.acquire()
     try:
@@ -1110,56 +1167,25 @@ async def test_retention_deletes_idle_threads_with_their_messages(gw: Gateway, d
         await db.release(blocker)
 
     assert await prune_idle_threads(internals.sessionmaker(gw.app), days=30, batch_size=1) == 1
-    assert await db.fetchval("SELECT count(*) FROM thread WHERE id = $1", uuid.UUID(idle)) == 0
-    assert await stored(db, idle) == []
-    assert len(await stored(db, fresh)) == 2
+    assert await rows_of(db, idle) == (0, 0, 0, 0)
+    assert await rows_of(db, fresh) == (1, 2, 1, 1)
     assert await db.fetchval("SELECT array_agg(profile) FROM user_context_cache WHERE user_id = $1", user_id) == [
         "coach_health"
     ]
     assert await prune_idle_threads(internals.sessionmaker(gw.app), days=30) == 0
 
 
-def test_prune_threads_cli(database_url: str) -> None:
-    async def prepare() -> tuple[str, str]:
-        pool = await asyncpg.connect(database_url)
-        try:
-            idle, fresh = uuid.uuid4(), uuid.uuid4()
-            await pool.execute(
-                "INSERT INTO thread (id, user_id, profile, updated_at) VALUES"
-                " ($1, 'cli-user', 'tutor', now() - interval '10 days'), ($2, 'cli-user', 'tutor', now())",
-                idle,
-                fresh,
-            )
-            await pool.execute(
-                "INSERT INTO thread_message (id, thread_id, role, content) VALUES ($1, $2, 'user', 'old')",
-                uuid.uuid4(),
-                idle,
-            )
-            return str(idle), str(fresh)
-        finally:
-            await pool.close()
-
-    idle, fresh = asyncio.run(prepare())
+async def test_prune_threads_cli(gw: Gateway, db: asyncpg.Pool, database_url: str) -> None:
+    _, idle, fresh = await _idle_and_fresh_threads(gw, db)
+    await db.execute("UPDATE thread SET updated_at = now() - interval '10 days' WHERE id = $1", idle)
     env = {**os.environ, "DATABASE_URL": database_url, "THREAD_RETENTION_DAYS": "30"}
-    kept = app_command("prune-threads", env=env, check=True)
-    assert "threads idle for more than 30 days" in kept.stdout  # ours is 10 days idle: kept
-    pruned = app_command("prune-threads", "--days", "7", env=env, check=True)
-    assert "threads idle for more than 7 days" in pruned.stdout
-
-    async def remaining() -> list[str]:
-        connection = await asyncpg.connect(database_url)
-        try:
-            rows = await connection.fetch("SELECT id FROM thread WHERE user_id = 'cli-user'")
-            messages = await connection.fetchval(
-                "SELECT count(*) FROM thread_message WHERE thread_id = $1", uuid.UUID(idle)
-            )
-            assert messages == 0
-            await connection.execute("DELETE FROM thread WHERE user_id = 'cli-user'")
-            return [str(row["id"]) for row in rows]
-        finally:
-            await connection.close()
-
-    assert asyncio.run(remaining()) == [fresh]
+    code, output = await app_command_async("prune-threads", env=env)
+    assert code == 0 and "threads idle for more than 30 days" in output  # ours is 10 days idle: kept
+    assert (await rows_of(db, idle))[0] == 1
+    code, output = await app_command_async("prune-threads", "--days", "7", env=env)
+    assert code == 0 and "threads idle for more than 7 days" in output
+    assert await rows_of(db, idle) == (0, 0, 0, 0)
+    assert (await rows_of(db, fresh))[0] == 1
 
 
 async def test_the_retention_job_runs_in_the_background(
@@ -1169,7 +1195,92 @@ async def test_the_retention_job_runs_in_the_background(
         _, idle, fresh = await _idle_and_fresh_threads(background, db)
 
         async def pruned() -> bool:
-            return await db.fetchval("SELECT count(*) FROM thread WHERE id = $1", uuid.UUID(idle)) == 0
+            return (await rows_of(db, idle))[0] == 0
 
         assert await wait_for(pruned)
-        assert await db.fetchval("SELECT count(*) FROM thread WHERE id = $1", uuid.UUID(fresh)) == 1
+        assert (await rows_of(db, fresh))[0] == 1
+
+
+async def test_a_run_left_waiting_for_tool_outputs_expires(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, assistants_file: Path, db: asyncpg.Pool
+) -> None:
+    upstream.reset()
+    upstream.script(CHAT, tool_call_reply(("call_a", "enclosure_weather", "{}")))
+    async with gateway_with(assistants_file=assistants_file, run_action_timeout=0.5, run_sweep_interval=0.1) as quick:
+        _, client = await user(quick)
+        thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Weather?"}])
+        run = await client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id,
+            assistant_id="asst_tutor",
+            tools=[WEATHER],  # type: ignore[list-item]
+            poll_interval_ms=50,
+        )
+        assert run.status == "requires_action"
+
+        async def expired() -> Run | None:
+            polled = await client.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+            return polled if polled.status != "requires_action" else None
+
+        ended = await wait_for(expired)
+        assert ended.status == "expired" and ended.required_action is None
+        [step] = [s async for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)]
+        assert step.status == "expired"
+        with pytest.raises(openai.BadRequestError) as late:
+            await client.beta.threads.runs.submit_tool_outputs(
+                run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": "call_a", "output": "sun"}]
+            )
+        assert late.value.code == "run_not_active"
+        again = await client.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id="asst_tutor", poll_interval_ms=50
+        )
+        assert again.status == "completed"
+
+
+# --- database round trips ---------------------------------------------------------------------
+
+
+def statement_kind(sql: str) -> str:
+    """`SELECT a, b FROM thread_run ...` -> `SELECT thread_run`; `UPDATE thread SET ...` -> `UPDATE thread`."""
+    words = sql.split()
+    if words[0] == "SELECT":
+        return "SELECT " + next(b for a, b in itertools.pairwise(words) if a == "FROM" and b.isidentifier())
+    return f"{words[0]} {words[2] if words[0] == 'INSERT' else words[1]}"
+
+
+async def test_statements_of_a_streamed_run(gw: Gateway) -> None:
+    """The reads and writes of a run, each phase on its own short checkout: none is held across the
+    upstream call (the checkouts between the run's start and its end are the reply's own writes)."""
+    _, client = await user(gw)
+    thread = await client.beta.threads.create()
+    await run_once(client, "asst_tutor", "warm up")  # the key is now cached: no auth lookups below
+    await client.beta.threads.messages.create(thread.id, role="user", content="measured")
+    engine = internals.sync_engine(gw.app)
+    seen: list[str] = []
+
+    def statement(conn, cursor, sql, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        seen.append(statement_kind(sql))
+
+    def checkout(*args: Any) -> None:
+        seen.append("CHECKOUT")
+
+    listeners = [(engine, "before_cursor_execute", statement), (engine.pool, "checkout", checkout)]
+    for target, name, listener in listeners:
+        event.listen(target, name, listener)
+    try:
+        async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id="asst_tutor") as stream:
+            await stream.until_done()
+    finally:
+        for target, name, listener in listeners:
+            event.remove(target, name, listener)
+    assert seen == [
+        # The request: the thread is the caller's, the assistant, the newest chat type.
+        *["CHECKOUT", "SELECT thread", "SELECT assistant", "SELECT thread_message"],
+        # The plan: the history window and the cached context.
+        *["CHECKOUT", "SELECT thread_message", "SELECT user_context_cache"],
+        # The run, queued, in one transaction.
+        *["CHECKOUT", "INSERT thread_run", "UPDATE thread"],
+        # The round: in progress; the first text makes the step and the message; the end.
+        *["CHECKOUT", "UPDATE thread_run"],
+        *["CHECKOUT", "INSERT run_step", "INSERT thread_message"],
+        *["CHECKOUT", "UPDATE thread_message", "UPDATE run_step", "UPDATE thread_run"],
+    ]

@@ -244,7 +244,7 @@ class Page(BaseModel):
     has_more: bool
 
     @classmethod
-    def of(cls, data: Sequence[AssistantPublic], has_more: bool) -> Self:
+    def of(cls, data: Sequence[Any], has_more: bool) -> Self:
         """The page of `data` (a subclass's items, each with an `id`)."""
         first, last = (data[0].id, data[-1].id) if data else (None, None)
         return cls.model_validate({"data": data, "first_id": first, "last_id": last, "has_more": has_more})

@@ -29,6 +29,7 @@ from app.assistants.schemas import (
     AssistantUpdate,
     SharedAssistantCreate,
     SharedAssistantUpdate,
+    ToolResources,
     UnsupportedTool,
 )
 from app.auth.principal import Principal
@@ -271,14 +272,18 @@ def _as_create(assistant: Assistant) -> SharedAssistantCreate:
 
 
 def _refuse_unsupported(body: AssistantFields) -> None:
-    for index, tool in enumerate(body.tools or ()):
+    refuse_unsupported_tools(body.tools or (), body.tool_resources)
+
+
+def refuse_unsupported_tools(tools: Sequence[object], resources: ToolResources | None = None) -> None:
+    """400 naming a tool (or tool resource) the gateway cannot run: `code_interpreter`, `file_search`."""
+    for index, tool in enumerate(tools):
         if isinstance(tool, UnsupportedTool):
             raise InvalidRequest(
                 f"The '{tool.type}' tool is not supported by this gateway; use 'function' tools.",
                 param=f"tools.{index}.type",
                 code=ErrorCode.UNSUPPORTED_TOOL,
             )
-    resources = body.tool_resources
     if resources is not None and (
         (resources.code_interpreter and resources.code_interpreter.file_ids)
         or (resources.file_search and (resources.file_search.vector_store_ids or resources.file_search.vector_stores))

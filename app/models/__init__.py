@@ -10,7 +10,7 @@ from app.models.ratelimit import RateLimitBucket
 from app.models.refusals import LimitRefusal
 from app.models.responses import ResponseOwner
 from app.models.secrets import GatewaySecret
-from app.models.threads import Thread, ThreadMessage, UserContextCache
+from app.models.threads import RunStep, Thread, ThreadMessage, ThreadRun, UserContextCache
 from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
 
 __all__ = [
@@ -27,8 +27,10 @@ __all__ = [
     "LimitRefusal",
     "RateLimitBucket",
     "ResponseOwner",
+    "RunStep",
     "Thread",
     "ThreadMessage",
+    "ThreadRun",
     "UsageEvent",
     "UsagePending",
     "UsageQuarantine",

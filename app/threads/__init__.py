@@ -1,1 +1,1 @@
-"""Conversation threads: assistant profiles, turns answered through the upstream, context, retention."""
+"""Threads in the Assistants API's terms: messages, runs answered through the upstream, profiles, context, retention."""

@@ -1,10 +1,10 @@
-"""The user's context for a turn: what the app sent with it, over what a profile's context URL says.
+"""The user's context for a run: what the app sent with it, over what a profile's context URL says.
 
 A profile may name a URL that the app backend serves; it is called with the user id
 (`GET url?user_id=...&profile=...`, with `Authorization: Bearer THREAD_CONTEXT_TOKEN` when
 set) and must answer a JSON object. Answers are cached per user and profile in Postgres
-for the profile's TTL. A slow or failing URL never fails a turn: after its timeout the
-turn goes on with the last cached answer, however old, or with none.
+for the profile's TTL. A slow or failing URL never fails a run: after its timeout the
+run goes on with the last cached answer, however old, or with none.
 
 Redirects are not followed (a 3xx is a failed fetch): the bearer token and the user id go
 to the configured URL only, never to wherever it points. With CONTEXT_ALLOWED_HOSTS set, a
@@ -77,7 +77,7 @@ class ContextSource:
         if self.http is not None:
             await self.http.close()
 
-    async def for_turn(
+    async def for_run(
         self,
         user_id: str,
         profile: Profile,
@@ -85,7 +85,7 @@ class ContextSource:
         cached_age: float | None,
         sent: dict[str, Any],
     ) -> dict[str, Any]:
-        """The context a turn uses: the fetched (or cached) context, overlaid by what the app sent."""
+        """The context a run uses: the fetched (or cached) context, overlaid by what the app sent."""
         if profile.context_url is None:
             return dict(sent)
         ttl = profile.context_ttl_seconds

@@ -21,7 +21,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 PLACEHOLDER_NAME = re.compile(r"^(user_id|profile|chat_type|goal_id|date|args|context(\.[A-Za-z0-9_-]+)*)$")
 PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 SHORTCUT = re.compile(r"^/[a-z0-9][a-z0-9_-]{0,40}$")
-# The most history a turn reads, whatever a profile asks: it bounds the read and the prompt.
+# The most history a run reads, whatever a profile asks: it bounds the read and the prompt.
 MAX_HISTORY_MESSAGES = 200
 
 Fallback = Literal["default", "simulated", "never"]
@@ -147,7 +147,7 @@ class Profiles(BaseModel):
 
     @cached_property
     def max_history(self) -> int:
-        """How many recent messages a turn reads: enough for the widest window."""
+        """How many recent messages a run reads: enough for the widest window."""
         return max(profile.history_messages for profile in self.profiles.values())
 
     def get(self, name: str, *, param: str = "profile") -> Profile:

@@ -1,4 +1,4 @@
-"""Building the messages a turn sends upstream: instructions, context, history window, new message.
+"""Building the messages a run sends upstream: instructions, context, history window, the run's own tail.
 
 Pure functions, no I/O: what goes upstream is decided here and nowhere else.
 """
@@ -33,10 +33,17 @@ class PromptValues:
 
 @dataclass(frozen=True, slots=True)
 class HistoryItem:
-    """A stored message as the window sees it: the text that was (or would be) sent upstream."""
+    """A stored message as the window sees it: the text that was (or would be) sent upstream, and its
+    content parts when it has more than text (sent as Chat Completions parts)."""
 
     role: str
     text: str
+    parts: list[dict[str, Any]] | None = None
+
+    def message(self) -> dict[str, Any]:
+        if self.parts is None:
+            return {"role": self.role, "content": self.text}
+        return {"role": self.role, "content": self.parts}
 
 
 def _text(value: object) -> str:
@@ -93,30 +100,29 @@ def expand_shortcut(profile: Profile, content: str, values: PromptValues) -> str
     return expanded
 
 
-def system_messages(profile: Profile, values: PromptValues) -> list[dict[str, str]]:
-    """The rendered instructions, then the context when the instructions do not place it themselves."""
-    messages = [{"role": "system", "content": render(profile.instructions, values)}]
-    if values.context and not profile.uses_context_inline:
+def system_messages(instructions: str, values: PromptValues, *, context_inline: bool) -> list[dict[str, str]]:
+    """The instructions, then the context when the instructions do not place it themselves."""
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    if values.context and not context_inline:
         messages.append({"role": "system", "content": f"{CONTEXT_HEADING}\n{format_context(values.context)}"})
     return messages
 
 
 def window(
-    profile: Profile, history: list[HistoryItem], *, chars_left: float | None, count_left: float | None
+    history: list[HistoryItem], *, count: int, tokens: int | None, chars_left: float | None
 ) -> list[HistoryItem]:
-    """The newest messages that fit the profile's count and token budget and the tier's prompt caps.
+    """The newest `count` messages (at least the newest one) within `tokens` and `chars_left`.
 
     `history` is newest first; the result is oldest first, as it is sent.
     """
-    count = profile.history_messages if count_left is None else min(profile.history_messages, int(count_left))
     kept: list[HistoryItem] = []
-    tokens = chars = 0
-    for item in history[: max(count, 0)]:
-        tokens += estimate_tokens(item.text)
-        chars += len(item.text)
-        if profile.history_tokens is not None and tokens > profile.history_tokens:
+    used_tokens = used_chars = 0
+    for item in history[: max(count, 1)]:
+        used_tokens += estimate_tokens(item.text)
+        used_chars += len(item.text)
+        if kept and tokens is not None and used_tokens > tokens:
             break
-        if chars_left is not None and chars > chars_left:
+        if kept and chars_left is not None and used_chars > chars_left:
             break
         kept.append(item)
     kept.reverse()
@@ -124,28 +130,33 @@ def window(
 
 
 def build_messages(
-    profile: Profile,
-    values: PromptValues,
+    head: list[dict[str, str]],
     history: list[HistoryItem],
-    new_prompt: str,
+    tail: list[dict[str, Any]],
     *,
+    count: int,
+    tokens: int | None,
     max_prompt_chars: float | None,
     max_messages: float | None,
-) -> list[dict[str, str]]:
-    """Instructions + context + history window + the new message; refuses a prompt the tier cannot send.
+) -> list[dict[str, Any]]:
+    """Instructions + context + the history window + the run's own tail (tool calls and their outputs).
 
-    The window shrinks to fit the tier's caps: a long thread is never the user's fault.
+    The window shrinks to fit the tier's caps (a long thread is never the user's fault), down to
+    the newest message; a prompt that does not fit even so is refused.
     """
-    head = system_messages(profile, values)
-    fixed = sum(len(message["content"]) for message in head) + len(new_prompt)
+    fixed = sum(len(message["content"]) for message in head) + sum(len(str(item.get("content") or "")) for item in tail)
+    if history:
+        fixed += len(history[0].text)
     if max_prompt_chars is not None and fixed > max_prompt_chars:
         raise InvalidRequest(
-            f"The message with its instructions and context has {fixed} characters;"
+            f"The thread's newest message with the instructions and context has {fixed} characters;"
             f" your tier allows at most {max_prompt_chars:g}.",
             param="content",
         )
-    chars_left = None if max_prompt_chars is None else max_prompt_chars - fixed
-    count_left = None if max_messages is None else max_messages - len(head) - 1
-    kept = window(profile, history, chars_left=chars_left, count_left=count_left)
-    past = [{"role": item.role, "content": item.text} for item in kept]
-    return [*head, *past, {"role": "user", "content": new_prompt}]
+    chars_left = (
+        None if max_prompt_chars is None else max_prompt_chars - fixed + (len(history[0].text) if history else 0)
+    )
+    if max_messages is not None:
+        count = min(count, int(max_messages) - len(head) - len(tail))
+    kept = window(history, count=count, tokens=tokens, chars_left=chars_left)
+    return [*head, *(item.message() for item in kept), *tail]

@@ -1,72 +1,138 @@
-"""Threads: create, list, read, change and delete them, and page their messages (turns are in turns.py)."""
+"""Threads and their messages, runs and steps as the caller reads and edits them (runs start in runs.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import uuid
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.assistants import repository as assistant_rows
+from app.assistants.service import refuse_unsupported_tools
 from app.auth.principal import Principal
-from app.models import Thread
-from app.threads import cursors, repository
-from app.threads.profiles import Profiles
+from app.errors import AssistantNotFound, InvalidRequest, MessageNotFound, RunNotFound, StepNotFound
+from app.models import RunStep, Thread, ThreadMessage, ThreadRun
+from app.threads import repository
+from app.threads.ids import MESSAGE, RUN, STEP, THREAD, parse_id, public_id
+from app.threads.objects import message_object, run_object, step_object, thread_object
+from app.threads.repository import Order
+from app.threads.runs import RunEngine, new_message
 from app.threads.schemas import (
+    MessageCreate,
     MessageList,
-    MessagePublic,
+    RunList,
+    StepList,
     ThreadCreate,
     ThreadList,
-    ThreadPublic,
+    ThreadLookup,
     ThreadUpdate,
 )
-from app.threads.turns import TurnRunner
+
+
+def cursor(prefix: str, value: str | None, param: str) -> uuid.UUID | None:
+    """A page's `after`/`before`: an id of the list; one that is not ours is a 400."""
+    if value is None:
+        return None
+    parsed = parse_id(prefix, value)
+    if parsed is None:
+        raise InvalidRequest(f"Invalid '{param}': pass an id from the list ('{prefix}...').", param=param)
+    return parsed
 
 
 class ThreadService:
-    def __init__(self, profiles: Profiles, turns: TurnRunner) -> None:
-        self.profiles = profiles
-        self.turns = turns
+    def __init__(self, runs: RunEngine) -> None:
+        self.runs = runs
+
+    # --- threads --------------------------------------------------------------------------
 
     async def create(self, session: AsyncSession, principal: Principal, body: ThreadCreate) -> Thread:
-        profile = self.profiles.choose(body.profile, body.chat_type)
-        self.turns.resolve_model(principal, profile)
-        return await repository.create_thread(
-            session, user_id=principal.user_id, profile=profile.name, title=body.title, meta=body.metadata
-        )
+        if body.tool_resources is not None:
+            refuse_unsupported_tools([], body.tool_resources)
+        thread = Thread(id=uuid.uuid4(), user_id=principal.user_id, meta=body.metadata or {}, tool_resources={})
+        messages = [new_message(thread.id, message) for message in body.messages]
+        return await repository.add_thread(session, thread, messages)
 
-    async def get_or_create(
-        self, session: AsyncSession, principal: Principal, body: ThreadCreate
+    async def lookup(
+        self, session: AsyncSession, principal: Principal, assistant_id: str, body: ThreadLookup
     ) -> tuple[Thread, bool]:
-        """The user's most recently active thread of the profile, or a new one; True when created."""
-        profile = self.profiles.choose(body.profile, body.chat_type)
-        self.turns.resolve_model(principal, profile)
-        existing = await repository.latest_thread(session, principal.user_id, profile.name)
+        """The caller's most recently active thread of the assistant and chat type, or a new one; True when new."""
+        assistant = await assistant_rows.get_visible(session, assistant_id, principal.user_id)
+        if assistant is None:
+            raise AssistantNotFound(assistant_id)
+        if body.chat_type is not None:
+            owner = (await assistant_rows.chat_type_owners(session)).get(body.chat_type)
+            if owner is not None and owner != assistant.id:
+                raise InvalidRequest(
+                    f"chat_type '{body.chat_type}' belongs to assistant '{owner}', not '{assistant.id}'.",
+                    param="chat_type",
+                )
+        existing = await repository.latest_thread(session, principal.user_id, assistant.id, body.chat_type)
         if existing is not None:
             return existing, False
-        thread = await repository.create_thread(
-            session, user_id=principal.user_id, profile=profile.name, title=body.title, meta=body.metadata
+        thread = Thread(
+            id=uuid.uuid4(),
+            user_id=principal.user_id,
+            assistant_id=assistant.id,
+            chat_type=body.chat_type,
+            meta=body.metadata or {},
+            tool_resources={},
         )
-        return thread, True
+        return await repository.add_thread(session, thread, []), True
 
     async def list_threads(
-        self, session: AsyncSession, principal: Principal, *, limit: int, cursor: str | None, profile: str | None
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        *,
+        limit: int,
+        order: Order,
+        after: str | None,
+        before: str | None,
+        assistant_id: str | None,
+        metadata: tuple[str, str] | None,
     ) -> ThreadList:
-        before = cursors.parse_thread_cursor(cursor) if cursor else None
-        threads = await repository.list_threads(session, principal.user_id, limit=limit, before=before, profile=profile)
-        page, has_more = threads[:limit], len(threads) > limit
-        return ThreadList(
-            data=[ThreadPublic.of(thread) for thread in page],
-            has_more=has_more,
-            next_cursor=cursors.thread_cursor(page[-1]) if has_more else None,
+        query = repository.threads_of(principal.user_id, assistant_id=assistant_id, metadata=metadata)
+        rows, has_more = await repository.page(
+            session,
+            query,
+            Thread,
+            limit=limit,
+            order=order,
+            after=cursor(THREAD, after, "after"),
+            before=cursor(THREAD, before, "before"),
         )
+        return ThreadList.of([thread_object(thread) for thread in rows], has_more)
 
     async def update(self, session: AsyncSession, thread: Thread, body: ThreadUpdate) -> Thread:
-        changes = body.model_dump(exclude_unset=True)
-        if "metadata" in changes:
-            changes["meta"] = changes.pop("metadata") or {}
-        return await repository.update_thread(session, thread, changes)
+        if body.metadata is not None:
+            thread.meta = body.metadata
+        if body.tool_resources is not None:
+            refuse_unsupported_tools([], body.tool_resources)
+        await repository.touch_thread(session, thread.id)
+        await session.flush()
+        await session.refresh(thread)
+        return thread
 
-    async def delete(self, session: AsyncSession, thread: Thread) -> None:
-        await repository.delete_thread(session, thread)
+    # --- messages -------------------------------------------------------------------------
+
+    async def add_message(self, session: AsyncSession, thread: Thread, body: MessageCreate) -> ThreadMessage:
+        """OpenAI's rule: no messages while a run is active (its prompt is being read)."""
+        active = await repository.active_run(session, thread.id)
+        if active is not None:
+            raise InvalidRequest(
+                f"Can't add messages to {public_id(THREAD, thread.id)} while a run {public_id(RUN, active)} is active.",
+                param="thread_id",
+            )
+        message = new_message(thread.id, body)
+        await repository.add_messages(session, [message])
+        await repository.touch_thread(session, thread.id)
+        return message
+
+    async def message(self, session: AsyncSession, thread: Thread, message_id: str) -> ThreadMessage:
+        parsed = parse_id(MESSAGE, message_id)
+        message = await repository.get_message(session, thread.id, parsed) if parsed else None
+        if message is None:
+            raise MessageNotFound(message_id)
+        return message
 
     async def messages(
         self,
@@ -74,14 +140,63 @@ class ThreadService:
         thread: Thread,
         *,
         limit: int,
-        cursor: str | None,
-        order: Literal["asc", "desc"],
+        order: Order,
+        after: str | None,
+        before: str | None,
+        run_id: str | None,
     ) -> MessageList:
-        after = cursors.parse_message_cursor(cursor) if cursor else None
-        messages = await repository.list_messages(session, thread.id, limit=limit, after=after, order=order)
-        page, has_more = messages[:limit], len(messages) > limit
-        return MessageList(
-            data=[MessagePublic.of(message) for message in page],
-            has_more=has_more,
-            next_cursor=cursors.message_cursor(page[-1]) if has_more else None,
+        run = cursor(RUN, run_id, "run_id")
+        rows, has_more = await repository.page(
+            session,
+            repository.messages_of(thread.id, run),
+            ThreadMessage,
+            limit=limit,
+            order=order,
+            after=cursor(MESSAGE, after, "after"),
+            before=cursor(MESSAGE, before, "before"),
         )
+        return MessageList.of([message_object(message) for message in rows], has_more)
+
+    # --- runs and steps -------------------------------------------------------------------
+
+    async def run(self, session: AsyncSession, thread: Thread, run_id: str) -> ThreadRun:
+        parsed = parse_id(RUN, run_id)
+        run = await repository.get_run(session, thread.id, parsed) if parsed else None
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    async def list_runs(
+        self, session: AsyncSession, thread: Thread, *, limit: int, order: Order, after: str | None, before: str | None
+    ) -> RunList:
+        rows, has_more = await repository.page(
+            session,
+            repository.runs_of(thread.id),
+            ThreadRun,
+            limit=limit,
+            order=order,
+            after=cursor(RUN, after, "after"),
+            before=cursor(RUN, before, "before"),
+        )
+        return RunList.of([run_object(run) for run in rows], has_more)
+
+    async def step(self, session: AsyncSession, run: ThreadRun, step_id: str) -> RunStep:
+        parsed = parse_id(STEP, step_id)
+        step = await repository.get_step(session, run.id, parsed) if parsed else None
+        if step is None:
+            raise StepNotFound(step_id)
+        return step
+
+    async def steps(
+        self, session: AsyncSession, run: ThreadRun, *, limit: int, order: Order, after: str | None, before: str | None
+    ) -> StepList:
+        rows, has_more = await repository.page(
+            session,
+            repository.steps_of(run.id),
+            RunStep,
+            limit=limit,
+            order=order,
+            after=cursor(STEP, after, "after"),
+            before=cursor(STEP, before, "before"),
+        )
+        return StepList.of([step_object(step) for step in rows], has_more)

@@ -23,6 +23,8 @@ import asyncpg
 
 from app import migrations
 
+# How often `empty` tries a TRUNCATE that Postgres cancelled as a deadlock with a gateway's job.
+DEADLOCK_RETRIES = 3
 EMBEDDED_DATA_DIR = Path(tempfile.gettempdir()) / "gateway-test-pg"
 TABLES_QUERY = (
     "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
@@ -107,11 +109,20 @@ async def empty(db: asyncpg.Pool | asyncpg.Connection, names: list[str]) -> list
     """Empty the tables; returns those that had rows.
 
     Only tables holding rows are truncated (one cheap probe finds them): TRUNCATE costs a
-    new file per table, and most tests write to a few of them only.
+    new file per table, and most tests write to a few of them only. A running gateway's
+    background job (e.g. the run sweep, one UPDATE over thread_run, thread_message and
+    run_step) may lock those tables in another order: Postgres then cancels one side as a
+    deadlock, and a TRUNCATE it cancelled is simply tried again.
     """
     probe = " UNION ALL ".join(f"(SELECT '{name}' AS name FROM \"{name}\" LIMIT 1)" for name in names)
     filled = [row["name"] for row in await db.fetch(probe)]
     if filled:
         quoted = ", ".join(f'"{name}"' for name in filled)
-        await db.execute(f"TRUNCATE {quoted} CASCADE")
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                await db.execute(f"TRUNCATE {quoted} CASCADE")
+                break
+            except asyncpg.DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES - 1:
+                    raise
     return filled
