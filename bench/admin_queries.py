@@ -65,7 +65,7 @@ JOIN (VALUES
     (0, 55, 'chat.completions', 'gpt-5-mini', 0.25, 2.0, 0),
     (55, 70, 'chat.completions', 'gpt-5', 1.25, 10.0, 0),
     (70, 80, 'chat.completions', 'gpt-5-nano', 0.05, 0.4, 0),
-    (80, 92, 'threads.messages', 'gpt-5-mini', 0.25, 2.0, 0),
+    (80, 92, 'threads.runs', 'gpt-5-mini', 0.25, 2.0, 0),
     (92, 98, 'images.generations', 'gpt-image-1', 0.0, 0.0, 1),
     (98, 101, 'realtime.client_secrets', 'gpt-realtime', 0.0, 0.0, 0)
 ) AS m(lo, hi, route, model, input, output, images) ON s.pick >= m.lo AND s.pick < m.hi
@@ -80,7 +80,7 @@ SEED_REFUSALS = """
 INSERT INTO limit_refusal (created_at, user_id, route, code)
 SELECT $1::timestamptz + (g::float8 / $2::int) * ($3::text || ' days')::interval,
        'user-' || floor($4::int * power(random(), 3))::int,
-       (ARRAY['/v1/chat/completions', '/v1/images/generations', '/v1/threads/{thread_id}/messages'])[1 + (g % 3)],
+       (ARRAY['/v1/chat/completions', '/v1/images/generations', '/v1/threads/{thread_id}/runs'])[1 + (g % 3)],
        (ARRAY['rate_limit_exceeded', 'rate_limit_exceeded', 'rate_limit_exceeded', 'daily_quota_exceeded',
               'budget_exceeded'])[1 + (g % 5)]
 FROM generate_series(1, $2::int) AS g

@@ -81,6 +81,10 @@ KILL_LOAD_SECONDS = 3.0
 KILL_UPSTREAM_DELAY = 0.25  # each upstream answer takes this long: calls are in flight at the kill
 THREAD_GIVE_UP = 90.0  # stop polling a busy thread after this long (reported as ">90 s")
 THREAD_WANT_SECONDS = 30.0  # "usable again within seconds"
+THREAD_ASSISTANT = "asst_coach"  # a shared assistant ([profile.coach] of app/assistants.toml)
+RUN_GIVE_UP = 30.0  # stop polling a run that does not end after this long
+# What the SDK's pollers stop at: a run in any of these waits for nothing more from the gateway.
+TERMINAL_RUN_STATUSES = frozenset({"requires_action", "cancelled", "completed", "failed", "expired", "incomplete"})
 LOCKOUT_WANT_SECONDS = 60.0  # no multi-minute lockout once the database is back
 LOCKOUT_GIVE_UP = 75.0
 RATELIMIT_TIMEOUT = 2.0  # RATELIMIT_TIMEOUT passed to the gateway of the blackhole case
@@ -999,23 +1003,36 @@ async def case_image_batch_lease(h: Harness) -> Outcome:
 
 
 async def case_thread_sigkill(h: Harness) -> Outcome:
-    """SIGKILL during a streamed thread turn; restart; how long does the thread answer 409?"""
+    """SIGKILL during a streamed run; restart; how long until the thread takes a run again (409 meanwhile)?
+
+    Then the new run is polled to its end, and the user's usage rows are read: one per upstream call,
+    the killed run's settled `interrupted` at what it reserved."""
     upstream = await h.upstream()
     upstream.script(CHAT_PATH, Reply(pieces=60, chunk_delay=0.5))
     gateway = await h.gateway(upstream)
-    key, _ = await gateway.key("free", {"chat_requests_per_minute": 100_000})
-    created = await gateway.client.post("/v1/threads", json={"profile": "coach"}, headers=bearer(key))
-    if created.status_code != 201:
+    key, user = await gateway.key("free", {"chat_requests_per_minute": 100_000})
+    first = {"messages": [{"role": "user", "content": "Tell me a long story"}]}
+    created = await gateway.client.post("/v1/threads", json=first, headers=bearer(key))
+    if created.status_code != 200:
         return Outcome(f"thread not created: {created.status_code} {created.text[:120]}", False)
     thread = created.json()["id"]
+    runs_path = f"/v1/threads/{thread}/runs"
     delta = asyncio.Event()
+    killed: list[str] = []
+
+    def seen(name: str | None, data: bytes) -> None:
+        if name == "thread.run.created":
+            killed.append(orjson.loads(data)["id"])
+        elif name == "thread.message.delta":
+            delta.set()
+
     turn = asyncio.create_task(
         read_sse(
             gateway.client,
-            f"/v1/threads/{thread}/messages",
-            json_body={"content": "Tell me a long story", "stream": True},
+            runs_path,
+            json_body={"assistant_id": THREAD_ASSISTANT, "stream": True},
             headers=bearer(key),
-            on_event=lambda name, _data: delta.set() if name == "message.delta" else None,
+            on_event=seen,
         )
     )
     await asyncio.wait_for(delta.wait(), 15)
@@ -1030,10 +1047,10 @@ async def case_thread_sigkill(h: Harness) -> Outcome:
         if elapsed > THREAD_GIVE_UP:
             measured = f"409 thread_busy for >{THREAD_GIVE_UP:.0f} s"
             return Outcome(measured, False, [f"statuses {statuses_text(statuses)}"])
-        h.progress = f"polling the thread: {elapsed:.0f} s of {statuses_text(statuses)}"
+        h.progress = f"starting a run on the thread: {elapsed:.0f} s of {statuses_text(statuses)}"
         try:
             response = await gateway.client.post(
-                f"/v1/threads/{thread}/messages", json={"content": "Are you there?"}, headers=bearer(key), timeout=30
+                runs_path, json={"assistant_id": THREAD_ASSISTANT}, headers=bearer(key), timeout=30
             )
             status = response.status_code
         except httpx.HTTPError:
@@ -1043,7 +1060,42 @@ async def case_thread_sigkill(h: Harness) -> Outcome:
             break
         await asyncio.sleep(0.5)
     measured = f"usable after {elapsed:.1f} s ({status}; {statuses[409]} x 409 before)"
-    return Outcome(measured, elapsed <= THREAD_WANT_SECONDS and status == 200, [f"statuses {statuses_text(statuses)}"])
+    notes = [f"statuses {statuses_text(statuses)}"]
+    if status != 200:
+        return Outcome(measured, False, [*notes, f"refused: {response.text[:160]}"])
+    h.progress = "polling the new run"
+    new = await poll_run(gateway, key, thread, response.json()["id"])
+    old = await poll_run(gateway, key, thread, killed[0]) if killed else None
+    calls = len(upstream.received())
+    rows = await h.settled_rows("user_id = $1", user, want=calls, seconds=SETTLE_SECONDS + 10)
+    shown = ", ".join(f"{row['route']} {row['status']} ${float(row['cost_usd']):.6f}" for row in rows)
+    notes += [
+        f"killed run: {old['status'] if old else 'no id seen'}"
+        + (f" ({(old.get('last_error') or {}).get('message')})" if old else ""),
+        f"new run: {new['status']}; {calls} upstream calls, {len(rows)} usage rows: {shown}",
+    ]
+    interrupted = [row for row in rows if row["status"] == "interrupted"]
+    rows_ok = len(rows) == calls == 2 and len(interrupted) == 1 and float(interrupted[0]["cost_usd"]) > 0
+    usable = elapsed <= THREAD_WANT_SECONDS and new["status"] == "completed"
+    ended = old is not None and old["status"] == "failed"  # the sweep's verdict on a dead process's run
+    return Outcome(measured + f"; new run {new['status']}", usable and ended and rows_ok, notes)
+
+
+async def poll_run(gateway: Gateway, key: str, thread: str, run: str) -> dict[str, Any]:
+    """GET a run every 0.2 s until it is terminal (or RUN_GIVE_UP passes): its last state."""
+    deadline = time.monotonic() + RUN_GIVE_UP
+    state: dict[str, Any] = {"status": "unknown"}
+    while time.monotonic() < deadline:
+        try:
+            response = await gateway.client.get(f"/v1/threads/{thread}/runs/{run}", headers=bearer(key))
+        except httpx.HTTPError:
+            response = None
+        if response is not None:
+            state = response.json() if response.status_code == 200 else {"status": f"HTTP {response.status_code}"}
+            if state.get("status") in TERMINAL_RUN_STATUSES or response.status_code != 200:
+                return state
+        await asyncio.sleep(0.2)
+    return {**state, "status": f"{state.get('status')} after {RUN_GIVE_UP:.0f} s"}
 
 
 async def case_blackhole(h: Harness) -> Outcome:
@@ -1301,12 +1353,12 @@ def _cases(runs: int) -> list[Case]:
         ),
         Case(
             "thread_sigkill",
-            "SIGKILL during a streamed thread turn",
+            "SIGKILL during a streamed run",
             "409 thread_busy for 11 minutes",
-            f"usable again within {THREAD_WANT_SECONDS:.0f} s",
+            f"new run within {THREAD_WANT_SECONDS:.0f} s, completed; old failed; 1 row per call",
             THREAD_GIVE_UP + 60,
             case_thread_sigkill,
-            100,
+            25,
         ),
         Case(
             "blackhole",

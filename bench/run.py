@@ -1,12 +1,28 @@
 """Measure the gateway against a bare FastAPI pass-through, both in front of the same fake upstream.
 
 Usage: .venv/bin/python bench/run.py [--duration S] [--connections N] [--streams N]
+                                     [--runs N] [--run-poll-ms MS] [--phases P,...]
 
-Three phases, each with its own fake upstream and fresh gateway and baseline processes:
+Four phases, each with its own fake upstream and fresh gateway and baseline processes:
 load (wrk: throughput and 1-connection latency), streaming (TTFB and chunk delivery, with
-20 ms between upstream chunks) and open streams (gateway RSS with N streams held open).
-Load and streaming are measured for chat completions, then for the Responses API
-(`POST /v1/responses`, plain and streamed) on the same processes.
+20 ms between upstream chunks), runs (Assistants API runs, below) and open streams (gateway
+RSS with N streams held open). Load and streaming are measured for chat completions, then
+for the Responses API (`POST /v1/responses`, plain and streamed) on the same processes.
+`--phases` runs some of them only (e.g. `--phases runs`).
+
+Runs: the upstream answers at once, so what a run takes beyond its baseline is the gateway's
+own work. One client, one request at a time: `--runs` plain runs of `asst_coach` (`POST
+/v1/threads/{id}/runs` with `stream: false`, answered `queued`, then `GET .../runs/{run_id}`
+back to back, or every `--run-poll-ms`, until a poll sees it `completed`), each followed by
+one baseline call; then as many streamed runs (`stream: true`, events read to `[DONE]`), the
+same way. Every run has its own thread, made beforehand with the one user message the run
+answers (timed apart, not counted). The baseline of both kinds is what the gateway sends
+upstream for every run, polled or streamed: one chat completion streamed with
+`include_usage`, here through the bare pass-through, read to `[DONE]`. Compared: the
+client's time per run (p50) and the server's CPU per run (the gateway's includes the polls
+and what it does after the run ended, such as the usage row). Bare plain (non-streamed)
+completions are measured too, as a reference only.
+
 Results are printed as a table and written to bench/results/latest.json.
 """
 
@@ -28,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,6 +74,15 @@ STREAM_DELAY_MS = 20.0
 HOLD_CHUNKS = 6
 HOLD_DELAY_MS = 2000.0
 HOLD_TIMEOUT = 60.0
+RUN_SAMPLES = 200
+RUN_ASSISTANT = "asst_coach"  # a shared assistant: [profile.coach] of app/assistants.toml
+RUN_MESSAGE = "Say hello"
+RUN_ROUTE = "threads.runs"  # the usage_event route of a run's upstream call
+UPSTREAM_TEXT = "".join(f" token{i}" for i in range(STREAM_CHUNKS))  # what bench/fast_upstream.py streams
+# What the SDK's pollers stop at (`create_and_poll`).
+TERMINAL_RUN_STATUSES = frozenset({"requires_action", "cancelled", "completed", "failed", "expired", "incomplete"})
+RUN_GIVE_UP = 30.0  # seconds: a plain run not seen ending by then fails the bench
+PHASES = ("load", "streaming", "runs", "open_streams")
 
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_ADDED_P50_MS = 1.0
@@ -273,6 +298,19 @@ async def usage_rows(db: BenchDatabase) -> dict[str, int]:
     return {f"{row['status']}{' (stream)' if row['stream'] else ''}": row["n"] for row in rows}
 
 
+async def route_rows(db: BenchDatabase, route: str) -> dict[str, int]:
+    """Rows in usage_event of one route, by status and stream flag."""
+    connection = await asyncpg.connect(db.url)
+    try:
+        rows = await connection.fetch(
+            "SELECT status, stream, count(*) AS n FROM usage_event WHERE route = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+            route,
+        )
+    finally:
+        await connection.close()
+    return {f"{row['status']}{' (stream)' if row['stream'] else ''}": row["n"] for row in rows}
+
+
 def create_key(database_url: str) -> str:
     """An `internal` tier key, via the CLI (which also migrates the database)."""
     command = [PYTHON, "-m", "app", "create-key", "--user", "bench", "--tier", "internal"]
@@ -471,6 +509,301 @@ async def streaming_phase(gateway: Target, bare: Target, samples: int, delay_ms:
     return summaries
 
 
+# --- runs -------------------------------------------------------------------------------
+# A run (Assistants API v2) makes one upstream call: a streamed chat completion with
+# `stream_options.include_usage` (app/threads/runs.py), whether its client streams or polls.
+# So the baseline of both kinds of run is the bare pass-through making that same call,
+# streamed, read to [DONE]; a bare plain (non-streamed) completion is measured as a reference.
+
+
+@dataclass
+class StreamRead:
+    """One streamed response read to its end, as the client saw it."""
+
+    ttfb_ms: float
+    first_content_ms: float | None
+    total_ms: float
+    events: list[tuple[str | None, bytes]]
+
+
+@dataclass
+class RunSample:
+    """One run (or its baseline call), as the client saw it."""
+
+    total_ms: float  # plain run: until a poll saw it completed; streamed: until [DONE] was read
+    first_ms: float  # plain run: the create's answer (the queued run); streamed: the first body byte
+    first_content_ms: float | None = None  # streamed: the first event with reply text
+    polls: int = 0  # plain run: GETs of the run after the create
+
+
+SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def sse_event(raw: bytes) -> tuple[str | None, bytes] | None:
+    """An SSE event's name and data, or None for a comment or keep-alive."""
+    name: str | None = None
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode()
+        elif line.startswith(b"data:"):
+            data.append(line[5:].strip())
+    return (name, b"\n".join(data)) if data else None
+
+
+def run_event_has_content(name: str | None, data: bytes) -> bool:
+    """Whether an event carries reply text: a run's `thread.message.delta`, or a chat chunk's content."""
+    if name == "thread.message.delta":
+        parts = orjson.loads(data).get("delta", {}).get("content") or []
+        return any((part.get("text") or {}).get("value") for part in parts)
+    return name is None and has_content(data)
+
+
+async def read_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> StreamRead:
+    """POST, read the event stream to the end; when the first byte and first text came, and every event."""
+    started = time.perf_counter()
+    first_byte: float | None = None
+    first_content: float | None = None
+    events: list[tuple[str | None, bytes]] = []
+    buffer = b""
+    async with session.post(url, data=body, headers=headers) as response:
+        if response.status != 200:
+            raise BenchError(f"{url} answered {response.status}: {(await response.read())[:500]!r}")
+        async for chunk in response.content.iter_any():
+            now = time.perf_counter()
+            first_byte = first_byte or now
+            buffer += chunk
+            *complete, buffer = SSE_EVENT_END.split(buffer)
+            for raw in complete:
+                event = sse_event(raw)
+                if event is None:
+                    continue
+                events.append(event)
+                if first_content is None and run_event_has_content(*event):
+                    first_content = now
+    ended = time.perf_counter()
+    if first_byte is None:
+        raise BenchError(f"{url} sent no body")
+    return StreamRead(
+        ttfb_ms=(first_byte - started) * 1000,
+        first_content_ms=(first_content - started) * 1000 if first_content else None,
+        total_ms=(ended - started) * 1000,
+        events=events,
+    )
+
+
+def run_body(stream: bool) -> bytes:
+    """Create a run of the shared assistant, polled or streamed."""
+    return orjson.dumps({"assistant_id": RUN_ASSISTANT, "stream": stream})
+
+
+def upstream_call_body(bare: Target, stream: bool = True) -> bytes:
+    """The bare pass-through's equivalent of a run's upstream call: one user message, streamed with usage.
+
+    The gateway's call also carries the assistant's instructions (a few hundred bytes more); the fast
+    upstream answers both the same.
+    """
+    payload: dict[str, Any] = {
+        "model": bare.model,
+        "messages": [{"role": "user", "content": RUN_MESSAGE}],
+        "max_completion_tokens": 16,
+    }
+    if stream:
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+    return orjson.dumps(payload)
+
+
+async def create_threads(session: aiohttp.ClientSession, gateway: Target, count: int) -> tuple[list[str], list[float]]:
+    """`count` threads, each with the one user message a run answers; their ids and creation times (ms)."""
+    body = orjson.dumps({"messages": [{"role": "user", "content": RUN_MESSAGE}], "metadata": {"bench": "runs"}})
+    ids: list[str] = []
+    times: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        async with session.post(gateway.base_url + "/v1/threads", data=body, headers=gateway.headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise BenchError(f"POST /v1/threads answered {response.status}: {payload[:500]!r}")
+        times.append((time.perf_counter() - started) * 1000)
+        ids.append(orjson.loads(payload)["id"])
+    return ids, times
+
+
+def check_run(run: dict[str, Any], how: str) -> None:
+    """A measured run must have completed, answered by the upstream (not simulated)."""
+    if run.get("status") != "completed" or run.get("simulated"):
+        summary = {key: run.get(key) for key in ("id", "status", "last_error", "incomplete_details", "simulated")}
+        raise BenchError(f"a {how} run did not complete through the upstream: {summary}")
+
+
+async def plain_run(
+    session: aiohttp.ClientSession, gateway: Target, thread_id: str, poll_seconds: float
+) -> tuple[RunSample, dict[str, Any]]:
+    """Create a run (`stream: false`), then GET it until it is terminal; the time until it was seen completed."""
+    runs_url = f"{gateway.base_url}/v1/threads/{thread_id}/runs"
+    started = time.perf_counter()
+    async with session.post(runs_url, data=run_body(stream=False), headers=gateway.headers) as response:
+        payload = await response.read()
+        if response.status != 200:
+            raise BenchError(f"POST {runs_url} answered {response.status}: {payload[:500]!r}")
+    answered = time.perf_counter()
+    run = orjson.loads(payload)
+    polls = 0
+    while run["status"] not in TERMINAL_RUN_STATUSES:
+        if time.perf_counter() - started > RUN_GIVE_UP:
+            raise BenchError(f"run {run['id']} still {run['status']} after {RUN_GIVE_UP:.0f} s ({polls} polls)")
+        if poll_seconds:
+            await asyncio.sleep(poll_seconds)
+        async with session.get(f"{runs_url}/{run['id']}", headers=gateway.headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise BenchError(f"GET the run answered {response.status}: {payload[:500]!r}")
+        polls += 1
+        run = orjson.loads(payload)
+    ended = time.perf_counter()
+    check_run(run, "plain")
+    return RunSample((ended - started) * 1000, (answered - started) * 1000, polls=polls), run
+
+
+async def streamed_run(session: aiohttp.ClientSession, gateway: Target, thread_id: str) -> RunSample:
+    """Create a run with `stream: true` and read its events to `[DONE]`."""
+    url = f"{gateway.base_url}/v1/threads/{thread_id}/runs"
+    read = await read_stream(session, url, run_body(stream=True), gateway.headers)
+    names = [name for name, _ in read.events]
+    if "thread.run.completed" not in names or read.events[-1] != ("done", b"[DONE]"):
+        raise BenchError(f"a streamed run did not end with thread.run.completed and [DONE]: {names}")
+    check_run(orjson.loads(read.events[names.index("thread.run.completed")][1]), "streamed")
+    return RunSample(read.total_ms, read.ttfb_ms, read.first_content_ms)
+
+
+async def bare_call(session: aiohttp.ClientSession, bare: Target, stream: bool) -> RunSample:
+    """The bare pass-through's chat completion: streamed (with usage) to [DONE], or plain."""
+    if stream:
+        read = await read_stream(session, bare.url, upstream_call_body(bare), bare.headers)
+        if not read.events or read.events[-1][1] != b"[DONE]":
+            raise BenchError("the bare pass-through's stream did not end with [DONE]")
+        return RunSample(read.total_ms, read.ttfb_ms, read.first_content_ms)
+    started = time.perf_counter()
+    async with session.post(bare.url, data=upstream_call_body(bare, stream=False), headers=bare.headers) as response:
+        payload = await response.read()
+        if response.status != 200:
+            raise BenchError(f"bare answered {response.status}: {payload[:500]!r}")
+    total = (time.perf_counter() - started) * 1000
+    return RunSample(total, total)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of some values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def summarize_runs(samples: list[RunSample], cpu_ms: float) -> dict[str, Any]:
+    """Medians (and p90) of one series, with the server's CPU per run."""
+    contents = [s.first_content_ms for s in samples if s.first_content_ms is not None]
+    polls = [s.polls for s in samples]
+    return {
+        "samples": len(samples),
+        "total_ms_p50": statistics.median(s.total_ms for s in samples),
+        "total_ms_p90": quantile([s.total_ms for s in samples], 0.9),
+        "first_ms_p50": statistics.median(s.first_ms for s in samples),
+        "first_content_ms_p50": statistics.median(contents) if contents else None,
+        "polls_p50": statistics.median(polls),
+        "polls_max": max(polls),
+        "server_cpu_ms_per_run": cpu_ms,
+    }
+
+
+async def runs_phase(gateway: Target, bare: Target, samples: int, poll_ms: float) -> dict[str, Any]:
+    """Plain runs, then streamed runs, each alternating with the bare pass-through's equivalent call;
+    then bare plain completions. Sequential, one client; every run on a fresh thread made beforehand."""
+    warmup = 3
+    poll_seconds = poll_ms / 1000
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        cpu_before = cpu_seconds(gateway.pid)
+        threads, thread_ms = await create_threads(session, gateway, 2 * (warmup + samples))
+        thread_cpu_ms = (cpu_seconds(gateway.pid) - cpu_before) * 1000 / len(threads)
+        plain_threads, stream_threads = threads[: warmup + samples], threads[warmup + samples :]
+        # A probe: the run stored the upstream's text as its reply.
+        _, probe_run = await plain_run(session, gateway, plain_threads.pop(), poll_seconds)
+        messages_url = f"{gateway.base_url}/v1/threads/{probe_run['thread_id']}/messages?run_id={probe_run['id']}"
+        async with session.get(messages_url, headers=gateway.headers) as response:
+            replies = orjson.loads(await response.read()).get("data") or []
+        reply = replies[0]["content"][0]["text"]["value"] if replies else None
+        if reply != UPSTREAM_TEXT:
+            raise BenchError(f"the probe run {probe_run['id']} stored {reply!r}, not {UPSTREAM_TEXT!r}: {replies}")
+        for _ in range(warmup - 1):
+            await plain_run(session, gateway, plain_threads.pop(), poll_seconds)
+            await streamed_run(session, gateway, stream_threads.pop())
+            await bare_call(session, bare, stream=True)
+            await bare_call(session, bare, stream=False)
+        await streamed_run(session, gateway, stream_threads.pop())
+
+        series: dict[str, list[RunSample]] = {}
+        cpu: dict[str, float] = {}
+
+        async def alternate(name: str, one: Callable[[str], Awaitable[RunSample]], thread_ids: list[str]) -> None:
+            gateway_cpu, bare_cpu = cpu_seconds(gateway.pid), cpu_seconds(bare.pid)
+            mine, theirs = series.setdefault(f"gateway_{name}", []), series.setdefault(f"bare_for_{name}", [])
+            for thread_id in thread_ids:
+                mine.append(await one(thread_id))
+                theirs.append(await bare_call(session, bare, stream=True))
+            await asyncio.sleep(0.5)  # what a run does after its client saw it end (usage row) is counted too
+            cpu[f"gateway_{name}"] = (cpu_seconds(gateway.pid) - gateway_cpu) * 1000 / len(thread_ids)
+            cpu[f"bare_for_{name}"] = (cpu_seconds(bare.pid) - bare_cpu) * 1000 / len(thread_ids)
+
+        async def plain(thread_id: str) -> RunSample:
+            return (await plain_run(session, gateway, thread_id, poll_seconds))[0]
+
+        async def streamed(thread_id: str) -> RunSample:
+            return await streamed_run(session, gateway, thread_id)
+
+        await alternate("plain", plain, plain_threads)
+        await alternate("streamed", streamed, stream_threads)
+        bare_cpu = cpu_seconds(bare.pid)
+        series["bare_plain"] = [await bare_call(session, bare, stream=False) for _ in range(samples)]
+        cpu["bare_plain"] = (cpu_seconds(bare.pid) - bare_cpu) * 1000 / samples
+    result: dict[str, Any] = {name: summarize_runs(items, cpu[name]) for name, items in series.items()}
+    result["threads"] = {
+        "created": len(threads),
+        "create_ms_p50": statistics.median(thread_ms),
+        "server_cpu_ms_per_thread": thread_cpu_ms,
+    }
+    result["probe_reply"] = reply
+    result["poll_ms"] = poll_ms
+    result["runs_started"] = 2 * (warmup + samples)
+    return result
+
+
+def run_lines(runs: dict[str, Any]) -> list[str]:
+    """What the run phase compares, and the overhead per run: the lines of the report."""
+    poll = f"every {runs['poll_ms']:g} ms" if runs["poll_ms"] else "back to back"
+    threads = runs["threads"]
+    lines = [
+        f"{runs['gateway_plain']['samples']} runs of {RUN_ASSISTANT} of each kind, one client, one request at a time;"
+        f" each run on its own thread, made beforehand with one user message ({threads['created']} threads:"
+        f" POST /v1/threads p50 {threads['create_ms_p50']:.2f} ms, {threads['server_cpu_ms_per_thread']:.2f} ms"
+        " server CPU each, not counted below)",
+        "  bare: the run's one upstream call (a chat completion streamed with include_usage), through the bare"
+        " pass-through, read to [DONE]",
+    ]
+    for name, what in (
+        ("plain", f"POST .../runs (stream false), then GET the run {poll} until a poll sees it completed"),
+        ("streamed", "POST .../runs (stream true), its events read to [DONE]"),
+    ):
+        mine, theirs = runs[f"gateway_{name}"], runs[f"bare_for_{name}"]
+        added = mine["total_ms_p50"] - theirs["total_ms_p50"]
+        ratio = mine["total_ms_p50"] / theirs["total_ms_p50"] if theirs["total_ms_p50"] else 0.0
+        cpu = mine["server_cpu_ms_per_run"] - theirs["server_cpu_ms_per_run"]
+        lines.append(
+            f"  {name} run: {what}: p50 {mine['total_ms_p50']:.2f} ms vs bare {theirs['total_ms_p50']:.2f} ms,"
+            f" {added:+.2f} ms per run ({ratio:.1f}x); server CPU per run {mine['server_cpu_ms_per_run']:.2f} ms"
+            f" vs bare {theirs['server_cpu_ms_per_run']:.2f} ms ({cpu:+.2f} ms)"
+        )
+    return lines
+
+
 # --- open streams and memory ------------------------------------------------------------
 
 
@@ -574,112 +907,165 @@ def verdict(ok: bool) -> str:
 
 
 def targets(results: dict[str, Any], streams: int) -> list[dict[str, Any]]:
-    """Each target: name, measured value, goal, PASS/MISS."""
-    load, stream, hold = results["load"], results["streaming"], results["open_streams"]
-    gateway_rps = load["gateway"]["throughput"]["requests_per_sec"]
-    bare_rps = load["bare"]["throughput"]["requests_per_sec"]
-    ratio = gateway_rps / bare_rps if bare_rps else 0.0
-    added = load["gateway"]["latency_c1"]["p50_ms"] - load["bare"]["latency_c1"]["p50_ms"]
-    ttfb = stream["gateway"]["ttfb_ms_p50"] - stream["bare"]["ttfb_ms_p50"]
-    one_by_one = stream["gateway"]["one_by_one"]
-    gateway_hold = hold["gateway"]
-    rss = gateway_hold["rss_with_streams_mb"]
-    all_open = gateway_hold["open_at_measurement"] == streams
-    responses, responses_stream = results["responses_load"], results["responses_streaming"]
-    bare_responses_rps = responses["bare"]["throughput"]["requests_per_sec"]
-    responses_ratio = (
-        responses["gateway"]["throughput"]["requests_per_sec"] / bare_responses_rps if bare_responses_rps else 0.0
-    )
-    responses_ttfb = responses_stream["gateway"]["ttfb_ms_p50"] - responses_stream["bare"]["ttfb_ms_p50"]
-    return [
-        {
-            "target": "throughput gateway/bare",
-            "value": f"{ratio:.1%}",
-            "goal": ">= 50%",
-            "pass": ratio >= TARGET_THROUGHPUT_RATIO,
-        },
-        {
-            "target": "p50 added latency (c=1)",
-            "value": f"{added:+.2f} ms",
-            "goal": "<= 1 ms",
-            "pass": added <= TARGET_ADDED_P50_MS,
-        },
-        {
-            "target": "stream TTFB difference",
-            "value": f"{ttfb:+.2f} ms",
-            "goal": "<= 2 ms",
-            "pass": ttfb <= TARGET_TTFB_MS,
-        },
-        {"target": "chunks one by one", "value": "yes" if one_by_one else "no", "goal": "yes", "pass": one_by_one},
-        {
-            "target": "Responses throughput gateway/bare",
-            "value": f"{responses_ratio:.1%}",
-            "goal": ">= 50%",
-            "pass": responses_ratio >= TARGET_THROUGHPUT_RATIO,
-        },
-        {
-            "target": "Responses stream TTFB difference",
-            "value": f"{responses_ttfb:+.2f} ms",
-            "goal": "<= 2 ms",
-            "pass": responses_ttfb <= TARGET_TTFB_MS,
-        },
-        {
-            "target": f"RSS with {streams} open streams",
-            "value": f"{rss:.1f} MB" + ("" if all_open else f" ({gateway_hold['open_at_measurement']} open)"),
-            "goal": "< 200 MB, all open",
-            "pass": rss < TARGET_RSS_MB and all_open,
-        },
-    ]
+    """Each target of the phases that ran: name, measured value, goal, PASS/MISS."""
+    found: list[dict[str, Any]] = []
+    load, stream = results.get("load"), results.get("streaming")
+    if load is not None:
+        bare_rps = load["bare"]["throughput"]["requests_per_sec"]
+        ratio = load["gateway"]["throughput"]["requests_per_sec"] / bare_rps if bare_rps else 0.0
+        added = load["gateway"]["latency_c1"]["p50_ms"] - load["bare"]["latency_c1"]["p50_ms"]
+        found += [
+            {
+                "target": "throughput gateway/bare",
+                "value": f"{ratio:.1%}",
+                "goal": ">= 50%",
+                "pass": ratio >= TARGET_THROUGHPUT_RATIO,
+            },
+            {
+                "target": "p50 added latency (c=1)",
+                "value": f"{added:+.2f} ms",
+                "goal": "<= 1 ms",
+                "pass": added <= TARGET_ADDED_P50_MS,
+            },
+        ]
+    if stream is not None:
+        ttfb = stream["gateway"]["ttfb_ms_p50"] - stream["bare"]["ttfb_ms_p50"]
+        one_by_one = stream["gateway"]["one_by_one"]
+        found += [
+            {
+                "target": "stream TTFB difference",
+                "value": f"{ttfb:+.2f} ms",
+                "goal": "<= 2 ms",
+                "pass": ttfb <= TARGET_TTFB_MS,
+            },
+            {"target": "chunks one by one", "value": "yes" if one_by_one else "no", "goal": "yes", "pass": one_by_one},
+        ]
+    if load is not None:
+        responses = results["responses_load"]
+        bare_responses_rps = responses["bare"]["throughput"]["requests_per_sec"]
+        responses_ratio = (
+            responses["gateway"]["throughput"]["requests_per_sec"] / bare_responses_rps if bare_responses_rps else 0.0
+        )
+        found.append(
+            {
+                "target": "Responses throughput gateway/bare",
+                "value": f"{responses_ratio:.1%}",
+                "goal": ">= 50%",
+                "pass": responses_ratio >= TARGET_THROUGHPUT_RATIO,
+            }
+        )
+    if stream is not None:
+        responses_stream = results["responses_streaming"]
+        responses_ttfb = responses_stream["gateway"]["ttfb_ms_p50"] - responses_stream["bare"]["ttfb_ms_p50"]
+        found.append(
+            {
+                "target": "Responses stream TTFB difference",
+                "value": f"{responses_ttfb:+.2f} ms",
+                "goal": "<= 2 ms",
+                "pass": responses_ttfb <= TARGET_TTFB_MS,
+            }
+        )
+    if "open_streams" in results:
+        gateway_hold = results["open_streams"]["gateway"]
+        rss = gateway_hold["rss_with_streams_mb"]
+        all_open = gateway_hold["open_at_measurement"] == streams
+        found.append(
+            {
+                "target": f"RSS with {streams} open streams",
+                "value": f"{rss:.1f} MB" + ("" if all_open else f" ({gateway_hold['open_at_measurement']} open)"),
+                "goal": "< 200 MB, all open",
+                "pass": rss < TARGET_RSS_MB and all_open,
+            }
+        )
+    return found
 
 
 def table_rows(results: dict[str, Any], streams: int) -> list[tuple[str, str, str, str]]:
-    """(label, gateway, bare, note) for each line of the table."""
+    """(label, gateway, bare, note) for each line of the table, for the phases that ran."""
     c = results["config"]["connections"]
-    load, stream, hold = results["load"], results["streaming"], results["open_streams"]
 
-    def both(section: dict[str, Any], path: tuple[str, ...], spec: str) -> tuple[str, str]:
+    def both(
+        section: dict[str, Any], path: tuple[str, ...], spec: str, names: tuple[str, str] = ("gateway", "bare")
+    ) -> tuple[str, str]:
         values = []
-        for name in ("gateway", "bare"):
+        for name in names:
             value: Any = section[name]
             for key in path:
                 value = value[key]
             values.append(format(value, spec))
         return values[0], values[1]
 
-    events = tuple(f"{stream[name]['events']}/{stream[name]['distinct_arrivals']}" for name in ("gateway", "bare"))
-    delay = f"upstream: {STREAM_DELAY_MS:.0f} ms"
-    return [
-        ("", "gateway", "bare", ""),
-        (f"throughput (req/s, c={c})", *both(load, ("throughput", "requests_per_sec"), ".0f"), ""),
-        (f"server CPU per request (ms, c={c})", *both(load, ("server_cpu_ms_per_request",), ".3f"), "server only"),
-        ("non-2xx during load", *both(load, ("throughput", "non_2xx"), "d"), ""),
-        ("latency p50 (ms, c=1)", *both(load, ("latency_c1", "p50_ms"), ".2f"), ""),
-        ("latency p99 (ms, c=1)", *both(load, ("latency_c1", "p99_ms"), ".2f"), ""),
-        ("stream TTFB p50 (ms)", *both(stream, ("ttfb_ms_p50",), ".2f"), ""),
-        ("stream first content p50 (ms)", *both(stream, ("first_content_ms_p50",), ".2f"), delay),
-        ("stream events / distinct arrivals", events[0], events[1], f"{STREAM_SAMPLES} streams each"),
-        ("median gap between events (ms)", *both(stream, ("median_gap_ms",), ".1f"), delay),
-        (
-            "Responses: throughput (req/s)",
-            *both(results["responses_load"], ("throughput", "requests_per_sec"), ".0f"),
-            "",
-        ),
-        ("Responses: latency p50 (ms, c=1)", *both(results["responses_load"], ("latency_c1", "p50_ms"), ".2f"), ""),
-        ("Responses: stream TTFB p50 (ms)", *both(results["responses_streaming"], ("ttfb_ms_p50",), ".2f"), ""),
-        ("RSS idle (MB)", *both(hold, ("rss_idle_mb",), ".1f"), ""),
-        (f"RSS with {streams} open streams (MB)", *both(hold, ("rss_with_streams_mb",), ".1f"), ""),
-        ("streams open at RSS reading", *both(hold, ("open_at_measurement",), "d"), f"of {streams}"),
-        ("seconds until all first events", *both(hold, ("seconds_to_open_all",), ".1f"), ""),
-    ]
+    rows: list[tuple[str, str, str, str]] = [("", "gateway", "bare", "")]
+    if "load" in results:
+        load = results["load"]
+        rows += [
+            (f"throughput (req/s, c={c})", *both(load, ("throughput", "requests_per_sec"), ".0f"), ""),
+            (f"server CPU per request (ms, c={c})", *both(load, ("server_cpu_ms_per_request",), ".3f"), "server only"),
+            ("non-2xx during load", *both(load, ("throughput", "non_2xx"), "d"), ""),
+            ("latency p50 (ms, c=1)", *both(load, ("latency_c1", "p50_ms"), ".2f"), ""),
+            ("latency p99 (ms, c=1)", *both(load, ("latency_c1", "p99_ms"), ".2f"), ""),
+        ]
+    if "streaming" in results:
+        stream = results["streaming"]
+        events = tuple(f"{stream[name]['events']}/{stream[name]['distinct_arrivals']}" for name in ("gateway", "bare"))
+        delay = f"upstream: {STREAM_DELAY_MS:.0f} ms"
+        rows += [
+            ("stream TTFB p50 (ms)", *both(stream, ("ttfb_ms_p50",), ".2f"), ""),
+            ("stream first content p50 (ms)", *both(stream, ("first_content_ms_p50",), ".2f"), delay),
+            ("stream events / distinct arrivals", events[0], events[1], f"{STREAM_SAMPLES} streams each"),
+            ("median gap between events (ms)", *both(stream, ("median_gap_ms",), ".1f"), delay),
+        ]
+    if "load" in results:
+        responses = results["responses_load"]
+        rows += [
+            ("Responses: throughput (req/s)", *both(responses, ("throughput", "requests_per_sec"), ".0f"), ""),
+            ("Responses: latency p50 (ms, c=1)", *both(responses, ("latency_c1", "p50_ms"), ".2f"), ""),
+        ]
+    if "streaming" in results:
+        rows.append(
+            ("Responses: stream TTFB p50 (ms)", *both(results["responses_streaming"], ("ttfb_ms_p50",), ".2f"), "")
+        )
+    if "runs" in results:
+        runs = results["runs"]
+        plain, streamed = ("gateway_plain", "bare_for_plain"), ("gateway_streamed", "bare_for_streamed")
+        polls = f"{runs['gateway_plain']['polls_p50']:g}/{runs['gateway_plain']['polls_max']}"
+        rows += [
+            (
+                "run plain: seen completed p50 (ms)",
+                *both(runs, ("total_ms_p50",), ".2f", plain),
+                "bare: the run's call",
+            ),
+            ("run plain: seen completed p90 (ms)", *both(runs, ("total_ms_p90",), ".2f", plain), ""),
+            ("run plain: create answered p50 (ms)", format(runs["gateway_plain"]["first_ms_p50"], ".2f"), "", "queued"),
+            ("run plain: polls per run p50/max", polls, "", ""),
+            ("run plain: server CPU/run (ms)", *both(runs, ("server_cpu_ms_per_run",), ".2f", plain), "with polls"),
+            ("run streamed: TTFB p50 (ms)", *both(runs, ("first_ms_p50",), ".2f", streamed), ""),
+            ("run streamed: first text p50 (ms)", *both(runs, ("first_content_ms_p50",), ".2f", streamed), ""),
+            ("run streamed: [DONE] p50 (ms)", *both(runs, ("total_ms_p50",), ".2f", streamed), ""),
+            ("run streamed: [DONE] p90 (ms)", *both(runs, ("total_ms_p90",), ".2f", streamed), ""),
+            ("run streamed: server CPU/run (ms)", *both(runs, ("server_cpu_ms_per_run",), ".2f", streamed), ""),
+            ("plain chat completion p50 (ms)", "", format(runs["bare_plain"]["total_ms_p50"], ".2f"), "reference"),
+        ]
+    if "open_streams" in results:
+        hold = results["open_streams"]
+        rows += [
+            ("RSS idle (MB)", *both(hold, ("rss_idle_mb",), ".1f"), ""),
+            (f"RSS with {streams} open streams (MB)", *both(hold, ("rss_with_streams_mb",), ".1f"), ""),
+            ("streams open at RSS reading", *both(hold, ("open_at_measurement",), "d"), f"of {streams}"),
+            ("seconds until all first events", *both(hold, ("seconds_to_open_all",), ".1f"), ""),
+        ]
+    return rows
 
 
 def problems(results: dict[str, Any]) -> list[str]:
     """Failures, socket errors and error samples worth a line each."""
     lines = []
     for name in ("gateway", "bare"):
-        if results["open_streams"][name]["failures"]:
+        if "open_streams" in results and results["open_streams"][name]["failures"]:
             lines.append(f"{name} stream failures: {results['open_streams'][name]['failures']}")
         for section in ("load", "responses_load"):
+            if section not in results:
+                continue
             load = results[section][name]
             for run in ("throughput", "latency_c1"):
                 if load[run]["socket_errors"]:
@@ -690,22 +1076,32 @@ def problems(results: dict[str, Any]) -> list[str]:
 
 
 def print_report(results: dict[str, Any], streams: int) -> None:
-    """The table, any problems, the targets and the usage rows."""
+    """The table, any problems, the targets, the runs' overhead and the usage rows."""
     report()
     for label, gateway, bare, note in table_rows(results, streams):
         report(f"  {label:<36}{gateway:>10}{bare:>10}   {note}".rstrip())
     for line in problems(results):
         report(f"  {line}")
-    report()
+    if results["targets"]:
+        report()
     for item in results["targets"]:
         report(f"  {verdict(item['pass'])}  {item['target']:<30}{item['value']:>16}   (goal {item['goal']})")
+    if "runs" in results:
+        report()
+        report("  overhead per run (no target set):")
+        for line in run_lines(results["runs"]):
+            report(f"    {line}")
     report()
     usage = results["usage_rows"]
     report(f"  usage_event rows written by the gateway: {sum(usage.values())} {usage}")
-    report(
-        f"  requests the bench completed against the gateway: {results['gateway_requests']}"
-        " (wrk also cuts up to c requests in flight at the end of each run)"
-    )
+    wrk_note = " (wrk also cuts up to c requests in flight at the end of each run)" if "load" in results else ""
+    report(f"  requests the bench completed against the gateway: {results['gateway_requests']}{wrk_note}")
+    if "runs" in results:
+        report(
+            f"  usage_event rows of route {RUN_ROUTE}: {results['run_usage_rows']}"
+            f" (runs started: {results['runs']['runs_started']}; thread creations and polls write none; the upstream"
+            " call of every run is streamed, so is its row)"
+        )
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -732,40 +1128,62 @@ def phase(title: str, procs: Processes) -> Iterator[None]:
 
 
 def run_phases(procs: Processes, db: BenchDatabase, key: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The three phases; each starts its upstream, gateway and baseline and stops them after."""
+    """The phases asked for; each starts its upstream, gateway and baseline and stops them after."""
     results: dict[str, Any] = {}
-    with phase("load: wrk against gateway and bare pass-through", procs):
-        upstream = start_upstream(procs, "upstream-fast", STREAM_CHUNKS, 0)
-        gateway = start_gateway(procs, "gateway-load", db.url, upstream, key)
-        bare = start_bare(procs, "bare-load", upstream)
-        results["load"] = load_phase(gateway, bare, args.connections, args.duration)
-        report("  the Responses API, on the same servers:")
-        results["responses_load"] = load_phase(
-            gateway.of("responses"), bare.of("responses"), args.connections, args.duration
-        )
-        time.sleep(1)  # let the usage writer flush before the gateway stops
-    with phase(f"streaming: {STREAM_SAMPLES} sequential streams each, {STREAM_DELAY_MS:.0f} ms between chunks", procs):
-        upstream = start_upstream(procs, "upstream-stream", STREAM_CHUNKS, STREAM_DELAY_MS)
-        gateway = start_gateway(procs, "gateway-stream", db.url, upstream, key)
-        bare = start_bare(procs, "bare-stream", upstream)
-        results["streaming"] = run_async(streaming_phase(gateway, bare, STREAM_SAMPLES, STREAM_DELAY_MS))
-        results["responses_streaming"] = run_async(
-            streaming_phase(gateway.of("responses"), bare.of("responses"), STREAM_SAMPLES, STREAM_DELAY_MS)
-        )
-        time.sleep(1)
-    with phase(f"open streams: {args.streams} concurrent, {HOLD_DELAY_MS:.0f} ms between chunks", procs):
-        upstream = start_upstream(procs, "upstream-hold", HOLD_CHUNKS, HOLD_DELAY_MS)
-        # Each open stream holds one upstream connection: the gateway's pool must fit them all.
-        limit = str(args.upstream_max_connections or args.streams)
-        report(f"  gateway runs with UPSTREAM_MAX_CONNECTIONS={limit}")
-        gateway = start_gateway(procs, "gateway-hold", db.url, upstream, key, UPSTREAM_MAX_CONNECTIONS=limit)
-        bare = start_bare(procs, "bare-hold", upstream)
-        results["open_streams"] = {
-            "gateway": run_async(hold_streams(gateway, args.streams)),
-            "bare": run_async(hold_streams(bare, args.streams)),
-        }
-        time.sleep(1)
+    if "load" in args.phases:
+        with phase("load: wrk against gateway and bare pass-through", procs):
+            upstream = start_upstream(procs, "upstream-fast", STREAM_CHUNKS, 0)
+            gateway = start_gateway(procs, "gateway-load", db.url, upstream, key)
+            bare = start_bare(procs, "bare-load", upstream)
+            results["load"] = load_phase(gateway, bare, args.connections, args.duration)
+            report("  the Responses API, on the same servers:")
+            results["responses_load"] = load_phase(
+                gateway.of("responses"), bare.of("responses"), args.connections, args.duration
+            )
+            time.sleep(1)  # let the usage writer flush before the gateway stops
+    if "streaming" in args.phases:
+        title = f"streaming: {STREAM_SAMPLES} sequential streams each, {STREAM_DELAY_MS:.0f} ms between chunks"
+        with phase(title, procs):
+            upstream = start_upstream(procs, "upstream-stream", STREAM_CHUNKS, STREAM_DELAY_MS)
+            gateway = start_gateway(procs, "gateway-stream", db.url, upstream, key)
+            bare = start_bare(procs, "bare-stream", upstream)
+            results["streaming"] = run_async(streaming_phase(gateway, bare, STREAM_SAMPLES, STREAM_DELAY_MS))
+            results["responses_streaming"] = run_async(
+                streaming_phase(gateway.of("responses"), bare.of("responses"), STREAM_SAMPLES, STREAM_DELAY_MS)
+            )
+            time.sleep(1)
+    if "runs" in args.phases:
+        poll = f"polled every {args.run_poll_ms:g} ms" if args.run_poll_ms else "polled back to back"
+        title = f"runs: {args.runs} plain ({poll}) and {args.runs} streamed, sequential; the upstream answers at once"
+        with phase(title, procs):
+            upstream = start_upstream(procs, "upstream-runs", STREAM_CHUNKS, 0)
+            gateway = start_gateway(procs, "gateway-runs", db.url, upstream, key)
+            bare = start_bare(procs, "bare-runs", upstream)
+            results["runs"] = run_async(runs_phase(gateway, bare, args.runs, args.run_poll_ms))
+            time.sleep(1)
+    if "open_streams" in args.phases:
+        with phase(f"open streams: {args.streams} concurrent, {HOLD_DELAY_MS:.0f} ms between chunks", procs):
+            upstream = start_upstream(procs, "upstream-hold", HOLD_CHUNKS, HOLD_DELAY_MS)
+            # Each open stream holds one upstream connection: the gateway's pool must fit them all.
+            limit = str(args.upstream_max_connections or args.streams)
+            report(f"  gateway runs with UPSTREAM_MAX_CONNECTIONS={limit}")
+            gateway = start_gateway(procs, "gateway-hold", db.url, upstream, key, UPSTREAM_MAX_CONNECTIONS=limit)
+            bare = start_bare(procs, "bare-hold", upstream)
+            results["open_streams"] = {
+                "gateway": run_async(hold_streams(gateway, args.streams)),
+                "bare": run_async(hold_streams(bare, args.streams)),
+            }
+            time.sleep(1)
     return results
+
+
+def phase_list(value: str) -> list[str]:
+    """`--phases`: names from PHASES, comma-separated."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PHASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(PHASES)} (got {value!r})")
+    return names
 
 
 def parse_args() -> argparse.Namespace:
@@ -774,6 +1192,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=20, help="wrk connections for throughput (default 20)")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent open streams (default 1000)")
+    parser.add_argument(
+        "--runs", type=int, default=RUN_SAMPLES, help=f"plain runs, and streamed runs, measured (default {RUN_SAMPLES})"
+    )
+    parser.add_argument(
+        "--run-poll-ms",
+        type=float,
+        default=0.0,
+        help="pause between polls of a plain run (default 0: back to back; the SDK waits 200 ms)",
+    )
+    parser.add_argument(
+        "--phases",
+        type=phase_list,
+        default=list(PHASES),
+        help=f"comma-separated, of {','.join(PHASES)} (default: all)",
+    )
     parser.add_argument(
         "--upstream-max-connections",
         type=int,
@@ -786,6 +1219,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Run everything, print the report, write the JSON; always clean up."""
     args = parse_args()
+    if "load" in args.phases and shutil.which("wrk") is None:
+        report("benchmark failed: the load phase needs wrk on the PATH (or leave it out: --phases)")
+        return 1
     for signum in (signal.SIGINT, signal.SIGTERM):  # both clean up like Ctrl-C, even if inherited as ignored
         signal.signal(signum, signal.default_int_handler)
     raise_open_files_limit(4 * args.streams + 1024)
@@ -802,13 +1238,18 @@ def main() -> int:
             **run_phases(procs, db, key, args),
         }
         results["usage_rows"] = run_async(usage_rows(db))
-        results["gateway_requests"] = (
-            results["load"]["gateway"]["requests_sent"]
-            + results["responses_load"]["gateway"]["requests_sent"]
-            + results["streaming"]["gateway"]["requests_sent"]
-            + results["responses_streaming"]["gateway"]["requests_sent"]
-            + results["open_streams"]["gateway"]["got_first_event"]
-        )
+        sent = [results[name]["gateway"]["requests_sent"] for name in ("load", "responses_load") if name in results]
+        sent += [
+            results[name]["gateway"]["requests_sent"]
+            for name in ("streaming", "responses_streaming")
+            if name in results
+        ]
+        if "runs" in results:
+            sent.append(results["runs"]["runs_started"])  # one upstream call, one usage row, each
+            results["run_usage_rows"] = run_async(route_rows(db, RUN_ROUTE))
+        if "open_streams" in results:
+            sent.append(results["open_streams"]["gateway"]["got_first_event"])
+        results["gateway_requests"] = sum(sent)
         results["targets"] = targets(results, args.streams)
         print_report(results, args.streams)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,10 @@ for `/admin/*`. Everything stays on loopback.
 
 What schemathesis draws from the schema alone rarely gets past validation to the code behind it,
 and never holds what breaks a database. So the run's config also gives it dictionaries: the
-names the shipped catalog and assistants file configure (profiles, roles, models, ...) for the
-fields that take them, and edge values (NUL, ids past their columns, days and instants at the
-ends of the calendar, integers past 64 bits, forged cursors) mixed into every string, integer
-and number. A run with the defaults takes about a minute.
+names the shipped catalog and assistants file configure (shared assistants, chat types, roles,
+models, ...) for the fields that take them, and edge values (NUL, ids past their columns, days and
+instants at the ends of the calendar, integers past 64 bits, forged cursors and object ids) mixed
+into every string, integer and number. A run with the defaults takes about a minute.
 
 The run is bounded by `--max-examples` per operation and phase and by `--timeout` for the whole.
 It exits non-zero when schemathesis finds a server error (the `not_a_server_error` check: any
@@ -107,8 +107,9 @@ EDGE_SHARE = 0.2
 KNOWN_SHARE = 0.6
 
 
-def _cursor(*parts: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
+# Page cursors of the Assistants API lists (and `run_id` filters): object ids, well-formed (a prefix and
+# 32 hex digits) and nobody's, at both ends of the uuid range.
+FORGED_IDS = [prefix + digit * 32 for prefix in ("thread_", "msg_", "run_", "step_", "asst_") for digit in "0f"]
 
 
 def _image_cursor(created: str) -> str:
@@ -126,7 +127,8 @@ def known_values() -> dict[str, list[str]]:
     presets = assistants.get("voice_preset", {}).values()
     profiles = assistants.get("profile", {})
     return {
-        "profile": list(profiles),
+        # The shared assistants: one per profile of the assistants file, `asst_` + its name.
+        "assistant_id": [f"asst_{name}" for name in profiles],
         "chat_type": [chat_type for profile in profiles.values() for chat_type in profile.get("chat_types", [])],
         "role": [preset["role"] for preset in presets],
         "language": sorted({language for preset in presets for language in preset["instructions"]}),
@@ -182,8 +184,7 @@ def config_text(user_key: str) -> str:
         "days": EDGE_DAYS,
         "cursors": [
             *EDGE_STRINGS,
-            _cursor("t", "0001-01-01T00:00:00+14:00", "00000000-0000-0000-0000-000000000000"),
-            _cursor("m", 2**63),
+            *FORGED_IDS,
             _image_cursor("0001-01-01T00:00:00+14:00"),
             _image_cursor("9999-12-31T23:59:59-14:00"),
         ],
@@ -197,11 +198,13 @@ def config_text(user_key: str) -> str:
         known_field = f"known_{field}" in dictionaries
         bindings[f"body.{path}"] = (f"known_{field}", KNOWN_SHARE) if known_field else ("edge", EDGE_SHARE)
     bindings |= {
-        "query.profile": ("known_profile", KNOWN_SHARE),
+        "query.assistant_id": ("known_assistant_id", KNOWN_SHARE),
+        "path.assistant_id": ("known_assistant_id", KNOWN_SHARE),
         "query.start": ("days", KNOWN_SHARE),
         "query.end": ("days", KNOWN_SHARE),
-        "query.cursor": ("cursors", KNOWN_SHARE),
         "query.after": ("cursors", KNOWN_SHARE),
+        "query.before": ("cursors", KNOWN_SHARE),
+        "query.run_id": ("cursors", KNOWN_SHARE),
     }
     lines = [f"headers = {{ Authorization = {_toml(f'Bearer {user_key}')} }}", ""]
     lines += ["[cache]", "enabled = false  # each run starts from its seed alone, not from earlier runs' crashes", ""]
