@@ -171,7 +171,9 @@ class Runtime:
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
-        runs = RunEngine(settings, catalog, profiles, limiter, calls, db.sessionmaker, context, stopping, instance)
+        runs = RunEngine(
+            settings, catalog, profiles, limiter, calls, db.sessionmaker, writes, context, stopping, instance
+        )
 
         storage = await open_storage(settings)
         stack.push_async_callback(storage.close)

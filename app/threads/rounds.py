@@ -118,6 +118,7 @@ class Round:
         plan: Plan,
         calls: Calls,
         sessions: async_sessionmaker[AsyncSession],
+        autocommit: async_sessionmaker[AsyncSession],
         signal: RunSignal,
         *,
         deadline: float,
@@ -128,6 +129,7 @@ class Round:
         self.call = plan.call
         self.calls = calls
         self.sessions = sessions
+        self.autocommit = autocommit  # for single statements
         self.signal = signal
         self.deadline = deadline
         self.action_timeout = action_timeout
@@ -202,7 +204,7 @@ class Round:
     async def _begin(self) -> bool:
         """Mark the run in progress; False when it was cancelled while queued (or its thread deleted)."""
         now = datetime.now(UTC)
-        async with self.sessions.begin() as session:
+        async with self.autocommit() as session:
             started = await repository.set_run(
                 session,
                 self.run.id,
@@ -321,7 +323,7 @@ class Round:
 
     async def _open_tool_step(self) -> list[RunEvent]:
         step = self._step("tool_calls", {"type": "tool_calls", "tool_calls": []})
-        async with self.sessions.begin() as session:
+        async with self.autocommit() as session:
             session.add(step)
             await session.flush()
         self.tool_step = step

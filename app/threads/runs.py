@@ -133,6 +133,7 @@ class RunEngine:
         limiter: Limiter,
         calls: Calls,
         sessions: async_sessionmaker[AsyncSession],
+        autocommit: async_sessionmaker[AsyncSession],
         context: ContextSource,
         stopping: Stopping,
         instance: Instance,
@@ -143,6 +144,8 @@ class RunEngine:
         self.limiter = limiter
         self.calls = calls
         self.sessions = sessions
+        # Reads and single statements: no BEGIN and ROLLBACK around them (two round trips each).
+        self.autocommit = autocommit
         self.context = context
         self.stopping = stopping
         self.instance = instance
@@ -255,7 +258,7 @@ class RunEngine:
     async def create(self, principal: Principal, thread_id: uuid.UUID, body: RunCreate, request_id: str) -> Response:
         added = [new_message(thread_id, message) for message in body.additional_messages or ()]
         chat_type = next((m.meta.get("chat_type") for m in reversed(added) if m.role == "user"), None)
-        async with self.sessions() as session:
+        async with self.autocommit() as session:
             await self.thread(session, principal, thread_id)
             who = await self.answerer(session, principal, body.assistant_id, body.model, thread_id, chat_type)
         run = self._new_run(principal, thread_id, who, body)
@@ -280,7 +283,7 @@ class RunEngine:
             refuse_unsupported_tools([], thread_body.tool_resources)
         added = [new_message(thread.id, message) for message in (thread_body.messages if thread_body else [])]
         chat_type = next((m.meta.get("chat_type") for m in reversed(added) if m.role == "user"), None)
-        async with self.sessions() as session:
+        async with self.autocommit() as session:
             who = await self.answerer(session, principal, body.assistant_id, body.model, None, chat_type)
         thread.assistant_id = who.assistant.id
         run = self._new_run(principal, thread.id, who, body)
@@ -338,7 +341,7 @@ class RunEngine:
                     raise ThreadNotFound(public_id(THREAD, thread_id)) from error  # deleted meanwhile
                 if attempt == 0 and await self.sweep(thread_id):
                     continue
-                async with self.sessions() as session:
+                async with self.autocommit() as session:
                     active = await repository.active_run(session, thread_id)
                 raise Conflict(
                     f"Thread {public_id(THREAD, thread_id)} already has an active run"
@@ -352,7 +355,7 @@ class RunEngine:
     async def submit(
         self, principal: Principal, thread_id: uuid.UUID, run_id: uuid.UUID, body: ToolOutputsSubmit, request_id: str
     ) -> Response:
-        async with self.sessions() as session:
+        async with self.autocommit() as session:
             await self.thread(session, principal, thread_id)
             run = await repository.get_run(session, thread_id, run_id)
             if run is None:
@@ -433,7 +436,7 @@ class RunEngine:
         truncation = params.get("truncation_strategy") or {}
         count = truncation.get("last_messages") or profile.history_messages
         count = min(max(count, 1), MAX_HISTORY_MESSAGES)
-        async with self.sessions() as session:
+        async with self.autocommit() as session:
             stored = await repository.history(session, run.thread_id, limit=count, run_id=run.id)
             cached, age = await repository.cached_context(session, principal.user_id, profile.name)
         newest_first = [*reversed(added), *stored][:count]
@@ -556,6 +559,7 @@ class RunEngine:
             plan,
             self.calls,
             self.sessions,
+            self.autocommit,
             signal,
             deadline=time.monotonic() + self.settings.run_timeout,
             action_timeout=self.settings.run_action_timeout,
@@ -633,7 +637,7 @@ class RunEngine:
 
     async def _recheck(self, run_ids: list[uuid.UUID]) -> None:
         try:
-            async with self.sessions() as session:
+            async with self.autocommit() as session:
                 for run_id in await repository.cancelling(session, run_ids):
                     self.heard_cancel(str(run_id))
         except (SQLAlchemyError, *DB_ERRORS) as error:
