@@ -185,6 +185,7 @@ class Call:
         upstream_request_id: str | None = None,
         error_code: str | None = None,
         detail: dict[str, Any] | None = None,
+        upstream: str | None = None,
     ) -> None:
         """Record the call's one row and let go of what it holds; once ended, a call ignores later ends.
 
@@ -222,6 +223,7 @@ class Call:
             error_code=error_code,
             thread_id=self.thread_id,
             detail=merged or None,
+            upstream=None if self.simulated else upstream or (self.stream.upstream if self.stream else None),
             decision=self.decision,
         )
         self._release()

@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     image_public_base_url: str | None = None
     image_moderation: bool = False
     image_moderation_model: str = "omni-moderation-latest"
+    # POST /v1/images/edits: the whole multipart body (past it, 413 before it is read), each uploaded
+    # image (past it, 400), and how many images one edit may send (OpenAI takes up to 16).
+    image_edit_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    image_upload_max_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    image_edit_max_images: int = Field(16, ge=1, le=16)
     image_batch_max_items: int = Field(100, ge=1, le=1000)
     image_batch_items_per_minute: float = Field(30.0, gt=0)
     image_batch_concurrency: int = Field(4, ge=1, le=64)

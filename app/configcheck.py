@@ -4,13 +4,15 @@ Each file is parsed by its own loader, and a file that does not parse stops star
 This module checks what the files and settings name in one another: every tier named
 exists in the catalog (an unknown tier must never be read as some other tier); each voice
 preset's and assistant profile's model exists, is of the right kind, and is allowed for
-every tier that may use the preset or profile; each context URL is on an allowed host.
+every tier that may use the preset or profile; each context URL is on an allowed host; each
+upstream's key variable is set (unless the gateway is simulated and calls no upstream).
 Every problem is reported at once, naming its file or variable and the item, so an
 operator fixes them all in one pass.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from app.config import Settings
@@ -60,6 +62,12 @@ def configuration_problems(settings: Settings, configuration: Configuration) -> 
             f"JWT_DEFAULT_TIER {settings.jwt_default_tier!r} is not a tier of CATALOG_FILE {settings.catalog_file}"
             f" (tiers: {', '.join(catalog.tiers)})"
         )
+    for upstream in catalog.upstreams:
+        if not settings.simulated and not os.environ.get(upstream.api_key_env):
+            problems.append(
+                f"CATALOG_FILE {settings.catalog_file}: upstream {upstream.name!r} reads its key from"
+                f" {upstream.api_key_env}, which is not set"
+            )
     assistants = f"ASSISTANTS_FILE {settings.assistants_file}"
     for name, preset in configuration.presets.presets.items():
         where = f"{assistants}: voice_preset.{name}"

@@ -53,6 +53,9 @@ class ErrorCode(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNKNOWN_STYLE = "unknown_style"
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_TOO_LARGE = "image_too_large"
     # Who is calling.
     MISSING_API_KEY = "missing_api_key"
     INVALID_API_KEY = "invalid_api_key"

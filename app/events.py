@@ -68,6 +68,16 @@ class PrincipalChanged:
         return self.what.partition(":")[2]
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamHealth:
+    """An operator's upstream failed a call (connect failure, 5xx, 429), maybe into a cool-down, or
+    answered again after failing."""
+
+    upstream: str
+    failed: bool
+    cooling: bool
+
+
 @dataclass(slots=True)
 class EventHub:
     refusals: Topic[Refusal] = field(default_factory=lambda: Topic("refusals"))
@@ -75,3 +85,4 @@ class EventHub:
     principals: Topic[PrincipalChanged] = field(default_factory=lambda: Topic("principals"))
     # An image batch made progress (an item ended, the batch was cancelled): its event streams wake.
     batches: Topic[uuid.UUID] = field(default_factory=lambda: Topic("batches"))
+    upstreams: Topic[UpstreamHealth] = field(default_factory=lambda: Topic("upstreams"))

@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        body_limits={("POST", "/v1/images/edits"): settings.image_edit_max_bytes},
         log_prompts=settings.log_prompts,
         render_error=render_error,
     )

@@ -47,9 +47,18 @@ class RequestContextMiddleware:
     excerpt when LOG_PROMPTS=true.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, log_prompts: bool, render_error: Renderer) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        log_prompts: bool,
+        render_error: Renderer,
+        body_limits: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Routes that take larger bodies (uploads), by (method, path); every other request has MAX_BODY_BYTES.
+        self.body_limits = body_limits or {}
         self.log_prompts = log_prompts
         self.render_error = render_error
         self.metrics: Metrics | None = None
@@ -107,13 +116,14 @@ class RequestContextMiddleware:
         if self.log_prompts and scope["method"] == "POST":
             captured = bytearray()
             receive = self._capturing(receive, captured)
+        limit = self.body_limits.get((scope["method"], scope["path"]), self.max_body_bytes)
         try:
-            if declared_length > self.max_body_bytes:
+            if declared_length > limit:
                 status = 413
-                await self._too_large(state["request_id"])(scope, receive, send)
+                await self._too_large(state["request_id"], limit)(scope, receive, send)
             else:
                 # With a declared length the HTTP parser reads exactly that much: nothing more to count.
-                receive = receive if declared_length >= 0 else self._capped(receive)
+                receive = receive if declared_length >= 0 else self._capped(receive, limit)
                 lean = self.lean.get((scope["method"], scope["path"]))
                 if lean is not None:
                     await self._dispatch(lean, scope, receive, send_with_id)
@@ -161,7 +171,7 @@ class RequestContextMiddleware:
                 fields["prompt"] = prompt
         access_log.handle(access_record(ACCESS, "%s %s %s", (scope["method"], route, status), fields))
 
-    def _capped(self, receive: Receive) -> Receive:
+    def _capped(self, receive: Receive, limit: int) -> Receive:
         received = 0
 
         async def receive_capped() -> Message:
@@ -169,8 +179,8 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise self._error()
+                if received > limit:
+                    raise self._error(limit)
             return message
 
         return receive_capped
@@ -186,10 +196,10 @@ class RequestContextMiddleware:
 
         return receive_copy
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body is larger than {self.max_body_bytes} bytes.")
+    def _error(self, limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than {limit} bytes.")
 
-    def _too_large(self, request_id: str) -> Response:
-        response = error_response(self._error(), request_id)
+    def _too_large(self, request_id: str, limit: int) -> Response:
+        response = error_response(self._error(limit), request_id)
         response.headers["connection"] = "close"
         return response

@@ -6,16 +6,102 @@ retire often, and an operator must be able to swap one without a release.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ErrorCode, InvalidRequest, PermissionDenied
 
 ModelKind = Literal["chat", "image", "realtime", "embedding"]
+# The upstream the settings' OPENAI_BASE_URL and OPENAI_API_KEY name; users' own keys go there only.
+DEFAULT_UPSTREAM = "default"
+STYLE_NAME = re.compile(r"[a-z0-9_-]{1,50}")
+
+
+class SizeBounds(BaseModel):
+    """Image models that take any `WIDTHxHEIGHT` within bounds (gpt-image-2), besides their listed sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    multiple: int = Field(16, ge=1)  # both edges a multiple of this
+    max_edge: int = Field(3840, ge=1)
+    max_ratio: float = Field(3.0, ge=1)  # the long edge at most this many times the short one
+    min_pixels: int = Field(655_360, ge=1)
+    max_pixels: int = Field(8_294_400, ge=1)
+
+    def allows(self, width: int, height: int) -> bool:
+        long, short = max(width, height), min(width, height)
+        return (
+            short > 0
+            and width % self.multiple == 0
+            and height % self.multiple == 0
+            and long <= self.max_edge
+            and long <= short * self.max_ratio
+            and self.min_pixels <= width * height <= self.max_pixels
+        )
+
+
+class StyleSpec(BaseModel):
+    """A style preset (`[style.NAME]`): text added to the prompt, and options for what a request leaves out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    prompt: str = Field(min_length=1, max_length=4000)
+    size: str | None = None
+    quality: str | None = None
+    output_format: str | None = None
+    background: str | None = None
+
+
+class UpstreamSpec(BaseModel):
+    """An OpenAI-compatible server besides `default`: where it is, the variable holding its key, and
+    how to address it (`azure`: Azure OpenAI's deployment URLs, `api-key` header and api-version)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
+    api_key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")
+    api: Literal["openai", "azure"] = "openai"
+    api_version: str | None = None
+    headers: dict[str, str] = {}
+    connect_timeout_seconds: float | None = Field(None, gt=0)
+    read_timeout_seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _azure_has_a_version(self) -> UpstreamSpec:
+        if self.api == "azure" and not self.api_version:
+            raise ValueError(f"upstream {self.name!r}: api = 'azure' needs api_version")
+        if self.name == DEFAULT_UPSTREAM:
+            raise ValueError("'default' is OPENAI_BASE_URL's upstream: give this one another name")
+        return self
+
+
+class Deployment(BaseModel):
+    """Where a model is served: an upstream, the upstream's own name for it (Azure: the deployment),
+    its priority (lower first; by default its place in the list) and its weight among equals."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upstream: str
+    model: str | None = None
+    priority: int | None = Field(None, ge=0)
+    weight: float = Field(1.0, gt=0)
+
+
+class Failover(BaseModel):
+    """An upstream that fails `failures` calls in a row (connect failures, 5xx, 429) is skipped for
+    `cooldown_seconds` while another deployment can answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failures: int = Field(3, ge=1)
+    cooldown_seconds: float = Field(30.0, gt=0)
 
 
 class ModelSpec(BaseModel):
@@ -37,11 +123,29 @@ class ModelSpec(BaseModel):
     backgrounds: list[str] = []
     max_n: int = Field(1, ge=1, le=10)
     image_prices: dict[str, float] = {}
+    # Image models that take any size within bounds, besides `sizes` (None: only those).
+    size_bounds: SizeBounds | None = None
     # Embedding models: the vector's length, the most `dimensions` may ask for (None: not adjustable
     # below it), and the most tokens one input may have.
     dimensions: int | None = Field(None, ge=1)
     adjustable_dimensions: bool = False
     max_input_tokens: int = Field(8_192, ge=1)
+    # Where it is served, in order: upstream names, or tables with an upstream-side name, a priority
+    # and a weight. Left out: the `default` upstream only.
+    upstreams: list[Deployment] = [Deployment(upstream=DEFAULT_UPSTREAM)]
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _names_are_deployments(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"upstream": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @cached_property
+    def deployments(self) -> list[tuple[int, Deployment]]:
+        """(priority, deployment) pairs, lowest priority first (stable among equals)."""
+        ranked = [(d.priority if d.priority is not None else place, d) for place, d in enumerate(self.upstreams)]
+        return sorted(ranked, key=lambda pair: pair[0])
 
     def token_cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD for one call's tokens; cached prompt tokens at their own price when set."""
@@ -90,6 +194,9 @@ class Catalog(BaseModel):
 
     models: list[ModelSpec] = Field(alias="model")
     tiers: dict[str, TierSpec] = Field(alias="tier")
+    upstreams: list[UpstreamSpec] = Field([], alias="upstream")
+    failover: Failover = Failover()
+    styles: dict[str, StyleSpec] = Field({}, alias="style")
 
     @model_validator(mode="after")
     def _names_are_unique_and_known(self) -> Catalog:
@@ -105,7 +212,27 @@ class Catalog(BaseModel):
                 raise ValueError(f"tier {tier_name!r} names unknown models {unknown}")
         if not self.tiers:
             raise ValueError("at least one tier is required")
+        self._check_deployments()
+        for style_name in self.styles:
+            if not STYLE_NAME.fullmatch(style_name):
+                raise ValueError(f"style name {style_name!r} must be 1 to 50 of a-z, 0-9, '_' and '-'")
         return self
+
+    def _check_deployments(self) -> None:
+        upstreams = [upstream.name for upstream in self.upstreams]
+        if len(set(upstreams)) != len(upstreams):
+            raise ValueError(f"an upstream name is used twice: {upstreams}")
+        known = {DEFAULT_UPSTREAM, *upstreams}
+        azure = {upstream.name for upstream in self.upstreams if upstream.api == "azure"}
+        for spec in self.models:
+            names = [deployment.upstream for deployment in spec.upstreams]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"model {spec.id!r}: list each of its upstreams once")
+            unknown = [name for name in names if name not in known]
+            if unknown:
+                raise ValueError(f"model {spec.id!r} names unknown upstreams {unknown}")
+            if spec.kind == "realtime" and azure & set(names):
+                raise ValueError(f"model {spec.id!r}: realtime models are served by OpenAI-style upstreams only")
 
     @cached_property
     def by_name(self) -> dict[str, ModelSpec]:
@@ -138,6 +265,16 @@ class Catalog(BaseModel):
 
     def models_for(self, tier: str) -> list[ModelSpec]:
         return [spec for spec in self.models if self.may_use(tier, spec)]
+
+    def style(self, name: str) -> StyleSpec:
+        """The style preset of that name, or a 400 naming `style`."""
+        spec = self.styles.get(name)
+        if spec is None:
+            known = ", ".join(f"'{known}'" for known in self.styles) or "none"
+            raise InvalidRequest(
+                f"The style '{name}' does not exist; styles: {known}.", param="style", code=ErrorCode.UNKNOWN_STYLE
+            )
+        return spec
 
     def resolve(self, name: object, tier: str, kind: ModelKind) -> ModelSpec:
         """The model a request names, or a 400 naming `model` the SDK shows as-is."""

@@ -156,7 +156,9 @@ class Runtime:
         metrics = Metrics(events, lambda: usage.queue_depth) if settings.metrics_enabled else None
 
         vault = KeyVault(settings, db.pool)
-        upstream = Upstream(settings, vault.load, events)
+        upstream = Upstream(settings, catalog, vault.load, events)
+        if metrics is not None:
+            metrics.watch_upstreams(upstream.cooling)
         stack.push_async_callback(upstream.close)
         listener = Listener(url)  # the one LISTEN connection: auth changes and batch progress
         auth = Authenticator(settings, db.pool, listener, events, KeySigner(await shared_secret(db.pool, "api_key")))
@@ -226,6 +228,8 @@ class Runtime:
         stack.push_async_callback(runs.stop)  # before the usage writer drains: runs record usage as they end
 
         images = ImageService(
+            settings=settings,
+            stopping=stopping,
             catalog=catalog,
             database=db,
             generator=generator,

@@ -105,8 +105,44 @@ class ResponsesRule(StreamRule):
         return UpstreamError("The upstream ended the stream before its final response event.")
 
 
+class ImagesRule(StreamRule):
+    """Streamed image generations and edits: named events (`image_generation.partial_image`, ...),
+    ending with the `...completed` event of the image (a `[DONE]` after it is taken as the end too).
+    An `error` event is the upstream's failure."""
+
+    api = "images"
+
+    TERMINAL = frozenset({"image_generation.completed", "image_edit.completed"})
+
+    def is_terminal(self, event: Event) -> bool:
+        return event_type(event) in self.TERMINAL
+
+    def error(self, event: Event) -> GatewayError | None:
+        if event.name == "error" or event.data.startswith(b'{"error"'):
+            fields = None
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                fields = orjson.loads(event.data).get("error")
+            message = fields.get("message") if isinstance(fields, dict) else None
+            return UpstreamError(f"The upstream failed mid-stream: {message or 'unknown error'}", billed=True)
+        return None
+
+    def unfinished(self) -> GatewayError:
+        return UpstreamError("The upstream ended the image stream before the image.", billed=True)
+
+
 CHAT_COMPLETIONS = StreamRule()
 RESPONSES = ResponsesRule()
+IMAGES = ImagesRule()
+
+
+def event_type(event: Event) -> str | None:
+    """An event's name, or (an upstream that names none) the `type` of its data."""
+    if event.name is not None:
+        return event.name
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+        kind = orjson.loads(event.data).get("type")
+        return kind if isinstance(kind, str) else None
+    return None
 
 
 async def read_events(lines: AsyncIterable[bytes], rule: StreamRule) -> AsyncIterator[Event]:

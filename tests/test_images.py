@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import tempfile
 import time
 import uuid
 from decimal import Decimal
@@ -27,15 +28,29 @@ from app.images.storage import S3Storage, StoredImageMissing
 from support import internals
 from support.auth import bearer
 from support.errors import assert_error
-from support.fake_upstream import FakeUpstream, Reply, _png, images_answer
+from support.fake_upstream import (
+    IMAGE_INPUT_TOKENS,
+    FakeUpstream,
+    Reply,
+    _png,
+    edit_png,
+    images_answer,
+    partial_png,
+)
 from support.gateway import Gateway, GatewayFactory, app_command, make_settings, serve
-from support.images import moto_s3, narrow_catalog, png_size, png_text
+from support.images import moto_s3, narrow_catalog, png_size, png_text, rgba_png
 from support.waiting import usage_rows, wait_for
 
 GENERATIONS = "/v1/images/generations"
 BATCHES = "/v1/images/batches"
 UPSTREAM_IMAGES = "/v1/images/generations"
 UPSTREAM_MODERATIONS = "/v1/moderations"
+EDITS = "/v1/images/edits"
+UPSTREAM_EDITS = "/v1/images/edits"
+
+
+def token_cost(input_tokens: int, output_tokens: int, input_price: float, output_price: float) -> Decimal:
+    return Decimal(str(round((input_tokens * input_price + output_tokens * output_price) / 1_000_000, 8)))
 
 
 def mini_cost(images: int) -> Decimal:
@@ -204,7 +219,10 @@ async def test_b64_json_and_several_images(gw: Gateway, upstream: FakeUpstream, 
         ({"output_compression": 50}, "output_compression"),  # png has no compression level
         ({"output_compression": 101, "output_format": "jpeg"}, "output_compression"),
         ({"style": "vivid"}, "style"),  # a dall-e-3 parameter GPT image models do not take
-        ({"stream": True}, "stream"),
+        ({"stream": True, "n": 2}, "n"),  # a stream makes one image
+        ({"partial_images": 2}, "partial_images"),  # partial images are streamed
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"stream": "maybe"}, "stream"),
         ({"prompt": ""}, "prompt"),
         ({"response_format": "png"}, "response_format"),
     ],
@@ -259,6 +277,7 @@ async def test_estimate_is_what_the_budget_reserves(gw: Gateway, upstream: FakeU
         "count": 1,
         "size": "1536x1024",
         "quality": "high",
+        "style": None,
         "unit_price_usd": 0.054,  # 0.036 at 1024x1024, x1.5 for the larger size
         "estimated_cost_usd": 0.108,
         "currency": "usd",
@@ -869,3 +888,482 @@ async def test_image_usage_that_is_not_sane_is_clamped_and_flagged(
     [row] = await usage_rows(db, user_id=user, route="images.generations")
     assert row["status"] == "ok" and json.loads(row["detail"])["usage_flags"] == flags
     assert row["prompt_tokens"] >= 0 and 0 < row["cost_usd"] < 100
+
+
+# gpt-image-2: sizes within bounds, output options.
+
+
+@pytest.mark.parametrize(
+    ("size", "accepted"),
+    [
+        ("1536x864", True),
+        ("3840x2160", True),  # the largest
+        ("1024x2560", True),  # 2.5:1 standing
+        ("1024x640", True),  # the fewest pixels, 655,360
+        ("auto", True),
+        ("1000x1000", False),  # not multiples of 16
+        ("3856x2160", False),  # an edge over 3840
+        ("3840x1024", False),  # 3.75:1
+        ("512x512", False),  # too few pixels
+        ("1024x", False),
+        ("big", False),
+    ],
+)
+async def test_gpt_image_2_takes_any_size_within_its_bounds(
+    gw: Gateway, upstream: FakeUpstream, db, size: str, accepted: bool
+) -> None:
+    key, user = await gw.key("pro")
+    response = await generate(gw, key, model="gpt-image-2", size=size)
+    if not accepted:
+        error = assert_error(response, 400, param="size", code="unsupported_value")
+        assert "multiples of 16" in error["message"]
+        assert upstream.requests == []
+        return
+    assert response.status_code == 200, response.text
+    [sent] = image_requests(upstream)
+    assert sent["model"] == "gpt-image-2" and sent["size"] == size
+    [row] = await usage_rows(db, user_id=user)
+    assert row["model"] == "gpt-image-2" and row["cost_usd"] == token_cost(50, 1056, 5.00, 30.00)
+
+
+async def test_gpt_image_2_is_priced_by_pixels_and_takes_its_output_options(
+    gw: Gateway, upstream: FakeUpstream
+) -> None:
+    key, _ = await gw.key("pro")
+    estimate = await gw.client.post(
+        "/v1/images/estimate",
+        json={"model": "gpt-image-2", "size": "1536x864", "quality": "high", "n": 2},
+        headers=bearer(key),
+    )
+    assert estimate.status_code == 200, estimate.text
+    unit = round(0.211 * 1536 * 864 / (1024 * 1024), 8)  # per image at 1024x1024, scaled by pixels
+    assert estimate.json()["unit_price_usd"] == pytest.approx(unit)
+    assert estimate.json()["estimated_cost_usd"] == pytest.approx(2 * unit)
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    result = await client.images.generate(
+        model="gpt-image-2",
+        prompt="a harbour at dawn",
+        size="1536x864",
+        output_format="jpeg",
+        output_compression=60,
+        moderation="low",
+        quality="high",
+    )
+    await client.close()
+    assert result.data[0].url and result.usage.output_tokens == 1056
+    [sent] = image_requests(upstream)
+    assert sent == {
+        "model": "gpt-image-2",
+        "prompt": "a harbour at dawn",
+        "n": 1,
+        "size": "1536x864",
+        "quality": "high",
+        "output_format": "jpeg",
+        "output_compression": 60,
+        "moderation": "low",
+    }
+    models = (await gw.client.get("/v1/models", headers=bearer(key))).json()
+    info = next(model for model in models["data"] if model["id"] == "gpt-image-2")
+    assert info["size_bounds"] == {
+        "multiple": 16,
+        "max_edge": 3840,
+        "max_ratio": 3.0,
+        "min_pixels": 655360,
+        "max_pixels": 8294400,
+    }
+
+
+# Streamed generations with partial images.
+
+
+async def test_streamed_generation_with_partial_images(gw: Gateway, upstream: FakeUpstream, db) -> None:
+    key, user = await gw.key("pro")
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    raw = await client.images.with_raw_response.generate(
+        model="gpt-image-2", prompt="a fox in the snow", size="1536x864", stream=True, partial_images=2
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.headers["x-ratelimit-limit-requests"] == "30"  # the pro tier's images per minute
+    events = [event async for event in raw.parse()]
+    await client.close()
+    assert [event.type for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    first, second, completed = events
+    assert (first.partial_image_index, second.partial_image_index) == (0, 1)
+    assert base64.b64decode(first.b64_json) == partial_png("a fox in the snow", 0)
+    assert base64.b64decode(second.b64_json) == partial_png("a fox in the snow", 1)
+    assert completed.usage.input_tokens == 50 and completed.usage.output_tokens == 1056
+    assert completed.size == "1536x864" and completed.output_format == "png"
+    # The image is stored before the event goes out: the event names it and its signed URL serves it.
+    extra = completed.model_extra or {}
+    content = await gw.client.get(extra["url"])
+    assert content.status_code == 200 and content.content == base64.b64decode(completed.b64_json)
+    [sent] = image_requests(upstream)
+    assert sent == {
+        "model": "gpt-image-2",
+        "prompt": "a fox in the snow",
+        "n": 1,
+        "size": "1536x864",
+        "stream": True,
+        "partial_images": 2,
+    }
+    row = await db.fetchrow("SELECT * FROM image WHERE id = $1", uuid.UUID(extra["id"]))
+    assert (row["user_id"], row["model"], row["size"], row["simulated"]) == (user, "gpt-image-2", "1536x864", False)
+    [usage] = await usage_rows(db, user_id=user)
+    assert (usage["route"], usage["status"], usage["stream"], usage["images"]) == ("images.generations", "ok", True, 1)
+    assert usage["cost_usd"] == token_cost(50, 1056, 5.00, 30.00) == row["cost_usd"]
+    assert usage["upstream_request_id"].startswith("req_fake_")
+
+
+async def test_a_stream_the_upstream_breaks_is_an_error_event_charged_its_reservation(
+    gw: Gateway, upstream: FakeUpstream, db
+) -> None:
+    upstream.script(UPSTREAM_IMAGES, Reply(error_after=1))
+    key, user = await gw.key("pro")
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    stream = await client.images.generate(
+        model="gpt-image-2", prompt="a fox", size="1024x1024", quality="low", stream=True, partial_images=2
+    )
+    seen = []
+    with pytest.raises(openai.APIError, match="upstream exploded"):
+        async for event in stream:
+            seen.append(event.type)
+    await client.close()
+    assert seen == ["image_generation.partial_image"]
+    [usage] = await usage_rows(db, user_id=user)
+    assert (usage["status"], usage["error_code"], usage["images"]) == ("error", "upstream_error", 1)
+    assert usage["cost_usd"] == Decimal("0.006")  # the reservation: one low-quality image at 1024x1024
+    assert await db.fetchval("SELECT count(*) FROM image") == 0
+
+
+async def test_streamed_generation_in_simulated_mode(start, upstream: FakeUpstream, db) -> None:
+    upstream.reset()
+    async with start(simulated=True) as sim:
+        key, user = await sim.key("pro")
+        client = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key=key, max_retries=0)
+        raw = await client.images.with_raw_response.generate(
+            model="gpt-image-2", prompt="a lighthouse", size="1536x864", stream=True, partial_images=1
+        )
+        events = [event async for event in raw.parse()]
+        again = [event async for event in await client.images.generate(
+            model="gpt-image-2", prompt="a lighthouse", size="1536x864", stream=True
+        )]  # fmt: skip
+        await client.close()
+        assert raw.headers["x-gateway-simulated"] == "true"
+        assert [event.type for event in events] == ["image_generation.partial_image", "image_generation.completed"]
+        partial, completed = (base64.b64decode(event.b64_json) for event in events)
+        assert png_size(partial) == png_size(completed) == (1536, 864) and partial != completed
+        assert "simulated" in png_text(completed)["Software"]
+        assert [event.type for event in again] == ["image_generation.completed"]
+        assert base64.b64decode(again[0].b64_json) == completed  # deterministic per prompt
+        served = await sim.client.get((events[-1].model_extra or {})["url"])
+        assert served.content == completed
+    assert upstream.requests == []
+    rows = await usage_rows(db, 2, user_id=user)
+    assert {(r["status"], r["stream"], r["images"], r["cost_usd"]) for r in rows} == {
+        ("simulated", True, 1, Decimal("0E-8"))
+    }
+    assert await db.fetchval("SELECT count(*) FROM image WHERE user_id = $1 AND simulated", user) == 2
+
+
+async def test_streams_refuse_an_idempotency_key(gw: Gateway, upstream: FakeUpstream) -> None:
+    key, _ = await gw.key("pro")
+    response = await gw.client.post(
+        GENERATIONS,
+        json={"model": "gpt-image-2", "prompt": "x", "stream": True},
+        headers={**bearer(key), "Idempotency-Key": "once"},
+    )
+    assert_error(response, 400, param="Idempotency-Key")
+    assert upstream.requests == []
+
+
+# Edits.
+
+
+def upload_files() -> list[tuple[str, bytes, str]]:
+    return [("first.png", _png("first"), "image/png"), ("second.png", _png("second"), "image/png")]
+
+
+async def test_edit_images_with_a_mask_through_the_sdk(
+    gw: Gateway, upstream: FakeUpstream, db, image_dir: Path
+) -> None:
+    key, user = await gw.key("free")
+    upstream.script(UPSTREAM_EDITS, Reply(delay=0.6))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    budget_key = f"monthly_budget_usd:{user}:{time.strftime('%Y-%m', time.gmtime())}"
+    edit = asyncio.create_task(
+        client.images.with_raw_response.edit(
+            model="default-image",
+            image=upload_files(),
+            mask=("mask.png", rgba_png(8, 8), "image/png"),
+            prompt="add a party hat",
+            response_format="b64_json",
+            input_fidelity="high",
+        )
+    )
+
+    async def reserved() -> float | None:
+        return await db.fetchval("SELECT value FROM rate_limit_bucket WHERE key = $1", budget_key)
+
+    # In flight, the budget holds the worst case: the image (auto size: the largest, 1.5x) and both
+    # uploads at the most one input image may bill (6,000 tokens at $2 per 1M).
+    assert await wait_for(reserved) == pytest.approx(0.011 * 1.5 + 2 * 6000 * 2.00 / 1_000_000)
+    raw = await edit
+    result = raw.parse()
+    await client.close()
+    assert raw.headers["x-upstream-request-id"].startswith("req_fake_") and "x-gateway-simulated" not in raw.headers
+    [image] = result.data
+    assert base64.b64decode(image.b64_json) == edit_png("add a party hat", 2)
+    content = await gw.client.get(image.url)
+    assert content.status_code == 200 and content.content == edit_png("add a party hat", 2)
+    # What went upstream: the model resolved, our fields, the files as sent (under our own names).
+    [sent] = upstream.received(UPSTREAM_EDITS)
+    assert sent.json == {"model": "gpt-image-1-mini", "prompt": "add a party hat", "n": "1", "input_fidelity": "high"}
+    assert [(f.field, f.filename, f.content_type, f.data) for f in sent.files] == [
+        ("image[]", "image-0.png", "image/png", _png("first")),
+        ("image[]", "image-1.png", "image/png", _png("second")),
+        ("mask", "mask.png", "image/png", rgba_png(8, 8)),
+    ]
+    row = await db.fetchrow("SELECT * FROM image WHERE user_id = $1", user)
+    assert row["edited"] is True and row["prompt"] == "add a party hat" and row["simulated"] is False
+    assert (image_dir / row["storage_key"]).read_bytes() == content.content
+    edit_cost = token_cost(50 + 2 * IMAGE_INPUT_TOKENS, 1056, 2.00, 8.00)
+    [usage] = await usage_rows(db, user_id=user)
+    assert (usage["route"], usage["status"], usage["images"]) == ("images.edits", "ok", 1)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (50 + 2 * IMAGE_INPUT_TOKENS, 1056)
+    assert usage["cost_usd"] == edit_cost == row["cost_usd"]
+
+    async def settled() -> bool:
+        return await reserved() == pytest.approx(float(edit_cost))
+
+    assert await wait_for(settled)
+    listed = (await gw.client.get(f"/v1/images/{row['id']}", headers=bearer(key))).json()
+    assert listed["edited"] is True
+    # Its source images are not kept, so it cannot be regenerated.
+    assert_error(await gw.client.post(f"/v1/images/{row['id']}/regenerate", headers=bearer(key)), 400)
+
+
+async def test_one_image_goes_as_image_and_a_streamed_edit_relays_its_events(
+    gw: Gateway, upstream: FakeUpstream, db
+) -> None:
+    key, user = await gw.key("pro")
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    stream = await client.images.edit(
+        model="gpt-image-2",
+        image=("photo.jpg", b"\xff\xd8\xff\xe0 a jpeg", "image/jpeg"),
+        prompt="make it winter",
+        size="1536x864",
+        stream=True,
+        partial_images=1,
+    )
+    events = [event async for event in stream]
+    await client.close()
+    assert [event.type for event in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert base64.b64decode(events[-1].b64_json) == edit_png("make it winter", 1)
+    [sent] = upstream.received(UPSTREAM_EDITS)
+    assert [(f.field, f.filename, f.content_type) for f in sent.files] == [("image", "image-0.jpeg", "image/jpeg")]
+    assert sent.json is not None and (sent.json["stream"], sent.json["partial_images"]) == ("true", "1")
+    [usage] = await usage_rows(db, user_id=user)
+    assert (usage["route"], usage["status"], usage["stream"]) == ("images.edits", "ok", True)
+    assert usage["cost_usd"] == token_cost(50 + IMAGE_INPUT_TOKENS, 1056, 5.00, 30.00)
+    assert await db.fetchval("SELECT edited FROM image WHERE user_id = $1", user) is True
+
+
+async def test_edits_in_simulated_mode(start, upstream: FakeUpstream, db) -> None:
+    upstream.reset()
+    async with start(simulated=True) as sim:
+        key, user = await sim.key("free")
+        client = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key=key, max_retries=0)
+
+        async def edit(files: list[tuple[str, bytes, str]]) -> bytes:
+            result = await client.images.edit(
+                image=files, prompt="add a hat", size="1024x1536", response_format="b64_json"
+            )
+            return base64.b64decode(result.data[0].b64_json or "")
+
+        first = await edit(upload_files())
+        again = await edit(upload_files())
+        other = await edit([("other.png", _png("another photo"), "image/png")])
+        events = [event async for event in await client.images.edit(
+            image=upload_files(), prompt="add a hat", stream=True, partial_images=2
+        )]  # fmt: skip
+        await client.close()
+    assert png_size(first) == (1024, 1536) and "simulated" in png_text(first)["Software"]
+    assert again == first and other != first  # drawn from the prompt and the uploaded files
+    assert [event.type for event in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert upstream.requests == []
+    rows = await usage_rows(db, 4, user_id=user)
+    assert {(r["route"], r["status"], r["cost_usd"]) for r in rows} == {("images.edits", "simulated", Decimal("0E-8"))}
+    assert await db.fetchval("SELECT count(*) FROM image WHERE user_id = $1 AND edited AND simulated", user) == 4
+
+
+def upload_leftovers() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("gateway-upload-")}
+
+
+PNG_8 = ("a.png", _png("photo"), "image/png")
+MASK_8 = ("mask.png", rgba_png(8, 8), "image/png")
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "param", "code"),
+    [
+        ({"prompt": "x"}, [], "image", None),  # no image
+        ({"prompt": "x"}, [("mask", MASK_8)], "image", None),  # a mask without an image
+        ({"prompt": "x"}, [("image", PNG_8), ("mask", ("m.jpg", b"\xff\xd8\xff\xe0jpeg", "image/jpeg"))], "mask",
+         "invalid_image"),  # a mask that is not a PNG
+        ({"prompt": "x"}, [("image", PNG_8), ("mask", ("m.png", _png("rgb"), "image/png"))], "mask",
+         "invalid_image"),  # a PNG without alpha
+        ({"prompt": "x"}, [("image", PNG_8), ("mask", ("m.png", rgba_png(16, 8), "image/png"))], "mask",
+         "invalid_image"),  # not the image's size
+        ({"prompt": "x"}, [("image", PNG_8), ("mask", MASK_8), ("mask", MASK_8)], "mask", None),
+        ({"prompt": "x"}, [("image", ("a.txt", b"hello, not an image", "text/plain"))], "image", "invalid_image"),
+        ({"prompt": "x"}, [("image[]", PNG_8)] * 17, "image", "unsupported_value"),  # too many images
+        ({"prompt": "x", "size": "7x7"}, [("image", PNG_8)], "size", "unsupported_value"),
+        ({"prompt": "x", "style": "vaporwave"}, [("image", PNG_8)], "style", "unknown_style"),
+        ({"prompt": "x", "model": "gpt-image-2"}, [("image", PNG_8)], "model", "model_not_found"),  # not free
+        ({"prompt": "x", "n": "many"}, [("image", PNG_8)], "n", None),
+        ({"prompt": "x", "colour": "red"}, [("image", PNG_8)], "colour", None),  # no such field
+        ({"prompt": "x", "image": "a.png"}, [], "image", None),  # a file field sent as text
+        ({}, [("image", PNG_8)], "prompt", None),
+        ({"prompt": "x"}, [("photo", PNG_8)], "photo", None),  # files go in image and mask
+    ],
+)  # fmt: skip
+async def test_bad_edits_are_400_before_any_upstream_call(
+    gw: Gateway,
+    upstream: FakeUpstream,
+    db,
+    fields: dict[str, str],
+    files: list[tuple[str, tuple[str, bytes, str]]],
+    param: str,
+    code: str | None,
+) -> None:
+    before = upload_leftovers()
+    key, _ = await gw.key("free")
+    response = await gw.client.post(EDITS, data=fields, files=files or None, headers=bearer(key))
+    if not files:  # httpx sends a form without files as urlencoded: send it as multipart all the same
+        response = await gw.client.post(
+            EDITS, files=[(name, (None, value.encode())) for name, value in fields.items()], headers=bearer(key)
+        )
+    assert_error(response, 400, param=param, code=code)
+    assert upstream.requests == []
+    await asyncio.sleep(0.1)
+    assert await db.fetchval("SELECT count(*) FROM usage_event") == 0
+    assert await db.fetchval("SELECT count(*) FROM image") == 0
+    assert upload_leftovers() <= before  # every spooled upload was removed
+
+
+async def test_an_edit_must_be_multipart(gw: Gateway, upstream: FakeUpstream) -> None:
+    key, _ = await gw.key("free")
+    as_json = await gw.client.post(EDITS, json={"prompt": "x", "image": "aGVsbG8="}, headers=bearer(key))
+    assert "multipart/form-data" in assert_error(as_json, 400)["message"]
+    broken = await gw.client.post(
+        EDITS,
+        content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx',  # never closed
+        headers={**bearer(key), "content-type": "multipart/form-data; boundary=b"},
+    )
+    assert_error(broken, 400)
+    assert_error(await gw.client.post(EDITS, files=[("image", PNG_8)]), 401)
+    assert upstream.requests == []
+
+
+async def test_uploads_are_capped_per_file_and_per_body(start, upstream: FakeUpstream, db) -> None:
+    upstream.reset()
+    async with start(image_upload_max_bytes=4096, image_edit_max_bytes=16384) as capped:
+        key, _ = await capped.key("free")
+        big_png = _png("big") + b"\x00" * 5000  # a PNG signature, but over the file cap
+
+        async def post(files: list[tuple[str, tuple[str, bytes, str]]]) -> httpx.Response:
+            return await capped.client.post(EDITS, data={"prompt": "x"}, files=files, headers=bearer(key))
+
+        too_big = await post([("image", ("big.png", big_png, "image/png"))])
+        assert_error(too_big, 400, param="image", code="image_too_large")
+        # A body declared over IMAGE_EDIT_MAX_BYTES is refused from its headers, none of it read (sent
+        # here without its body: a client still writing one would see the connection close under it).
+        host, port = httpx.URL(capped.url).host, httpx.URL(capped.url).port
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"POST {EDITS} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 16385\r\n\r\n".encode()
+        )
+        status_line = await reader.readline()
+        writer.close()
+        assert status_line.split()[1] == b"413"
+        # Other routes keep MAX_BODY_BYTES (1 MiB); the edit route's cap is its own.
+        assert (await post([("image", PNG_8)])).status_code == 200
+    assert [r.path for r in upstream.requests] == [UPSTREAM_EDITS]
+    [row] = await usage_rows(db)
+    assert row["route"] == "images.edits"
+
+
+# Style presets.
+
+
+async def test_styles_are_listed_and_shape_the_request(gw: Gateway, upstream: FakeUpstream, db) -> None:
+    key, user = await gw.key("free")
+    models = (await gw.client.get("/v1/models", headers=bearer(key))).json()
+    styles = {style["id"]: style for style in models["styles"]}
+    assert set(styles) == {"portrait", "illustration"}
+    portrait = styles["portrait"]
+    assert portrait["object"] == "image.style" and portrait["size"] == "1024x1536" and portrait["quality"] == "medium"
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    styled = await client.images.generate(model="default-image", prompt="Ada, age 10", extra_body={"style": "portrait"})
+    await client.images.generate(
+        model="default-image", prompt="Ada, age 10", size="1024x1024", extra_body={"style": "portrait"}
+    )
+    await client.close()
+    first, second = image_requests(upstream)
+    # The preset's text after the prompt, and its options where the request left them out.
+    assert first == {
+        "model": "gpt-image-1-mini",
+        "prompt": "Ada, age 10\n\n" + portrait["prompt"],
+        "n": 1,
+        "size": "1024x1536",
+        "quality": "medium",
+    }
+    assert second["size"] == "1024x1024" and second["quality"] == "medium"  # the request's own size wins
+    image_id = uuid.UUID(styled.data[0].model_extra["id"])
+    row = await db.fetchrow("SELECT prompt, style FROM image WHERE id = $1", image_id)
+    assert tuple(row) == ("Ada, age 10", "portrait")  # the request's prompt, and the style named
+    assert (await gw.client.get(f"/v1/images/{image_id}", headers=bearer(key))).json()["style"] == "portrait"
+    # A regeneration keeps the style.
+    again = await gw.client.post(f"/v1/images/{image_id}/regenerate", headers=bearer(key))
+    assert again.status_code == 200, again.text
+    assert image_requests(upstream)[-1]["prompt"] == "Ada, age 10\n\n" + portrait["prompt"]
+    rows = await usage_rows(db, 3, user_id=user)
+    assert len(rows) == 3
+    assert_error(
+        await gw.client.post(GENERATIONS, json={"prompt": "x", "style": "nope"}, headers=bearer(key)),
+        400,
+        param="style",
+        code="unknown_style",
+    )
+
+
+async def test_a_style_skips_defaults_its_model_does_not_take(gw: Gateway) -> None:
+    key, _ = await gw.key("pro")
+    estimate = await gw.client.post(
+        "/v1/images/estimate", json={"model": "narrow-image", "style": "portrait"}, headers=bearer(key)
+    )
+    assert estimate.status_code == 200, estimate.text
+    # narrow-image makes 1024x1024 only: the preset's 1024x1536 is left out, its medium quality kept.
+    assert (estimate.json()["size"], estimate.json()["quality"], estimate.json()["style"]) == (
+        "auto",
+        "medium",
+        "portrait",
+    )
+
+
+async def test_batch_items_use_the_batch_style(gw: Gateway, upstream: FakeUpstream) -> None:
+    key, _ = await gw.key("free")
+    created = await create_batch(gw, key, ["Ada", "Grace"], style="illustration")
+    assert created.status_code == 202, created.text
+    events = await read_events(gw, key, created.json()["id"])
+    assert [name for name, _ in events][-1] == "batch.completed"
+    prompts = sorted(request["prompt"] for request in image_requests(upstream))
+    suffix = "\n\nFlat vector illustration, clean outlines, friendly pastel palette, no text or lettering."
+    assert prompts == ["Ada" + suffix, "Grace" + suffix]
+    assert {request["background"] for request in image_requests(upstream)} == {"opaque"}

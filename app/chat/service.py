@@ -141,7 +141,7 @@ class ChatService:
         except UpstreamError as failure:
             call.fail(failure)
             raise
-        call.finish(spent, upstream_request_id=reply.request_id)
+        call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
         headers = {**call.headers(reply.request_id), **extra}
         return Response(reply.body, media_type="application/json", headers=headers)
 

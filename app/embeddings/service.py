@@ -57,7 +57,7 @@ class EmbeddingService:
         except UpstreamError as failure:
             call.fail(failure)
             raise
-        call.finish(spent, upstream_request_id=reply.request_id)
+        call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
         return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from app.deps import CatalogDep, PrincipalDep, RuntimeDep
 from app.errors import ErrorCode, ModelNotFound, Unavailable, error_responses
-from app.registry import ModelKind, ModelSpec
+from app.registry import Catalog, ModelKind, ModelSpec, SizeBounds
 from app.validation import Text
 
 router = APIRouter()
@@ -24,6 +24,10 @@ class Readiness(BaseModel):
     database: Literal["ok"]
     migrations: str
     simulated: bool
+    upstreams: dict[str, str] = Field(
+        description="Each operator upstream: `ok`, `failing (N in a row)` or `cooling (N s left)`; a cooled-down"
+        " upstream does not make the gateway unready while another deployment can answer."
+    )
 
 
 class ModelPrices(BaseModel):
@@ -48,12 +52,29 @@ class ModelInfo(BaseModel):
     formats: list[str]
     backgrounds: list[str]
     max_images: int = Field(description="The most images one request may ask for (image models).")
+    size_bounds: SizeBounds | None = Field(
+        None, description="Image models that also take any WIDTHxHEIGHT within these bounds (gpt-image-2)."
+    )
     dimensions: int | None = Field(None, description="The vector's length (embedding models).")
+
+
+class StyleInfo(BaseModel):
+    """A style preset for the image routes' `style`: text added to the prompt, options for those left out."""
+
+    id: str
+    object: Literal["image.style"] = "image.style"
+    description: str
+    prompt: str = Field(description="Added after the request's prompt.")
+    size: str | None
+    quality: str | None
+    output_format: str | None
+    background: str | None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]
+    styles: list[StyleInfo] = Field(description="Style presets of the image routes (`style`).")
 
 
 @router.get("/healthz", tags=["health"])
@@ -76,13 +97,19 @@ async def readyz(runtime: RuntimeDep) -> Readiness:
             f"Database schema is at {current}, expected {runtime.migration_head}: run `python -m app migrate`.",
             code=ErrorCode.MIGRATIONS_PENDING,
         )
-    return Readiness(status="ok", database="ok", migrations=current, simulated=runtime.settings.simulated)
+    return Readiness(
+        status="ok",
+        database="ok",
+        migrations=current,
+        simulated=runtime.settings.simulated,
+        upstreams=runtime.upstream.health(),
+    )
 
 
 @router.get("/v1/models", tags=["models"], responses=error_responses(401, 403))
 async def list_models(principal: PrincipalDep, catalog: CatalogDep) -> ModelList:
-    """The models the caller's tier may use, with aliases and prices."""
-    return ModelList(data=[model_info(spec) for spec in catalog.models_for(principal.tier)])
+    """The models the caller's tier may use, with aliases and prices, and the image style presets."""
+    return ModelList(data=[model_info(spec) for spec in catalog.models_for(principal.tier)], styles=styles(catalog))
 
 
 @router.get("/v1/models/{model}", tags=["models"], responses=error_responses(400, 401, 403, 404))
@@ -96,6 +123,10 @@ async def get_model(
     if spec is None or not catalog.may_use(principal.tier, spec):
         raise ModelNotFound(model)
     return model_info(spec)
+
+
+def styles(catalog: Catalog) -> list[StyleInfo]:
+    return [StyleInfo(id=name, **style.model_dump()) for name, style in catalog.styles.items()]
 
 
 def model_info(spec: ModelSpec) -> ModelInfo:
@@ -114,5 +145,6 @@ def model_info(spec: ModelSpec) -> ModelInfo:
         formats=spec.formats,
         backgrounds=spec.backgrounds,
         max_images=spec.max_n,
+        size_bounds=spec.size_bounds,
         dimensions=spec.dimensions,
     )

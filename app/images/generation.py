@@ -1,7 +1,8 @@
 """Making images: limits, moderation, the upstream call, storage and the usage row, through the call pipeline.
 
-One generation call is one usage row (route `images.generations`, or `images.batches` for
-batch items) with the images it made and their cost. Moderation is a call of its own
+One generation call is one usage row (route `images.generations`, `images.edits` for edits,
+or `images.batches` for batch items) with the images it made and their cost. An edit is
+reserved for its images and for every uploaded image at the most it may bill as input. Moderation is a call of its own
 (route `images.moderation`), which never falls back: an unchecked prompt is not let
 through. A generation refused by moderation gives its reservation back and leaves no row.
 No database session is held here: the caller stores the rows this returns.
@@ -22,12 +23,13 @@ from app.images.history import ImageHistory
 from app.images.options import ImageOptions
 from app.models import Image
 from app.ratelimit.limiter import Limiter
-from app.upstream.provider import Generation
+from app.upstream.provider import EventStream, Generation, ImageUpload
 from app.usage.ledger import MalformedUsage, clamp_usage
 
 log = logging.getLogger("app.images")
 
 ROUTE = "images.generations"
+EDIT_ROUTE = "images.edits"
 BATCH_ROUTE = "images.batches"
 MODERATION_ROUTE = "images.moderation"
 
@@ -92,24 +94,16 @@ class ImageGenerator:
         *,
         batch_id: uuid.UUID | None = None,
         regenerated_from: uuid.UUID | None = None,
+        uploads: list[ImageUpload] | None = None,
     ) -> Produced:
         batch = batch_id is not None
-        call = await self.calls.open(
-            principal,
-            route=BATCH_ROUTE if batch else ROUTE,
-            spec=options.spec,
-            request_id=request_id,
-            buckets=self.limiter.image_buckets(principal, options.n, options.estimate(), batch=batch),
-            reserved=Spent(images=options.n, cost_usd=options.estimate(), estimated=True),
-        )
-        if self.settings.image_moderation and not batch:  # batches are moderated when created
-            try:
-                await self.moderate(principal, request_id, [prompt])
-            except BaseException:
-                call.give_back()
-                raise
+        call = await self.open(principal, request_id, prompt, options, batch=batch, uploads=uploads)
         params = options.upstream_params(prompt)
-        generation = await self.calls.invoke(call, lambda provider: provider.images(params))
+        if uploads:
+            edit = uploads
+            generation = await self.calls.invoke(call, lambda provider: provider.image_edit(params, edit))
+        else:
+            generation = await self.calls.invoke(call, lambda provider: provider.images(params))
         spent = image_spend(options, generation)
         try:
             images = await self.history.save(
@@ -122,10 +116,65 @@ class ImageGenerator:
                 cost=0.0 if call.simulated else spent.cost_usd,
                 batch_id=batch_id,
                 regenerated_from=regenerated_from,
+                edited=bool(uploads),
             )
         finally:  # generated and paid for, whether or not the bytes could be stored
-            call.finish(spent, upstream_request_id=generation.request_id)
+            call.finish(spent, upstream_request_id=generation.request_id, upstream=generation.upstream)
         return Produced(images, [image.data for image in generation.images], generation, call, spent)
+
+    async def open(
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt: str,
+        options: ImageOptions,
+        *,
+        batch: bool = False,
+        uploads: list[ImageUpload] | None = None,
+    ) -> Call:
+        """Reserve the call's worst case (its images; an edit's uploads as input too), then moderate the
+        prompt: a refused prompt gives the reservation back."""
+        inputs = sum(1 for upload in uploads or () if upload.field == "image")
+        cost = options.edit_estimate(inputs) if uploads else options.estimate()
+        call = await self.calls.open(
+            principal,
+            route=BATCH_ROUTE if batch else EDIT_ROUTE if uploads else ROUTE,
+            spec=options.spec,
+            request_id=request_id,
+            buckets=self.limiter.image_buckets(principal, options.n, cost, batch=batch),
+            reserved=Spent(images=options.n, cost_usd=cost, estimated=True),
+            stream=options.stream,
+            detail={"style": options.style} if options.style else None,
+        )
+        if self.settings.image_moderation and not batch:  # batches are moderated when created
+            try:
+                await self.moderate(principal, request_id, [prompt])
+            except BaseException:
+                call.give_back()
+                raise
+        return call
+
+    async def open_stream(
+        self,
+        principal: Principal,
+        request_id: str,
+        prompt: str,
+        options: ImageOptions,
+        uploads: list[ImageUpload] | None = None,
+    ) -> tuple[Call, EventStream]:
+        """A streamed generation or edit: reserved and moderated like any, its upstream stream open
+        and held by the call (which the relay records)."""
+        call = await self.open(principal, request_id, prompt, options, uploads=uploads)
+        params = options.upstream_params(prompt)
+        if uploads:
+            edit = uploads
+            stream = await self.calls.invoke(
+                call, lambda provider: provider.image_edit_stream(params, edit), stream=True
+            )
+        else:
+            stream = await self.calls.invoke(call, lambda provider: provider.images_stream(params), stream=True)
+        call.attach(stream)
+        return call, stream
 
     async def moderate(
         self,

@@ -41,6 +41,8 @@ def public(image: Image, links: Links) -> ImagePublic:
         quality=image.quality,
         output_format=image.output_format,
         background=image.background,
+        style=image.style,
+        edited=image.edited,
         content_type=image.content_type,
         bytes=image.bytes,
         cost_usd=float(image.cost_usd),
@@ -83,6 +85,7 @@ class ImageHistory:
         cost: float,
         batch_id: uuid.UUID | None,
         regenerated_from: uuid.UUID | None,
+        edited: bool = False,
     ) -> list[Image]:
         """Put every image's bytes in storage (all or none) and return its rows, for the caller to add."""
         now = datetime.now(UTC)
@@ -109,6 +112,8 @@ class ImageHistory:
                     quality=generation.quality or options.quality or "auto",
                     output_format=extension,
                     background=generation.background or options.background,
+                    style=options.style,
+                    edited=edited,
                     content_type=content_type,
                     storage_key=f"{now:%Y/%m/%d}/{image_id}.{extension}",
                     bytes=len(made.data),

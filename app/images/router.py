@@ -17,6 +17,7 @@ from app.images.schemas import (
     ImageBatchCreate,
     ImageBatchPublic,
     ImageDeleted,
+    ImageEditForm,
     ImageEstimate,
     ImageEstimateRequest,
     ImageGenerateRequest,
@@ -32,6 +33,21 @@ from app.models import Image, ImageBatch
 router = APIRouter(tags=["images"])
 
 IMAGE_CONTENT = {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."}
+IMAGES_OR_EVENTS = {
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}},
+        "text/event-stream": {"schema": {"type": "string"}},
+    },
+    "description": "The images; with `stream: true`, server-sent events: `image_generation.partial_image` "
+    "(`image_edit.partial_image` for edits) as the upstream sends them, then `image_generation.completed` "
+    "(`image_edit.completed`) with the image stored (its `id`, `url` and `url_expires_at` added), or `error`.",
+}
+EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": ImageEditForm.model_json_schema(ref_template="{model}")}},
+    }
+}
 EVENT_STREAM = {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
     "description": "`item.completed` / `item.failed` / `item.cancelled` events, then `batch.completed`.",
@@ -86,13 +102,28 @@ ContextDep = Annotated[CallContext, Depends(call_context)]
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
-    responses=error_responses(400, 401, 403, 409, 413, 429, 502, 503, 504),
+    responses={200: IMAGES_OR_EVENTS, **error_responses(400, 401, 403, 409, 413, 429, 502, 503, 504)},
 )
 async def create_image(
     body: ImageGenerateRequest, principal: PrincipalDep, service: ImageServiceDep, ctx: ContextDep
 ) -> Response:
     """Generate images (OpenAI-compatible); each is stored and returned as a signed URL (and `b64_json` on request)."""
     return await service.generate(principal, body, ctx)
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    responses={200: IMAGES_OR_EVENTS, **error_responses(400, 401, 403, 409, 413, 429, 502, 503, 504)},
+    openapi_extra=EDIT_BODY,
+)
+async def edit_image(request: Request, principal: PrincipalDep, service: ImageServiceDep, ctx: ContextDep) -> Response:
+    """Edit uploaded images (OpenAI-compatible, multipart); the results are stored like generations."""
+    form = await service.edit_form(request)
+    try:
+        return await service.edit(principal, form, ctx)
+    finally:  # a stream's upstream request has been sent by now: the files are no longer read
+        await form.close()
 
 
 @router.post("/images/estimate", responses=error_responses(400, 401, 403))

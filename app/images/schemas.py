@@ -16,6 +16,7 @@ from app.validation import Text
 # a longer one is refused as such instead of being quoted back in an "unsupported" message.
 MODEL_MAX = 100
 OPTION_MAX = 20
+STYLE_FIELD = "A style preset of `GET /v1/models` (`styles`): adds its text to the prompt and fills options left out."
 
 
 class ImageOptionsIn(BaseModel):
@@ -30,6 +31,7 @@ class ImageOptionsIn(BaseModel):
     output_format: Text | None = Field(None, max_length=OPTION_MAX, examples=["png"])
     background: Text | None = Field(None, max_length=OPTION_MAX, examples=["auto"])
     output_compression: int | None = Field(None, ge=0, le=100)
+    style: Text | None = Field(None, max_length=50, description=STYLE_FIELD, examples=["portrait"])
 
 
 class ImageGenerateRequest(ImageOptionsIn):
@@ -41,7 +43,44 @@ class ImageGenerateRequest(ImageOptionsIn):
         None, description="`url` (default): our signed URL. `b64_json`: the image inline as well."
     )
     user: Text | None = Field(None, max_length=200)
-    stream: Literal[False] | None = Field(None, description="Streaming partial images is not supported.")
+    stream: bool | None = Field(
+        None,
+        description="Stream `image_generation.partial_image` events, then `image_generation.completed` "
+        "(server-sent events; one image per request).",
+    )
+    partial_images: int | None = Field(None, description="With `stream`: partial images to send first, 0 to 3.")
+
+
+class ImageEditRequest(ImageGenerateRequest):
+    """OpenAI's image edit fields (multipart, beside the `image` / `image[]` files and an optional `mask`)."""
+
+    input_fidelity: Literal["low", "high"] | None = Field(
+        None, description="How closely to keep the input images' features (models that take it; not gpt-image-2)."
+    )
+
+
+class ImageEditForm(BaseModel):
+    """The multipart body of `POST /v1/images/edits`, as the OpenAI SDKs send it (for the document)."""
+
+    image: list[bytes] = Field(description="The image(s) to edit: PNG, JPEG or WebP (several as `image[]`).")
+    mask: bytes | None = Field(
+        None, description="A PNG with an alpha channel, the first image's size: its transparent areas are edited."
+    )
+    prompt: str
+    model: str | None = "default-image"
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+    output_format: str | None = None
+    background: str | None = None
+    output_compression: int | None = None
+    moderation: Literal["low", "auto"] | None = None
+    style: str | None = Field(None, description=STYLE_FIELD)
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+    stream: bool | None = Field(None, description="Stream `image_edit.partial_image`, then `image_edit.completed`.")
+    partial_images: int | None = None
+    input_fidelity: Literal["low", "high"] | None = None
 
 
 class ImageRegenerateRequest(BaseModel):
@@ -60,6 +99,7 @@ class ImageRegenerateRequest(BaseModel):
     moderation: Literal["low", "auto"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
     user: Text | None = Field(None, max_length=200)
+    style: Text | None = Field(None, max_length=50, description=STYLE_FIELD)
 
 
 class ImageEstimateRequest(ImageOptionsIn):
@@ -78,6 +118,7 @@ class ImageEstimate(BaseModel):
     count: int
     size: str
     quality: str
+    style: str | None = None
     unit_price_usd: float
     estimated_cost_usd: float
     currency: Literal["usd"] = "usd"
@@ -124,6 +165,8 @@ class ImagePublic(BaseModel):
     quality: str
     output_format: str
     background: str | None
+    style: str | None
+    edited: bool = Field(description="Made by `POST /v1/images/edits` from uploaded images.")
     content_type: str
     bytes: int
     cost_usd: float

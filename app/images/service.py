@@ -15,20 +15,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
 from starlette.responses import Response
 
 from app.auth.principal import Principal
+from app.config import Settings
 from app.db import DB_ERRORS, Database
-from app.errors import ErrorCode, ImageNotFound
+from app.errors import ErrorCode, ImageNotFound, InvalidRequest
 from app.images import repository
 from app.images.generation import ImageGenerator, Produced
 from app.images.history import ImageHistory
-from app.images.idempotency import Claim, IdempotencyStore, Stored, StoredLater, request_hash
+from app.images.idempotency import HEADER, Claim, IdempotencyStore, Stored, StoredLater, request_hash
 from app.images.options import ImageOptions, resolve_options
 from app.images.responses import images_response, stored_result
 from app.images.schemas import ImageEstimate, ImageEstimateRequest, ImageGenerateRequest, ImageRegenerateRequest
 from app.images.signing import Links, UrlSigner
+from app.images.streaming import ImageStreamer
+from app.images.uploads import EditForm, read_edit_form
 from app.registry import Catalog
+from app.sse import Stopping
+from app.upstream.provider import ImageUpload
 
 log = logging.getLogger("app.images")
 
@@ -51,6 +57,8 @@ class ImageService:
     def __init__(
         self,
         *,
+        settings: Settings,
+        stopping: Stopping | None,
         catalog: Catalog,
         database: Database,
         generator: ImageGenerator,
@@ -67,6 +75,8 @@ class ImageService:
         self.signer = signer
         self.idempotency = idempotency
         self.public_base_url = public_base_url
+        self.settings = settings
+        self.streamer = ImageStreamer(settings, database, generator, history, stopping)
         self._storing: set[asyncio.Task[None]] = set()
 
     def links(self, request_base_url: str) -> Links:
@@ -77,8 +87,32 @@ class ImageService:
         options = resolve_options(
             self.catalog, principal.tier, {**body.model_dump(exclude_unset=True), "model": body.model}
         )
+        if options.stream:
+            _no_key_with_stream(ctx)
+            return await self.streamer.stream(principal, ctx.request_id, body.prompt, options, ctx.links)
         fingerprint = body.model_dump(exclude_unset=True, mode="json")
         return await self._generate_once(principal, ctx, fingerprint, body.prompt, options, body.response_format)
+
+    async def edit_form(self, request: Request) -> EditForm:
+        """An edit's multipart body, checked, its files on disk (the caller closes it)."""
+        return await read_edit_form(
+            request,
+            max_images=self.settings.image_edit_max_images,
+            max_image_bytes=self.settings.image_upload_max_bytes,
+        )
+
+    async def edit(self, principal: Principal, form: EditForm, ctx: CallContext) -> Response:
+        """An edit of uploaded images: reserved, made, stored and answered like a generation (or streamed)."""
+        body = form.fields
+        options = resolve_options(
+            self.catalog, principal.tier, {**body.model_dump(exclude_unset=True), "model": body.model}
+        )
+        if options.stream:
+            _no_key_with_stream(ctx)
+            return await self.streamer.stream(principal, ctx.request_id, body.prompt, options, ctx.links, form.uploads)
+        return await self._generate_once(
+            principal, ctx, form.fingerprint(), body.prompt, options, body.response_format, uploads=form.uploads
+        )
 
     async def regenerate(
         self, principal: Principal, image_id: uuid.UUID, body: ImageRegenerateRequest, ctx: CallContext
@@ -87,6 +121,11 @@ class ImageService:
             original = await repository.get_image(session, image_id, principal.user_id)
         if original is None:
             raise ImageNotFound(image_id)
+        if original.edited:
+            raise InvalidRequest(
+                "An edited image cannot be regenerated: its source images are not kept. Send the edit again.",
+                param="image_id",
+            )
         changes = body.model_dump(exclude_unset=True)
         values: dict[str, Any] = {
             "model": original.model,
@@ -94,6 +133,7 @@ class ImageService:
             "quality": original.quality,
             "output_format": original.output_format,
             "background": original.background,
+            "style": original.style,
             **{name: value for name, value in changes.items() if value is not None},
         }
         options = resolve_options(self.catalog, principal.tier, values)
@@ -112,10 +152,11 @@ class ImageService:
         options: ImageOptions,
         response_format: str | None,
         regenerated_from: uuid.UUID | None = None,
+        uploads: list[ImageUpload] | None = None,
     ) -> Response:
         async def run(claim: Claim) -> Response:
             produced = await self.generator.produce(
-                principal, ctx.request_id, prompt, options, regenerated_from=regenerated_from
+                principal, ctx.request_id, prompt, options, regenerated_from=regenerated_from, uploads=uploads
             )
             result = stored_result(produced)
             await self._store(produced, claim, result)
@@ -190,6 +231,16 @@ class ImageService:
             count=body.count,
             size=options.size or "auto",
             quality=options.quality or "auto",
+            style=options.style,
             unit_price_usd=round(options.unit_price(), 8),
             estimated_cost_usd=options.estimate(body.count),
+        )
+
+
+def _no_key_with_stream(ctx: CallContext) -> None:
+    if ctx.idempotency_key is not None:
+        raise InvalidRequest(
+            f"The {HEADER} header is not supported with stream: true (a stream cannot be replayed); "
+            "leave out one of the two.",
+            param=HEADER,
         )

@@ -56,6 +56,8 @@ class Image(Base):
     quality: Mapped[str] = mapped_column(String(20))
     output_format: Mapped[str] = mapped_column(String(10))
     background: Mapped[str | None] = mapped_column(String(20))
+    style: Mapped[str | None] = mapped_column(String(50))  # the style preset it was made with
+    edited: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))  # by POST /v1/images/edits
     content_type: Mapped[str] = mapped_column(String(50))
     storage_key: Mapped[str] = mapped_column(String(300))
     bytes: Mapped[int] = mapped_column(Integer)

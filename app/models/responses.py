@@ -25,4 +25,6 @@ class ResponseOwner(Base):
     user_id: Mapped[str] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(100))
     tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The upstream it lives on, where every later call on it goes (None: the simulated provider's).
+    upstream: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -50,6 +50,8 @@ class UsageEvent(Base):
     thread_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     # Route-specific facts (a realtime secret's role and expiry, ...).
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The upstream that answered (the catalog's name; "default" is OPENAI_BASE_URL); None: simulated.
+    upstream: Mapped[str | None] = mapped_column(String(40))
 
 
 class UsagePending(Base):

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values as prometheus_values
 
-from app.events import EventHub, Refusal
+from app.events import EventHub, Refusal, UpstreamHealth
 from app.observability.multiprocess import MULTIPROC_ENV, multiprocess_dir
 from app.server import EDGE_REFUSALS
 from app.usage.record import UsageRecord
@@ -167,12 +167,28 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures",
+            "Calls an operator's upstream failed (connect failures, 5xx, 429), by upstream: the next deployment"
+            " was tried.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_cooling = Gauge(
+            "gateway_upstream_cooling",
+            "1 while an upstream is cooled down after failing in a row (per process: max over workers).",
+            ["upstream"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._usage_children: dict[tuple[str, str, str], _UsageChildren] = {}
         self._queue_depth = queue_depth
+        self._upstreams: Callable[[], dict[str, bool]] = dict
         self._sampler: asyncio.Task[None] | None = None
         events.usage.subscribe(self.observe_usage)
         events.refusals.subscribe(self.count_refusal)
+        events.upstreams.subscribe(self.observe_upstream)
 
     # The hot path: the middleware, once per request.
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -215,6 +231,16 @@ class Metrics:
     def count_refusal(self, refusal: Refusal) -> None:
         self.refusals.labels(refusal.route, refusal.code).inc()
 
+    # An operator's upstream failed a call, or answered again.
+    def observe_upstream(self, health: UpstreamHealth) -> None:
+        if health.failed:
+            self.upstream_failures.labels(health.upstream).inc()
+        self.upstream_cooling.labels(health.upstream).set(1 if health.cooling else 0)
+
+    def watch_upstreams(self, cooling: Callable[[], dict[str, bool]]) -> None:
+        """Where the sampler reads whether each upstream is cooled down (a cool-down ends without an event)."""
+        self._upstreams = cooling
+
     def start(self) -> None:
         """Read the usage queue's depth every second (each worker writes its own; scrapes add them up)."""
         self.usage_queue_depth.set(self._queue_depth())
@@ -225,6 +251,8 @@ class Metrics:
             await asyncio.sleep(SAMPLE_INTERVAL)
             self.usage_queue_depth.set(self._queue_depth())
             self._count_edge_refusals()
+            for name, cooling in self._upstreams().items():
+                self.upstream_cooling.labels(name).set(1 if cooling else 0)
 
     def _count_edge_refusals(self) -> None:
         """Add what the edge (app/server.py) refused since the last reading."""

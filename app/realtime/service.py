@@ -59,7 +59,7 @@ class RealtimeService:
         )
         secret = await self.calls.invoke(call, lambda provider: provider.realtime_secret(request))
         minted = {"role": preset.role, "language": body.language, "expires_at": secret.body.get("expires_at")}
-        call.finish(upstream_request_id=secret.request_id, detail=minted)
+        call.finish(upstream_request_id=secret.request_id, detail=minted, upstream=secret.upstream)
         return secret.body, call.headers()
 
     def _session(

@@ -12,12 +12,13 @@ throughput at 20 connections from 575 to 699 requests a second.
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import asyncpg
 
 RECORD = """
-INSERT INTO response_owner (id, user_id, model, tokens)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[])
+INSERT INTO response_owner (id, user_id, model, tokens, upstream)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[])
 ON CONFLICT (id) DO UPDATE SET tokens = EXCLUDED.tokens WHERE response_owner.user_id = EXCLUDED.user_id
 """
 PRUNE_BATCH = 5_000
@@ -28,24 +29,33 @@ DELETE FROM response_owner WHERE id IN (
 """
 
 
+class Owner(NamedTuple):
+    user_id: str
+    tokens: int
+    upstream: str | None  # where the response lives (None: the simulated provider's)
+
+
 class ResponseOwners:
     def __init__(self, pool: asyncpg.Pool, relaxed: asyncpg.Pool) -> None:
         self.pool = pool
         self.relaxed = relaxed
-        self._waiting: dict[str, tuple[str, str, int]] = {}  # id -> (user, model, tokens); the last one wins
+        # id -> (user, model, tokens, upstream); the last one wins
+        self._waiting: dict[str, tuple[str, str, int, str | None]] = {}
         self._futures: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None  # the statement out, while there is one
 
-    async def of(self, response_id: str) -> tuple[str, int] | None:
-        """(user, tokens) of a response the gateway handed out, or None."""
-        row = await self.pool.fetchrow("SELECT user_id, tokens FROM response_owner WHERE id = $1", response_id)
-        return (str(row["user_id"]), int(row["tokens"])) if row is not None else None
+    async def of(self, response_id: str) -> Owner | None:
+        """Who made a response the gateway handed out, its tokens and its upstream; None: not one of ours."""
+        row = await self.pool.fetchrow(
+            "SELECT user_id, tokens, upstream FROM response_owner WHERE id = $1", response_id
+        )
+        return Owner(str(row["user_id"]), int(row["tokens"]), row["upstream"]) if row is not None else None
 
-    async def record(self, response_id: str, user_id: str, model: str, tokens: int) -> None:
+    async def record(self, response_id: str, user_id: str, model: str, tokens: int, upstream: str | None) -> None:
         """Record (or update the tokens of) a response of `user_id`; returns once it is committed."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._waiting[response_id] = (user_id, model, tokens)
+        self._waiting[response_id] = (user_id, model, tokens, upstream)
         self._futures.append(done)
         if self._writer is None:
             self._writer = loop.create_task(self._write())
@@ -61,9 +71,10 @@ class ResponseOwners:
                     await self.relaxed.execute(
                         RECORD,
                         list(rows),
-                        [user for user, _, _ in values],
-                        [model for _, model, _ in values],
-                        [tokens for _, _, tokens in values],
+                        [user for user, _, _, _ in values],
+                        [model for _, model, _, _ in values],
+                        [tokens for _, _, tokens, _ in values],
+                        [upstream for _, _, _, upstream in values],
                     )
                 except Exception as error:
                     for future in futures:

@@ -32,7 +32,7 @@ from app.config import Settings
 from app.errors import ErrorCode, GatewayError, InvalidRequest, ResponseNotFound, UpstreamError
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog
-from app.responses.owners import ResponseOwners
+from app.responses.owners import Owner, ResponseOwners
 from app.responses.schemas import InputTokensRequest, ResponseCreate
 from app.sse import HEARTBEAT, ByteStream, Stopping, encode, paced
 from app.tokens import chars_to_tokens
@@ -82,6 +82,7 @@ class Running:
     principal: Principal
     model: str
     started: float
+    upstream: str | None
 
 
 class ResponsesService:
@@ -104,17 +105,19 @@ class ResponsesService:
 
     # Ownership.
 
-    async def owned(self, principal: Principal, response_id: str, param: str = "response_id") -> int:
-        """The tokens of one of the caller's responses; another user's (or none) is a 404."""
+    async def owned(self, principal: Principal, response_id: str, param: str = "response_id") -> Owner:
+        """One of the caller's responses (its tokens, its upstream); another user's (or none) is a 404."""
         owner = await self.owners.of(response_id)
-        if owner is None or owner[0] != principal.user_id:
+        if owner is None or owner.user_id != principal.user_id:
             missing = ResponseNotFound(response_id)
             missing.param = param
             raise missing
-        return owner[1]
+        return owner
 
-    async def _record(self, response_id: str, principal: Principal, model: str, tokens: int) -> None:
-        await self.owners.record(response_id, principal.user_id, model, tokens)
+    async def _record(
+        self, response_id: str, principal: Principal, model: str, tokens: int, upstream: str | None
+    ) -> None:
+        await self.owners.record(response_id, principal.user_id, model, tokens, upstream)
 
     # Create.
 
@@ -128,9 +131,9 @@ class ResponsesService:
             raise InvalidRequest("Conversations are not supported by this gateway yet.", param="conversation")
         payload = body.model_dump(exclude_unset=True)
         payload["model"] = spec.id
-        prior = 0
+        prior, home = 0, None  # a continued response goes where the one it continues lives
         if body.previous_response_id is not None:
-            prior = await self.owned(principal, body.previous_response_id, "previous_response_id")
+            prior, home = (await self.owned(principal, body.previous_response_id, "previous_response_id"))[1:]
         tier_cap = self.limiter.limit(principal, "max_completion_tokens")
         if body.max_output_tokens is not None and tier_cap is not None and body.max_output_tokens > tier_cap:
             raise InvalidRequest(
@@ -164,8 +167,8 @@ class ResponsesService:
             fallback="never",
         )
         if body.stream:
-            return await self._stream(call, principal, payload, extra)
-        reply = await self.calls.invoke(call, lambda provider: provider.responses(payload))
+            return await self._stream(call, principal, payload, extra, home)
+        reply = await self.calls.invoke(call, lambda provider: provider.on(home).responses(payload))
         answer = _object(reply.body)
         try:
             if answer is None or not isinstance(answer.get("id"), str) or len(answer["id"]) > 100:
@@ -176,17 +179,20 @@ class ResponsesService:
             raise
         headers = {**call.headers(reply.request_id), **extra}
         if answer.get("status") in ("queued", "in_progress"):  # background: settled once it has finished
-            await self._record(answer["id"], principal, spec.id, 0)
-            self.background[answer["id"]] = Running(call, principal, spec.id, time.monotonic())
+            await self._record(answer["id"], principal, spec.id, 0, reply.upstream)
+            self.background[answer["id"]] = Running(call, principal, spec.id, time.monotonic(), reply.upstream)
             return Response(reply.body, media_type="application/json", headers=headers)
-        call.finish(spent, upstream_request_id=reply.request_id)
-        await self._record(answer["id"], principal, spec.id, spent.prompt_tokens + spent.completion_tokens)
+        call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
+        tokens = spent.prompt_tokens + spent.completion_tokens
+        await self._record(answer["id"], principal, spec.id, tokens, reply.upstream)
         return Response(reply.body, media_type="application/json", headers=headers)
 
     async def _stream(
-        self, call: Call, principal: Principal, payload: dict[str, Any], extra: dict[str, str]
+        self, call: Call, principal: Principal, payload: dict[str, Any], extra: dict[str, str], home: str | None
     ) -> Response:
-        stream = await self.calls.invoke(call, lambda provider: provider.responses_stream(payload), stream=True)
+        stream = await self.calls.invoke(
+            call, lambda provider: provider.on(home).responses_stream(payload), stream=True
+        )
         call.attach(stream)
 
         async def gone() -> None:  # the client left before the relay could record anything: its prompt is billed
@@ -224,7 +230,7 @@ class ResponsesService:
                 response = data.get("response") if isinstance(data.get("response"), dict) else None
                 if response_id is None and response is not None and isinstance(response.get("id"), str):
                     response_id = response["id"][:100]
-                    await self._record(response_id, principal, model, 0)
+                    await self._record(response_id, principal, model, 0, stream.upstream)
                 if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
                     text_chars += len(data["delta"])
                     first_token_at = first_token_at or time.perf_counter()
@@ -249,7 +255,8 @@ class ResponsesService:
                 error_code=error.code if error else None,
             )
             if response_id is not None:
-                await self._record(response_id, principal, model, spent.prompt_tokens + spent.completion_tokens)
+                tokens = spent.prompt_tokens + spent.completion_tokens
+                await self._record(response_id, principal, model, tokens, stream.upstream)
 
     async def settle_background(self) -> None:
         """Read each background response this process started; settle those that finished (a runtime job).
@@ -261,7 +268,7 @@ class ResponsesService:
         for response_id, running in list(self.background.items()):
             call = running.call
             try:
-                reply = await call.provider.responses_call("GET", f"/responses/{response_id}")
+                reply = await call.provider.on(running.upstream).responses_call("GET", f"/responses/{response_id}")
             except GatewayError as error:
                 log.warning("background response %s could not be read: %s", response_id, error.message)
                 reply = None
@@ -278,7 +285,7 @@ class ResponsesService:
             outcome: Status = "cancelled" if status == "cancelled" else "error" if status == "failed" else "ok"
             call.finish(spent, status=outcome, upstream_request_id=reply.request_id if reply else None)
             tokens = spent.prompt_tokens + spent.completion_tokens
-            await self._record(response_id, running.principal, running.model, tokens)
+            await self._record(response_id, running.principal, running.model, tokens, running.upstream)
 
     async def prune_owners(self) -> int:
         """Forget who made responses older than RESPONSES_RETENTION_DAYS (a runtime job): by then the
@@ -302,9 +309,15 @@ class ResponsesService:
         params: dict[str, str] | None = None,
     ) -> Response:
         """`GET /responses/{id}`, `DELETE` it, `POST .../cancel`, `GET .../input_items`, for its owner only."""
-        await self.owned(principal, response_id)
+        owner = await self.owned(principal, response_id)
         answer = await self._unbilled(
-            principal, request_id, route, method, f"/responses/{response_id}{suffix}", params=params
+            principal,
+            request_id,
+            route,
+            method,
+            f"/responses/{response_id}{suffix}",
+            params=params,
+            upstream=owner.upstream,
         )
         if method == "DELETE":
             await self.owners.forget(response_id)
@@ -313,7 +326,7 @@ class ResponsesService:
     async def resume(self, principal: Principal, response_id: str, starting_after: int, request_id: str) -> Response:
         """A response's events again, those after `starting_after`, for its owner: not billed (the response
         was), an open stream of the caller's all the same."""
-        await self.owned(principal, response_id)
+        owner = await self.owned(principal, response_id)
         call = await self.calls.open(
             principal,
             route=f"{ROUTE}.resume",
@@ -325,7 +338,9 @@ class ResponsesService:
             stream=True,
         )
         stream = await self.calls.invoke(
-            call, lambda provider: provider.responses_resume(response_id, starting_after), stream=True
+            call,
+            lambda provider: provider.on(owner.upstream).responses_resume(response_id, starting_after),
+            stream=True,
         )
         call.attach(stream)
 
@@ -354,11 +369,18 @@ class ResponsesService:
 
     async def input_tokens(self, principal: Principal, body: InputTokensRequest, request_id: str) -> Response:
         spec = self.catalog.resolve(body.model, principal.tier, "chat")
+        home = None  # counted where the response it continues lives
         if body.previous_response_id is not None:
-            await self.owned(principal, body.previous_response_id, "previous_response_id")
+            home = (await self.owned(principal, body.previous_response_id, "previous_response_id")).upstream
         payload = {**body.model_dump(exclude_unset=True), "model": spec.id}
         return await self._unbilled(
-            principal, request_id, f"{ROUTE}.input_tokens", "POST", "/responses/input_tokens", payload=payload
+            principal,
+            request_id,
+            f"{ROUTE}.input_tokens",
+            "POST",
+            "/responses/input_tokens",
+            payload=payload,
+            upstream=home,
         )
 
     async def _unbilled(
@@ -371,8 +393,10 @@ class ResponsesService:
         *,
         params: dict[str, str] | None = None,
         payload: dict[str, Any] | None = None,
+        upstream: str | None = None,
     ) -> Response:
-        """A call the upstream does not bill: counted against the request rate, recorded at $0."""
+        """A call the upstream does not bill, on `upstream` (where the response lives): counted against
+        the request rate, recorded at $0."""
         call = await self.calls.open(
             principal,
             route=route,
@@ -383,7 +407,7 @@ class ResponsesService:
             fallback="never",
         )
         reply = await self.calls.invoke(
-            call, lambda provider: provider.responses_call(method, path, params=params, payload=payload)
+            call, lambda provider: provider.on(upstream).responses_call(method, path, params=params, payload=payload)
         )
-        call.finish(upstream_request_id=reply.request_id)
+        call.finish(upstream_request_id=reply.request_id, upstream=reply.upstream)
         return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))

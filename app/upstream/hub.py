@@ -8,9 +8,12 @@ from typing import Literal
 
 from app.config import Settings
 from app.events import EventHub
+from app.registry import Catalog
+from app.upstream.failover import Breaker, FailoverProvider
 from app.upstream.provider import Provider
 from app.upstream.remote import RemoteProvider
 from app.upstream.simulated import SimulatedProvider
+from app.upstream.targets import operator_targets
 from app.upstream.user_clients import KeyCheck, KeyLoader, UserClients, check_key
 
 # Who answers a call: the operator's upstream, the user's own key on it, or the simulated provider.
@@ -31,10 +34,16 @@ class Lease:
 
 
 class Upstream:
-    def __init__(self, settings: Settings, key_loader: KeyLoader, events: EventHub) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, key_loader: KeyLoader, events: EventHub) -> None:
         self.settings = settings
         self.simulated = SimulatedProvider()
-        self.remote = None if settings.openai_api_key is None else RemoteProvider(settings, settings.openai_api_key)
+        # The operator's upstreams (none in simulated mode), each tried once per attempt: failover retries.
+        self.remote: FailoverProvider | None = None
+        if settings.openai_api_key is not None:
+            targets = operator_targets(settings, catalog)
+            remotes = {name: RemoteProvider(settings, target, retries=0) for name, target in targets.items()}
+            breaker = Breaker(catalog.failover, events, list(remotes))
+            self.remote = FailoverProvider(settings, catalog, remotes, breaker)
         self.operator: Provider = self.remote or self.simulated
         # Users' own keys (app/byok), even in simulated mode: they are sent to OPENAI_BASE_URL.
         self.user_clients = UserClients(settings, key_loader)
@@ -58,3 +67,11 @@ class Upstream:
         await self.user_clients.close()
         if self.remote is not None:
             await self.remote.close()
+
+    def health(self) -> dict[str, str]:
+        """Each operator upstream's state (`/readyz`): empty in simulated mode."""
+        return self.remote.breaker.details() if self.remote is not None else {}
+
+    def cooling(self) -> dict[str, bool]:
+        """Whether each operator upstream is cooled down (`/metrics`)."""
+        return self.remote.breaker.cooling_now() if self.remote is not None else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from app.sse import Event
@@ -22,6 +23,7 @@ class UpstreamReply:
     body: bytes
     request_id: str | None
     attempts: int = 1
+    upstream: str | None = None  # the upstream that answered (None: the simulated provider)
 
 
 class EventStream(Protocol):
@@ -31,6 +33,8 @@ class EventStream(Protocol):
     def request_id(self) -> str | None: ...
     @property
     def attempts(self) -> int: ...
+    @property
+    def upstream(self) -> str | None: ...
     def events(self) -> AsyncIterator[Event]: ...
     def close(self) -> None: ...
 
@@ -39,6 +43,18 @@ class EventStream(Protocol):
 class GeneratedImage:
     data: bytes
     revised_prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageUpload:
+    """A file of an image edit, spooled to disk (never held whole in memory): `image` or `mask`."""
+
+    field: str
+    path: Path
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
 
 
 @dataclass(slots=True)
@@ -53,6 +69,7 @@ class Generation:
     input_tokens: int | None = None
     output_tokens: int | None = None
     request_id: str | None = None
+    upstream: str | None = None
 
 
 @dataclass(slots=True)
@@ -70,14 +87,24 @@ class RealtimeSecret:
 
     body: dict[str, Any]
     request_id: str | None = None
+    upstream: str | None = None
 
 
 class Provider(Protocol):
     simulated: bool
 
+    # The provider held to one upstream (where a stored response lives); only the operator's failover
+    # provider has more than one (app/upstream/failover.py), the others are their one upstream.
+    def on(self, upstream: str | None) -> Provider: ...
+
     async def chat(self, payload: dict[str, Any]) -> UpstreamReply: ...
     async def chat_stream(self, payload: dict[str, Any]) -> EventStream: ...
     async def images(self, params: dict[str, Any]) -> Generation: ...
+    # Streamed generations (`stream: true`): `image_generation.partial_image` events, then `...completed`.
+    async def images_stream(self, params: dict[str, Any]) -> EventStream: ...
+    # Edits (`/images/edits`, multipart): the same fields, and the uploaded images and mask.
+    async def image_edit(self, params: dict[str, Any], uploads: list[ImageUpload]) -> Generation: ...
+    async def image_edit_stream(self, params: dict[str, Any], uploads: list[ImageUpload]) -> EventStream: ...
     async def moderate(self, texts: list[str], model: str) -> Moderation: ...
     # `length`: the vector length the model answers with (the payload's `dimensions`, else the model's).
     async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply: ...

@@ -11,36 +11,52 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import IO, Any
 
+import aiohttp
 import orjson
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+from openai import AsyncAzureOpenAI, AsyncOpenAI, DefaultAsyncHttpxClient
 
 from app.config import Settings
 from app.errors import UpstreamError
-from app.sse import CHAT_COMPLETIONS, RESPONSES
+from app.sse import CHAT_COMPLETIONS, IMAGES, RESPONSES
 from app.upstream.http import UpstreamHTTP, UpstreamStream
-from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
+from app.upstream.provider import (
+    GeneratedImage,
+    Generation,
+    ImageUpload,
+    Moderation,
+    RealtimeSecret,
+    UpstreamReply,
+)
 from app.upstream.retry import RetryPolicy
+from app.upstream.targets import Target
 
 
 class RemoteProvider:
     simulated = False
 
-    def __init__(self, settings: Settings, api_key: str, sdk_transport: DefaultAsyncHttpxClient | None = None) -> None:
-        self.http = UpstreamHTTP(settings, api_key)
-        self.retry = RetryPolicy(settings)
-        self.sdk = AsyncOpenAI(
-            api_key=api_key,
-            base_url=settings.openai_base_url,
-            timeout=settings.upstream_read_timeout,
-            max_retries=0,
-            http_client=sdk_transport,
-        )
+    def __init__(
+        self,
+        settings: Settings,
+        target: Target,
+        *,
+        retries: int | None = None,
+        sdk_transport: DefaultAsyncHttpxClient | None = None,
+    ) -> None:
+        self.target = target
+        self.http = UpstreamHTTP(settings, target, retries)
+        self.retry = RetryPolicy(settings, retries)
+        self.sdk = sdk_client(target, sdk_transport)
         # The SDK reads OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment: the operator's, never a user's.
         self.sdk.organization = None
         self.sdk.project = None
         self._owns_transport = sdk_transport is None
+
+    def on(self, upstream: str | None) -> RemoteProvider:
+        return self
 
     async def close(self) -> None:
         await self.http.close()
@@ -48,13 +64,14 @@ class RemoteProvider:
             await self.sdk.close()
 
     async def chat(self, payload: dict[str, Any]) -> UpstreamReply:
-        return await self.http.post("/chat/completions", orjson.dumps(payload))
+        return await self.http.request("POST", "/chat/completions", orjson.dumps(payload), model=payload["model"])
 
     async def chat_stream(self, payload: dict[str, Any]) -> UpstreamStream:
-        return await self.http.open_stream("/chat/completions", orjson.dumps(payload), CHAT_COMPLETIONS)
+        body = orjson.dumps(payload)
+        return await self.http.open_stream("/chat/completions", body, CHAT_COMPLETIONS, model=payload["model"])
 
     async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply:
-        return await self.http.post("/embeddings", orjson.dumps(payload))
+        return await self.http.request("POST", "/embeddings", orjson.dumps(payload), model=payload["model"])
 
     async def responses(self, payload: dict[str, Any]) -> UpstreamReply:
         return await self.http.post("/responses", orjson.dumps(payload))
@@ -82,7 +99,20 @@ class RemoteProvider:
                     raise UpstreamError("The upstream's image answer broke off.", billed=True) from error
 
         body, request_id = await self.retry.run(attempt)
-        return await asyncio.to_thread(parse_generation, body, request_id)
+        return await asyncio.to_thread(parse_generation, body, request_id, self.target.name)
+
+    async def images_stream(self, params: dict[str, Any]) -> UpstreamStream:
+        return await self.http.open_stream("/images/generations", orjson.dumps(params), IMAGES)
+
+    async def image_edit(self, params: dict[str, Any], uploads: list[ImageUpload]) -> Generation:
+        """Multipart, the files read from disk as they are sent; retried like the other plain calls."""
+        async with edit_form(params, uploads) as form:
+            reply = await self.http.request("POST", "/images/edits", form)
+        return await asyncio.to_thread(parse_generation, reply.body, reply.request_id, self.target.name)
+
+    async def image_edit_stream(self, params: dict[str, Any], uploads: list[ImageUpload]) -> UpstreamStream:
+        async with edit_form(params, uploads) as form:
+            return await self.http.open_stream("/images/edits", form, IMAGES)
 
     async def moderate(self, texts: list[str], model: str) -> Moderation:
         result = await self.retry.run(lambda _: self.sdk.moderations.with_raw_response.create(input=texts, model=model))
@@ -101,10 +131,61 @@ class RemoteProvider:
                 expires_after=body["expires_after"], session=body["session"]
             )
         )
-        return RealtimeSecret(response.to_dict(), response._request_id)
+        return RealtimeSecret(response.to_dict(), response._request_id, self.target.name)
 
 
-def parse_generation(body: bytes, request_id: str | None) -> Generation:
+@contextlib.asynccontextmanager
+async def edit_form(
+    params: dict[str, Any], uploads: list[ImageUpload]
+) -> AsyncIterator[Callable[[], aiohttp.FormData]]:
+    """A maker of the edit's multipart form, one per attempt: the fields as strings, the images as
+    `image` (one) or `image[]` (several, as the SDK names them) and the mask; each file is opened for its
+    attempt and read in chunks while sent (aiohttp, off the event loop). Every file it opened is closed
+    at the end."""
+    opened: list[IO[bytes]] = []
+    images = [upload for upload in uploads if upload.field == "image"]
+
+    def make() -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        for name, value in params.items():
+            form.add_field(name, ("true" if value else "false") if isinstance(value, bool) else str(value))
+        for upload in uploads:
+            handle = upload.path.open("rb")
+            opened.append(handle)
+            name = upload.field if upload.field == "mask" or len(images) == 1 else "image[]"
+            form.add_field(name, handle, filename=upload.filename, content_type=upload.content_type)
+        return form
+
+    try:
+        yield make
+    finally:
+        for handle in opened:
+            handle.close()
+
+
+def sdk_client(target: Target, transport: DefaultAsyncHttpxClient | None) -> AsyncOpenAI:
+    """The SDK's client for the colder routes (images, moderation, realtime secrets) on this upstream."""
+    if target.api == "azure":
+        return AsyncAzureOpenAI(
+            api_key=target.api_key,
+            azure_endpoint=target.base_url,
+            api_version=target.api_version,
+            default_headers=dict(target.headers),
+            timeout=target.read_timeout,
+            max_retries=0,
+            http_client=transport,
+        )
+    return AsyncOpenAI(
+        api_key=target.api_key,
+        base_url=target.base_url,
+        default_headers=dict(target.headers),
+        timeout=target.read_timeout,
+        max_retries=0,
+        http_client=transport,
+    )
+
+
+def parse_generation(body: bytes, request_id: str | None, upstream: str | None = None) -> Generation:
     """Decode an images answer (CPU work: run it in a thread)."""
     try:
         parsed = orjson.loads(body)
@@ -129,6 +210,7 @@ def parse_generation(body: bytes, request_id: str | None) -> Generation:
         input_tokens=usage.get("input_tokens"),
         output_tokens=usage.get("output_tokens"),
         request_id=request_id,
+        upstream=upstream,
     )
 
 

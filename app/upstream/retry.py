@@ -69,8 +69,8 @@ def classify(failure: Exception, max_retry_after: float) -> Verdict | None:
 
 
 class RetryPolicy:
-    def __init__(self, settings: Settings) -> None:
-        self.retries = settings.upstream_max_retries
+    def __init__(self, settings: Settings, retries: int | None = None) -> None:
+        self.retries = settings.upstream_max_retries if retries is None else retries
         self.base_delay = settings.upstream_retry_base_delay
         self.max_retry_after = settings.upstream_max_retry_after
 

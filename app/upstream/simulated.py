@@ -25,8 +25,16 @@ import orjson
 
 from app.sse import Event
 from app.tokens import embedding_inputs, embedding_tokens, estimate_prompt_tokens, estimate_tokens
+from app.upstream import simulated_images
 from app.upstream.png import dimensions, simulated_png
-from app.upstream.provider import GeneratedImage, Generation, Moderation, RealtimeSecret, UpstreamReply
+from app.upstream.provider import (
+    GeneratedImage,
+    Generation,
+    ImageUpload,
+    Moderation,
+    RealtimeSecret,
+    UpstreamReply,
+)
 from app.upstream.simulated_responses import (
     SimulatedResponses,
     input_messages,
@@ -79,6 +87,7 @@ class SimulatedStream:
     """The same reply as `chat`, a word at a time, in Chat Completions' chunks."""
 
     request_id: str | None = None
+    upstream: str | None = None
     attempts = 1
 
     def __init__(self, payload: dict[str, Any]) -> None:
@@ -136,6 +145,7 @@ class SimulatedEvents:
     """Events made up front, handed out as a stream."""
 
     request_id = None
+    upstream = None
     attempts = 1
 
     def __init__(self, events: list[Event]) -> None:
@@ -154,6 +164,9 @@ class SimulatedProvider:
 
     def __init__(self) -> None:
         self.kept_responses = SimulatedResponses()
+
+    def on(self, upstream: str | None) -> SimulatedProvider:
+        return self
 
     async def chat(self, payload: dict[str, Any]) -> UpstreamReply:
         messages = payload["messages"]
@@ -224,6 +237,16 @@ class SimulatedProvider:
             input_tokens=estimate_tokens(prompt),
             output_tokens=0,
         )
+
+    async def images_stream(self, params: dict[str, Any]) -> SimulatedEvents:
+        return SimulatedEvents(await simulated_images.events("image_generation", params, str(params["prompt"])))
+
+    async def image_edit(self, params: dict[str, Any], uploads: list[ImageUpload]) -> Generation:
+        return await simulated_images.generation(params, simulated_images.edit_seed(str(params["prompt"]), uploads))
+
+    async def image_edit_stream(self, params: dict[str, Any], uploads: list[ImageUpload]) -> SimulatedEvents:
+        seed = simulated_images.edit_seed(str(params["prompt"]), uploads)
+        return SimulatedEvents(await simulated_images.events("image_edit", params, seed))
 
     async def moderate(self, texts: list[str], model: str) -> Moderation:
         flagged: list[list[str] | None] = []

@@ -28,6 +28,7 @@ from app.config import Settings
 from app.events import PrincipalChanged
 from app.upstream.remote import RemoteProvider
 from app.upstream.retry import RetryPolicy, StatusFailure
+from app.upstream.targets import default_target
 
 log = logging.getLogger("app.upstream.user_clients")
 
@@ -67,7 +68,7 @@ class UserClient:
     __slots__ = ("leases", "provider", "retired")
 
     def __init__(self, settings: Settings, api_key: str, sdk_transport: DefaultAsyncHttpxClient) -> None:
-        self.provider = RemoteProvider(settings, api_key, sdk_transport)
+        self.provider = RemoteProvider(settings, default_target(settings, api_key), sdk_transport=sdk_transport)
         self.leases = 0
         self.retired = False
 

@@ -36,6 +36,7 @@ COLUMNS = (
     ("error_code", "text[]"),
     ("thread_id", "uuid[]"),
     ("detail", "jsonb[]"),
+    ("upstream", "text[]"),
 )
 
 
@@ -62,6 +63,7 @@ class UsageRecord:
     error_code: str | None = None
     thread_id: uuid.UUID | None = None
     detail: dict[str, Any] | None = None
+    upstream: str | None = None  # the operator's upstream (or "default" for a user's own key) that answered
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # The limits this call reserved, settled against its real usage when written.
     decision: Decision | None = None

@@ -4,12 +4,20 @@ Besides well-behaved answers it can misbehave the ways real upstreams do (bench/
 uses these): report any usage (huge, negative, not a number), answer bytes that are not
 JSON, cut a body short, trickle a stream, put garbage in one. Like a real model, it never
 reports more completion tokens than the request's `max_completion_tokens` / `max_tokens`.
+
+Images: `/v1/images/generations` (plain, or streamed with `stream: true` as named
+`image_generation.partial_image` / `image_generation.completed` events) and
+`/v1/images/edits` (multipart `image` / `image[]` files, an optional `mask`; plain or
+streamed as `image_edit.*` events). Streams honour `chunk_delay`, `drop_after` and
+`error_after` (an `error` event) like chat streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.parser
+import email.policy
 import hashlib
 import struct
 import time
@@ -69,7 +77,19 @@ class Recorded:
     method: str
     path: str
     headers: dict[str, str]
-    json: JSONDict | None
+    json: JSONDict | None  # a JSON body, or a multipart body's text fields
+    files: list[UploadedFile] = field(default_factory=list)  # a multipart body's files, in order
+    query: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class UploadedFile:
+    """One file of a multipart request as the fake upstream received it."""
+
+    field: str
+    filename: str | None
+    content_type: str
+    data: bytes
 
 
 class FakeUpstream:
@@ -147,12 +167,18 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """Record the request, then answer from the script or the default route."""
-        payload = _parse_json(await request.read())
+        raw = await request.read()
         headers = {name.lower(): value for name, value in request.headers.items()}
-        self.requests.append(Recorded(request.method, request.path, headers, payload))
+        files: list[UploadedFile] = []
+        if headers.get("content-type", "").startswith("multipart/form-data"):
+            payload, files = _parse_multipart(headers["content-type"], raw)
+        else:
+            payload = _parse_json(raw)
+        self.requests.append(Recorded(request.method, request.path, headers, payload, files, dict(request.query)))
         n = len(self.requests)
         out_headers = {"x-request-id": f"req_fake_{n}"}
-        if headers.get("authorization") != f"Bearer {self.api_key}":
+        # The key as OpenAI takes it, or as Azure OpenAI does.
+        if headers.get("authorization") != f"Bearer {self.api_key}" and headers.get("api-key") != self.api_key:
             return _json_response(401, _error_body(401), out_headers)
         if request.path == CHAT_PATH:
             out_headers.update(RATE_LIMIT_HEADERS)
@@ -171,7 +197,15 @@ class FakeUpstream:
         if not 200 <= reply.status < 300 or reply.body is not None:
             body = reply.body if reply.body is not None else _error_body(reply.status)
             return await self._plain(request, reply, orjson.dumps(body), out_headers)
-        wants_stream = payload is not None and payload.get("stream") is True
+        wants_stream = payload is not None and payload.get("stream") in (True, "true")
+        if request.path == EDITS_PATH and request.method == "POST":
+            if not files or payload is None or not payload.get("prompt"):
+                return _json_response(400, _error_body(400, "An image and a prompt are required."), out_headers)
+            if wants_stream:
+                return await self._image_stream(request, reply, out_headers, "image_edit", payload, files)
+            return await self._plain(request, reply, orjson.dumps(_edit(payload, files)), out_headers)
+        if request.path == IMAGES_PATH and wants_stream:
+            return await self._image_stream(request, reply, out_headers, "image_generation", payload or {}, [])
         if request.path == CHAT_PATH and (wants_stream or reply.chunks is not None):
             return await self._stream(request, reply, out_headers, payload or {}, n)
         if request.path.startswith(RESPONSES_PATH):
@@ -243,6 +277,43 @@ class FakeUpstream:
                     break
                 await response.write(_sse(events[sent]))
             await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        finally:
+            self.streams_open -= 1
+        return response
+
+    async def _image_stream(
+        self,
+        request: web.Request,
+        reply: Reply,
+        headers: dict[str, str],
+        kind: str,
+        payload: JSONDict,
+        files: list[UploadedFile],
+    ) -> web.StreamResponse:
+        """A streamed image: `partial_images` partial events, then the completed one; no `[DONE]`."""
+        events = _image_events(kind, payload, files)
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "text/event-stream"
+        self.streams_open += 1
+        try:
+            await response.prepare(request)
+            for sent, (name, data) in enumerate(events):
+                if sent and reply.chunk_delay:
+                    await asyncio.sleep(reply.chunk_delay)
+                if sent == reply.drop_after:
+                    response.force_close()
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                if sent == reply.error_after:
+                    await response.write(b"event: error\ndata: " + orjson.dumps({"type": "error", **STREAM_ERROR}))
+                    await response.write(b"\n\n")
+                    await response.write_eof()
+                    return response
+                await response.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
             await response.write_eof()
         except ConnectionResetError:
             pass
@@ -322,6 +393,8 @@ class FakeUpstream:
 
 
 RESPONSES_PATH = "/v1/responses"
+IMAGES_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 BACKGROUND_POLLS = 2  # reads of a background response that find it still running
 CANCELLED_USAGE: JSONDict = {"input_tokens": 20, "output_tokens": 3, "total_tokens": 23}
 # What a default response reports: 5 of its 20 input tokens cached, 12 of its 30 output tokens reasoning.
@@ -542,6 +615,88 @@ def _images(payload: JSONDict, n: int) -> JSONDict:
             "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
         },
     }
+
+
+IMAGE_INPUT_TOKENS = 300  # what the fake bills each uploaded image of an edit, as input
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> tuple[JSONDict, list[UploadedFile]]:
+    """A multipart/form-data body's text fields and its files (a repeated text field keeps the last)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    fields: JSONDict = {}
+    files: list[UploadedFile] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            files.append(UploadedFile(str(name), part.get_filename(), part.get_content_type(), data))
+        else:
+            fields[str(name)] = data.decode()
+    return fields, files
+
+
+def edit_png(prompt: str, images: int) -> bytes:
+    """The fake's edit of `images` uploaded images: an 8x8 PNG of its own colour."""
+    return _png(f"edit {images}: {prompt}")
+
+
+def _edit(fields: JSONDict, files: list[UploadedFile]) -> JSONDict:
+    """The default images.edit answer: n PNGs, the uploaded images billed as input."""
+    count = int(fields.get("n") or 1)
+    images = sum(1 for upload in files if upload.field != "mask")
+    image = base64.b64encode(edit_png(str(fields.get("prompt")), images)).decode()
+    input_tokens = 50 + IMAGE_INPUT_TOKENS * images
+    output_tokens = 1056 * count
+    return {
+        "created": CREATED,
+        "data": [{"b64_json": image} for _ in range(count)],
+        "background": "opaque",
+        "output_format": "png",
+        "quality": fields.get("quality") or "auto",
+        "size": fields.get("size") or "1024x1024",
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+            "input_tokens_details": {"image_tokens": IMAGE_INPUT_TOKENS * images, "text_tokens": 50},
+        },
+    }
+
+
+def partial_png(prompt: str, index: int) -> bytes:
+    """The fake's partial image `index` of a streamed image."""
+    return _png(f"partial {index}: {prompt}")
+
+
+def _image_events(kind: str, payload: JSONDict, files: list[UploadedFile]) -> list[tuple[str, JSONDict]]:
+    """A streamed generation's (or edit's) events: its partial images, then the image."""
+    answer = _edit(payload, files) if kind == "image_edit" else _images({**payload, "n": 1}, 0)
+    facts = {key: answer[key] for key in ("background", "output_format", "quality", "size")}
+    prompt = str(payload.get("prompt", ""))
+    events = [
+        (
+            f"{kind}.partial_image",
+            {
+                "type": f"{kind}.partial_image",
+                "b64_json": base64.b64encode(partial_png(prompt, index)).decode(),
+                "created_at": CREATED,
+                "partial_image_index": index,
+                **facts,
+            },
+        )
+        for index in range(int(payload.get("partial_images") or 0))
+    ]
+    completed = {
+        "type": f"{kind}.completed",
+        "b64_json": answer["data"][0]["b64_json"],
+        "created_at": CREATED,
+        "usage": {**answer["usage"], "output_tokens": 1056, "total_tokens": answer["usage"]["input_tokens"] + 1056},
+        **facts,
+    }
+    events.append((f"{kind}.completed", completed))
+    return events
 
 
 def images_answer(prompt: str, **changes: Any) -> JSONDict:
