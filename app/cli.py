@@ -10,6 +10,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
@@ -269,6 +270,28 @@ def reconcile(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def usage_partitions(args: argparse.Namespace) -> None:
+    """Make the ledger's partitions ahead and, with a retention, drop the old ones (as the service's job does)."""
+    from app.usage import partitions
+
+    settings = get_settings()
+    ahead = args.ahead or settings.usage_partitions_ahead
+    retention = settings.usage_retention_months if args.retention_months is None else args.retention_months
+
+    async def work(_session: AsyncSession, _catalog: Catalog, pool: asyncpg.Pool) -> tuple[list[date], list[date]]:
+        async with pool.acquire() as connection:
+            made = await partitions.ensure(connection, ahead)
+            dropped = await partitions.drop_older_than(connection, retention) if retention else []
+            return made, dropped
+
+    made, dropped = _in_session(work)
+    for month in made:
+        print(f"made {partitions.partition_name(month)}")
+    for month in dropped:
+        print(f"dropped {partitions.partition_name(month)} (older than {retention} months)")
+    print(f"usage partitions: {len(made)} made ({ahead} months ahead), {len(dropped)} dropped")
+
+
 def _usd(text: str) -> Decimal:
     """An amount of USD given on the command line (argparse reports a ValueError as a usage error)."""
     try:
@@ -343,6 +366,15 @@ def main(argv: list[str] | None = None) -> None:
         "--tolerance", type=_usd, default=Decimal("0.01"), help="USD a line may differ by (default 0.01)"
     )
     check.set_defaults(handler=reconcile)
+
+    parts = verbs.add_parser(
+        "usage-partitions", help="make the ledger's monthly partitions ahead; drop those past USAGE_RETENTION_MONTHS"
+    )
+    parts.add_argument("--ahead", type=int, default=None, help="months ahead (default USAGE_PARTITIONS_AHEAD)")
+    parts.add_argument(
+        "--retention-months", type=int, default=None, help="drop older months (default USAGE_RETENTION_MONTHS; 0 keeps)"
+    )
+    parts.set_defaults(handler=usage_partitions)
 
     spec = verbs.add_parser("openapi", help="write the OpenAPI document (or --check it)")
     spec.add_argument("--output", type=Path, default=Path("openapi.json"))

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     usage_queue_max: int = Field(100_000, ge=100)
     usage_spool_dir: Path | None = None
     usage_replay_interval: float = Field(1.0, gt=0)
+    # The ledger's monthly partitions (app/usage/partitions.py): kept this many months ahead, checked
+    # every USAGE_PARTITION_INTERVAL; those wholly older than USAGE_RETENTION_MONTHS whole months are
+    # dropped with their rollups (0 keeps every month).
+    usage_partitions_ahead: int = Field(3, ge=1, le=24)
+    usage_partition_interval: float = Field(3600.0, gt=0)
+    usage_retention_months: int = Field(0, ge=0)
 
     # Threads and runs (ASSISTANTS_FILE's [profile.*] tables are shared assistants). Each upstream
     # call of a run is capped at RUN_TIMEOUT; a run waiting for tool outputs expires after

@@ -59,6 +59,7 @@ from app.threads.retention import prune_idle_threads
 from app.threads.runs import CANCEL_CHANNEL, RunEngine
 from app.threads.service import ThreadService
 from app.upstream.hub import Upstream
+from app.usage import partitions
 from app.usage.spool import Spool
 from app.usage.writer import UsageWriter
 
@@ -213,6 +214,9 @@ class Runtime:
         jobs.every("instance heartbeat", settings.instance_beat_seconds, instance.beat)
         jobs.every("usage sweep", settings.instance_beat_seconds, lambda: usage.sweep(settings.instance_lease_seconds))
         jobs.every("usage spool replay", settings.usage_replay_interval, usage.replay, first=0.0)
+        jobs.every(
+            "usage partitions", settings.usage_partition_interval, lambda: partitions.maintain(db.pool, settings)
+        )
         jobs.every("key last-use", TOUCH_INTERVAL, auth.flush_touches)
         jobs.every("rate-limit prune", settings.ratelimit_prune_interval, limiter.prune)
         jobs.every(

@@ -40,6 +40,7 @@ from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream, Reply
 from support.gateway import Gateway, GatewayFactory
+from support.rollups import rollup_mismatches
 from support.spend import bucket_value, budget_key, dead_instance, insert_pending, spool_files
 from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows, wait_for
@@ -141,6 +142,7 @@ async def test_a_row_written_twice_is_settled_and_charged_once(gateway: Gateway,
     assert await pending_calls(db, user) == []
     # Reserved $0.01, cost $0.004: the $0.006 correction was charged once (twice would leave $0 or less).
     assert await bucket_value(db, budget_key(user)) == pytest.approx(0.004)
+    assert await rollup_mismatches(db) == {}  # and summed once
 
 
 async def test_a_give_back_written_twice_refunds_once(gateway: Gateway, db: asyncpg.Pool) -> None:
@@ -285,6 +287,9 @@ async def test_the_real_row_of_a_process_only_slow_to_beat_replaces_its_interrup
     [event] = await events_of(db, pending.call_id)
     assert (event["status"], event["error_code"], event["prompt_tokens"]) == ("ok", None, 100)
     assert await bucket_value(db, budget_key(user)) == pytest.approx(0.004)
+    # The rollups took the interrupted row's sums back and the real row's in.
+    assert await rollup_mismatches(db) == {}
+    assert await db.fetchval("SELECT array_agg(status) FROM usage_user_daily WHERE user_id = $1", user) == ["ok"]
 
 
 async def test_a_give_back_of_a_call_swept_as_interrupted_removes_its_row_and_refunds(
@@ -302,6 +307,8 @@ async def test_a_give_back_of_a_call_swept_as_interrupted_removes_its_row_and_re
     await internals.usage_writer(gateway.app).write([Settlement(pending.call_id, decision)])
     assert await events_of(db, pending.call_id) == []  # never reached the upstream: no row
     assert await bucket_value(db, budget_key(user)) == pytest.approx(0.0)
+    assert await rollup_mismatches(db) == {}  # nor a rollup row left at zero calls
+    assert await db.fetchval("SELECT count(*) FROM usage_daily WHERE user_id = $1", user) == 0
 
 
 async def test_a_dead_processs_idempotency_key_can_be_claimed_again(

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.admin import reports_repository as repository
-from app.admin.reports_repository import DIMENSIONS, MAX_GROUPS, METRICS, Period, TooManyGroups
-from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageReport
+from app.admin.reports_repository import COLUMNS, MAX_GROUPS, METRICS, Period, TooManyGroups
+from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageEventPage, UsageReport
 from app.deps import AdminGuard, SessionDep
 from app.errors import InvalidRequest, error_responses
 from app.validation import UserId
@@ -145,7 +145,7 @@ async def usage_report(
             f"More than {MAX_GROUPS} groups: narrow the range or group by fewer dimensions.", param="group_by"
         ) from None
     if wants_csv(request):
-        header = [DIMENSIONS[name][0] for name in dimensions] + list(METRICS)
+        header = [COLUMNS[name] for name in dimensions] + list(METRICS)
         return to_csv("usage", period, header, report.data)
     return _json(report)
 
@@ -165,6 +165,20 @@ async def top_users_report(
         header = ["user_id", "requests", "prompt_tokens", "completion_tokens", "images", "cost_usd"]
         return to_csv("top_users", period, header, report.data)
     return _json(report)
+
+
+@router.get("/users/{user_id}/events")
+async def user_events(
+    user_id: UserId,
+    session: SessionDep,
+    before: Annotated[
+        datetime | None, Query(description="Only calls made before this instant (`next_before`).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="How many calls.")] = 100,
+) -> UsageEventPage:
+    """One user's calls as the ledger holds them, newest first: the drill-down behind the reports (which
+    read the rollups), bounded by the (user, time) index however large the ledger grows."""
+    return await repository.user_events(session, user_id, before, limit)
 
 
 @router.get("/refusals", response_model=RefusalReport, responses=csv_response("columns day, code, refusals."))

@@ -1,8 +1,11 @@
-"""Report queries: SQL aggregates over `usage_event` and `limit_refusal` for a range of UTC days.
+"""Report queries: usage from the daily rollup (`usage_daily`), refusals from `limit_refusal`, for a
+range of UTC days.
 
-Every statement filters on `created_at` first, so a range reads through the
-`created_at` index and never the whole table; the statements are built apart
-from running them so `bench/admin_queries.py` can EXPLAIN exactly these.
+The rollup holds one row per day and (user, model, route, status, upstream), kept exact by
+the ledger's triggers, so a report reads as many rows as there were such groups, however
+many calls they sum. Every statement filters on its day (or `created_at`) first; the
+statements are built apart from running them so `bench/admin_queries.py` can EXPLAIN exactly
+these.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Date, Select, SQLColumnExpression, cast, func, literal_column, select
+from sqlalchemy import BigInteger, ColumnElement, Date, Select, SQLColumnExpression, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -23,9 +26,11 @@ from app.admin.reports_schemas import (
     RefusalDay,
     RefusalReport,
     TopUsersReport,
+    UsageEventPage,
+    UsageEventRow,
     UsageReport,
 )
-from app.models import LimitRefusal, UsageEvent
+from app.models import LimitRefusal, UsageDaily, UsageDailyTotals, UsageEvent, UsageUserDaily
 
 # More groups than this is a question the range or the grouping should narrow.
 MAX_GROUPS = 100_000
@@ -60,14 +65,21 @@ def utc_day(column: SQLColumnExpression[datetime]) -> ColumnElement[date]:
     return cast(func.timezone(literal_column("'UTC'"), column), Date)
 
 
-e = UsageEvent
-# Per dimension: its column's name in the report, and what it groups by (the UTC day is computed).
-DIMENSIONS: dict[Dimension, tuple[str, ColumnElement[date] | InstrumentedAttribute[str]]] = {
-    "day": ("day", utc_day(e.created_at)),
-    "model": ("model", e.model),
-    "user": ("user_id", e.user_id),
-    "route": ("route", e.route),
-}
+Rollup = type[UsageDaily] | type[UsageDailyTotals] | type[UsageUserDaily]
+# Per dimension: its column's name in the report (and in the rollups).
+COLUMNS: dict[Dimension, str] = {"day": "day", "model": "model", "user": "user_id", "route": "route"}
+
+
+def rollup_for(group_by: Sequence[Dimension], user_id: str | None) -> Rollup:
+    """The narrowest rollup that has every column asked for: every user's days, models and routes
+    (`usage_daily_totals`), users by day (`usage_user_daily`), or the whole detail (`usage_daily`)."""
+    if user_id is None and "user" not in group_by:
+        return UsageDailyTotals
+    if set(group_by) <= {"day", "user"}:
+        return UsageUserDaily
+    return UsageDaily
+
+
 METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "images", "cost_usd")
 
 
@@ -79,46 +91,54 @@ def _total(column: SQLColumnExpression[Number]) -> ColumnElement[Number]:
     return func.coalesce(func.sum(column), 0)
 
 
+def _count(column: SQLColumnExpression[int], where: ColumnElement[bool] | None = None) -> ColumnElement[int]:
+    """A sum of counts, as an integer (Postgres sums bigints as numeric)."""
+    total = func.sum(column)
+    return cast(func.coalesce(total.filter(where) if where is not None else total, 0), BigInteger)
+
+
 def usage_statement(
     period: Period, group_by: Sequence[Dimension], user_id: str | None = None
 ) -> Select[*tuple[Any, ...]]:
     """The chosen dimensions, then METRICS: how many columns depends on `group_by`."""
-    columns = [DIMENSIONS[name][1] for name in group_by]
+    d = rollup_for(group_by, user_id)
+    columns: list[InstrumentedAttribute[Any]] = [getattr(d, COLUMNS[name]) for name in group_by]
     query = (
         select(
-            *(column.label(DIMENSIONS[name][0]) for name, column in zip(group_by, columns, strict=True)),
-            func.count().label("requests"),
-            func.count().filter(e.status == "error").label("errors"),
-            _total(e.prompt_tokens).label("prompt_tokens"),
-            _total(e.completion_tokens).label("completion_tokens"),
-            _total(e.cached_tokens).label("cached_tokens"),
-            _total(e.images).label("images"),
-            _total(e.cost_usd).label("cost_usd"),
+            *(column.label(COLUMNS[name]) for name, column in zip(group_by, columns, strict=True)),
+            _count(d.calls).label("requests"),
+            _count(d.calls, d.status == "error").label("errors"),
+            _count(d.prompt_tokens).label("prompt_tokens"),
+            _count(d.completion_tokens).label("completion_tokens"),
+            _count(d.cached_tokens).label("cached_tokens"),
+            _count(d.images).label("images"),
+            _total(d.cost_usd).label("cost_usd"),
         )
-        .where(e.created_at >= period.since, e.created_at < period.until)
+        .where(d.day >= period.start, d.day <= period.end)
         .group_by(*columns)
         .order_by(*columns)
         .limit(MAX_GROUPS + 1)
     )
     if user_id is not None:
-        query = query.where(e.user_id == user_id)
+        query = query.where(getattr(d, "user_id") == user_id)  # noqa: B009  # not on every rollup's type
     return query
 
 
 def top_users_statement(period: Period, limit: int) -> Select[str, int, int, int, int, Decimal]:
-    cost = _total(e.cost_usd)
+    d = UsageUserDaily
+    cost = _total(d.cost_usd)
     return (
         select(
-            e.user_id,
-            func.count().label("requests"),
-            _total(e.prompt_tokens).label("prompt_tokens"),
-            _total(e.completion_tokens).label("completion_tokens"),
-            _total(e.images).label("images"),
+            d.user_id,
+            _count(d.calls).label("requests"),
+            _count(d.prompt_tokens).label("prompt_tokens"),
+            _count(d.completion_tokens).label("completion_tokens"),
+            _count(d.images).label("images"),
             cost.label("cost_usd"),
         )
-        .where(e.created_at >= period.since, e.created_at < period.until)
-        .group_by(e.user_id)
-        .order_by(cost.desc(), e.user_id)
+        .where(d.day >= period.start, d.day <= period.end)
+        .group_by(d.user_id)
+        .order_by(cost.desc(), d.user_id)
         .limit(limit)
     )
 
@@ -149,6 +169,23 @@ async def usage(
     return UsageReport.model_validate(
         {"start": period.start, "end": period.end, "group_by": group_by, "data": rows, "totals": totals}
     )
+
+
+def user_events_statement(user_id: str, before: datetime | None, limit: int) -> Select[UsageEvent]:
+    """A user's newest raw rows (before `before`): read down the (user_id, created_at) index, `limit` + 1 at most."""
+    query = select(UsageEvent).where(UsageEvent.user_id == user_id)
+    if before is not None:
+        query = query.where(UsageEvent.created_at < before)
+    return query.order_by(UsageEvent.created_at.desc()).limit(limit + 1)
+
+
+async def user_events(session: AsyncSession, user_id: str, before: datetime | None, limit: int) -> UsageEventPage:
+    """The only report that reads the ledger itself: one user's calls, a page at a time."""
+    rows = list(await session.scalars(user_events_statement(user_id, before, limit)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    data = [UsageEventRow.model_validate(row, from_attributes=True) for row in rows]
+    return UsageEventPage(user_id=user_id, data=data, next_before=rows[-1].created_at if more else None)
 
 
 async def top_users(session: AsyncSession, period: Period, limit: int) -> TopUsersReport:

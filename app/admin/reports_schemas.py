@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date
-from typing import Literal
+import uuid
+from datetime import date, datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -54,6 +55,38 @@ class TopUsersReport(BaseModel):
     start: date
     end: date
     data: list[TopUser]
+
+
+class UsageEventRow(BaseModel):
+    """One call as the ledger holds it."""
+
+    call_id: uuid.UUID
+    created_at: datetime
+    request_id: str
+    route: str
+    model: str
+    status: str
+    http_status: int
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    tokens_estimated: bool
+    images: int
+    cost_usd: float
+    latency_ms: float
+    upstream: str | None = Field(description="The upstream that answered; null: simulated.")
+    error_code: str | None
+    thread_id: uuid.UUID | None
+    detail: dict[str, Any] | None
+
+
+class UsageEventPage(BaseModel):
+    """A user's calls, newest first; `next_before` pages on (null: the last page)."""
+
+    user_id: str
+    data: list[UsageEventRow]
+    next_before: datetime | None
 
 
 class RefusalCount(BaseModel):

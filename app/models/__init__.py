@@ -11,7 +11,15 @@ from app.models.refusals import LimitRefusal
 from app.models.responses import ResponseOwner
 from app.models.secrets import GatewaySecret
 from app.models.threads import RunStep, Thread, ThreadMessage, ThreadRun, UserContextCache
-from app.models.usage import UsageEvent, UsagePending, UsageQuarantine
+from app.models.usage import (
+    UsageDaily,
+    UsageDailyTotals,
+    UsageEvent,
+    UsageHourly,
+    UsagePending,
+    UsageQuarantine,
+    UsageUserDaily,
+)
 
 __all__ = [
     "ApiKey",
@@ -31,9 +39,13 @@ __all__ = [
     "Thread",
     "ThreadMessage",
     "ThreadRun",
+    "UsageDaily",
+    "UsageDailyTotals",
     "UsageEvent",
+    "UsageHourly",
     "UsagePending",
     "UsageQuarantine",
+    "UsageUserDaily",
     "UserContextCache",
     "UserOpenAIKey",
 ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Numeric, String, Text, func, text
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Index, Integer, Numeric, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -15,17 +15,21 @@ from app.models.base import Base
 
 
 class UsageEvent(Base):
+    """The ledger, partitioned by month of `created_at` (app/usage/partitions.py); triggers keep
+    `usage_hourly` and `usage_daily` in step with it (migration 0015)."""
+
     __tablename__ = "usage_event"
     __table_args__ = (
         Index("ix_usage_event_user_id_created_at", "user_id", "created_at"),
         Index("ix_usage_event_created_at", "created_at"),
-        Index("uq_usage_event_call_id", "call_id", unique=True),
+        Index("uq_usage_event_call_id", "call_id", "created_at", unique=True),
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    # One call, one row (app/usage/ledger.py).
+    # One call, one row (app/usage/ledger.py): its `created_at` is the call's start, carried along.
     call_id: Mapped[uuid.UUID] = mapped_column(UUID, server_default=text("gen_random_uuid()"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[str] = mapped_column(String(200))
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
@@ -52,6 +56,64 @@ class UsageEvent(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # The upstream that answered (the catalog's name; "default" is OPENAI_BASE_URL); None: simulated.
     upstream: Mapped[str | None] = mapped_column(String(40))
+
+
+class _Sums:
+    """What a rollup sums of the ledger's rows in its bucket and key; exact, as the triggers that keep
+    the rollups run in the transaction of the rows they sum (migration 0015)."""
+
+    calls: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger)
+    images: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(20, 8))
+
+
+class _Detail(_Sums):
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    route: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    upstream: Mapped[str] = mapped_column(String(40), primary_key=True, server_default="")  # "": simulated
+
+
+class UsageHourly(_Detail, Base):
+    __tablename__ = "usage_hourly"
+
+    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+
+
+class UsageDaily(_Detail, Base):
+    """Per UTC day and (user, model, route, status, upstream): a user's own reports."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (Index("ix_usage_daily_user_id_day", "user_id", "day"),)
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+
+
+class UsageDailyTotals(_Sums, Base):
+    """Per UTC day and (model, route, status, upstream), every user together: the reports over all."""
+
+    __tablename__ = "usage_daily_totals"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    route: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
+    upstream: Mapped[str] = mapped_column(String(40), primary_key=True, server_default="")
+
+
+class UsageUserDaily(_Sums, Base):
+    """Per UTC day, user and status: the reports by user (top users) over a range."""
+
+    __tablename__ = "usage_user_daily"
+    __table_args__ = (Index("ix_usage_user_daily_user_id_day", "user_id", "day"),)
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
 
 class UsagePending(Base):

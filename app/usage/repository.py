@@ -1,4 +1,5 @@
-"""Usage queries."""
+"""A user's usage, from the daily rollup (`usage_daily`, by user and day): a month is at most ~31 rows
+per model, route and status, however many calls it had."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, Select, SQLColumnExpression, func, select
+from sqlalchemy import BigInteger, ColumnElement, Select, SQLColumnExpression, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import UsageEvent
+from app.models import UsageDaily
 from app.usage.schemas import ModelUsage, PeriodUsage, UsageSummary
 
 Number = TypeVar("Number", int, Decimal)
@@ -19,6 +20,11 @@ def _total(column: SQLColumnExpression[Number], where: ColumnElement[bool] | Non
     """The column's sum over the group (only the rows matching `where`, when given); 0, not NULL, for none."""
     aggregate = func.sum(column)
     return func.coalesce(aggregate.filter(where) if where is not None else aggregate, 0)
+
+
+def _count(column: SQLColumnExpression[int], where: ColumnElement[bool] | None = None) -> ColumnElement[int]:
+    """A sum of counts, as an integer (Postgres sums bigints as numeric)."""
+    return cast(_total(column, where), BigInteger)
 
 
 def _period(since: datetime, rows: list[ModelUsage]) -> PeriodUsage:
@@ -33,30 +39,30 @@ def _period(since: datetime, rows: list[ModelUsage]) -> PeriodUsage:
 
 
 async def summary(session: AsyncSession, user_id: str) -> UsageSummary:
-    """Today's and this month's totals in one scan of the month (user_id, created_at index)."""
+    """Today's and this month's totals in one read of the month's rollup rows (user_id, day index)."""
     now = datetime.now(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
-    e = UsageEvent
-    in_day = e.created_at >= day
+    e = UsageDaily
+    in_day = e.day == day.date()
     # select() types at most ten columns; these thirteen are the model, then its month and its day.
     query: Select[str, int, int, int, int, int, Decimal, int, int, int, int, int, Decimal] = (
         select(
             e.model,
-            func.count(),
-            _total(e.prompt_tokens),
-            _total(e.completion_tokens),
-            _total(e.cached_tokens),
-            _total(e.images),
+            _count(e.calls),
+            _count(e.prompt_tokens),
+            _count(e.completion_tokens),
+            _count(e.cached_tokens),
+            _count(e.images),
             _total(e.cost_usd),
-            func.count().filter(in_day),
-            _total(e.prompt_tokens, in_day),
-            _total(e.completion_tokens, in_day),
-            _total(e.cached_tokens, in_day),
-            _total(e.images, in_day),
+            _count(e.calls, in_day),
+            _count(e.prompt_tokens, in_day),
+            _count(e.completion_tokens, in_day),
+            _count(e.cached_tokens, in_day),
+            _count(e.images, in_day),
             _total(e.cost_usd, in_day),
         )
-        .where(e.user_id == user_id, e.created_at >= month)
+        .where(e.user_id == user_id, e.day >= month.date())
         .group_by(e.model)
         .order_by(e.model)
     )

@@ -47,13 +47,13 @@ SETTLE = f"""
 WITH batch AS (SELECT * FROM unnest({_ARRAYS}) AS r({", ".join(_NAMES)})),
 settled AS (
     INSERT INTO usage_event AS u ({", ".join(_NAMES)}) SELECT * FROM batch
-    ON CONFLICT (call_id) DO UPDATE SET {_SETTLED} WHERE u.status = 'interrupted'
-    RETURNING call_id
+    ON CONFLICT (call_id, created_at) DO UPDATE SET {_SETTLED} WHERE u.status = 'interrupted'
+    RETURNING call_id, created_at
 ), cleared AS (
     DELETE FROM usage_pending WHERE call_id IN (SELECT call_id FROM batch) RETURNING call_id
 )
 SELECT s.call_id, c.call_id IS NOT NULL OR e.call_id IS NOT NULL AS counted
-FROM settled s LEFT JOIN cleared c USING (call_id) LEFT JOIN usage_event e USING (call_id)
+FROM settled s LEFT JOIN cleared c USING (call_id) LEFT JOIN usage_event e USING (call_id, created_at)
 """
 # Calls that never reached the upstream: their pending rows go, and so does an `interrupted` row a
 # replica wrote for one while this process seemed dead (it charged the reservation, which this returns).
@@ -76,7 +76,7 @@ WITH dead AS (
     SELECT call_id, created_at, request_id, user_id, api_key_id, route, model, 'interrupted', 0,
            stream, prompt_tokens, completion_tokens, 0, true, images, cost_usd, 0, 'gateway_interrupted', thread_id
     FROM dead
-    ON CONFLICT (call_id) DO NOTHING
+    ON CONFLICT (call_id, created_at) DO NOTHING
     RETURNING call_id
 )
 SELECT count(*) FROM settled
