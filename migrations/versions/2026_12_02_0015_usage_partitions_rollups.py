@@ -125,6 +125,12 @@ def _trigger_function() -> str:
     return f"""
         CREATE FUNCTION usage_rollup() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
+            -- An upsert fires its UPDATE trigger even when it updated nothing (the usual settlement).
+            IF TG_OP = 'UPDATE' THEN
+                IF NOT EXISTS (SELECT 1 FROM old_rows) THEN
+                    RETURN NULL;
+                END IF;
+            END IF;
             IF TG_OP = 'INSERT' THEN{on_insert}
             ELSIF TG_OP = 'DELETE' THEN{on_delete}{emptied}
             ELSE{on_update}{emptied}
