@@ -42,7 +42,13 @@ def runtime_of(request: Request) -> Runtime:
     return app_runtime(request.app)
 
 
-RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+# Dependencies are `async def` even when they do not await: FastAPI runs a plain `def` dependency in
+# its thread pool, a hand-off to a thread and back per dependency per request.
+async def _runtime(request: Request) -> Runtime:
+    return app_runtime(request.app)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 async def _session(runtime: RuntimeDep) -> AsyncIterator[AsyncSession]:
@@ -114,47 +120,47 @@ async def _admin(
 AdminGuard = Depends(_admin)
 
 
-def _catalog(runtime: RuntimeDep) -> Catalog:
+async def _catalog(runtime: RuntimeDep) -> Catalog:
     return runtime.catalog
 
 
-def _assistants(runtime: RuntimeDep) -> AssistantService:
+async def _assistants(runtime: RuntimeDep) -> AssistantService:
     return runtime.assistants
 
 
-def _chat(runtime: RuntimeDep) -> ChatService:
+async def _chat(runtime: RuntimeDep) -> ChatService:
     return runtime.chat
 
 
-def _embeddings(runtime: RuntimeDep) -> EmbeddingService:
+async def _embeddings(runtime: RuntimeDep) -> EmbeddingService:
     return runtime.embeddings
 
 
-def _responses(runtime: RuntimeDep) -> ResponsesService:
+async def _responses(runtime: RuntimeDep) -> ResponsesService:
     return runtime.responses
 
 
-def _threads(runtime: RuntimeDep) -> ThreadService:
+async def _threads(runtime: RuntimeDep) -> ThreadService:
     return runtime.threads
 
 
-def _images(runtime: RuntimeDep) -> ImageService:
+async def _images(runtime: RuntimeDep) -> ImageService:
     return runtime.images
 
 
-def _image_history(runtime: RuntimeDep) -> ImageHistory:
+async def _image_history(runtime: RuntimeDep) -> ImageHistory:
     return runtime.image_history
 
 
-def _batches(runtime: RuntimeDep) -> BatchService:
+async def _batches(runtime: RuntimeDep) -> BatchService:
     return runtime.batches
 
 
-def _realtime(runtime: RuntimeDep) -> RealtimeService:
+async def _realtime(runtime: RuntimeDep) -> RealtimeService:
     return runtime.realtime
 
 
-def _byok(runtime: RuntimeDep) -> BYOKService:
+async def _byok(runtime: RuntimeDep) -> BYOKService:
     return runtime.byok
 
 

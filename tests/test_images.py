@@ -1108,9 +1108,10 @@ async def test_edit_images_with_a_mask_through_the_sdk(
     async def reserved() -> float | None:
         return await db.fetchval("SELECT value FROM rate_limit_bucket WHERE key = $1", budget_key)
 
-    # In flight, the budget holds the worst case: the image (auto size: the largest, 1.5x) and both
-    # uploads at the most one input image may bill (6,000 tokens at $2 per 1M).
-    assert await wait_for(reserved) == pytest.approx(0.011 * 1.5 + 2 * 6000 * 2.00 / 1_000_000)
+    # In flight, the budget holds the worst case: the image (auto quality: the dearest, $0.036; auto
+    # size: the largest, 1.5x) and both uploads at the most one input image may bill (6,000 tokens at
+    # $2 per 1M).
+    assert await wait_for(reserved) == pytest.approx(0.036 * 1.5 + 2 * 6000 * 2.00 / 1_000_000)
     raw = await edit
     result = raw.parse()
     await client.close()

@@ -129,17 +129,27 @@ async def test_a_row_for_a_month_without_partition_is_refused_not_misfiled(db: a
 
 async def test_the_drill_down_reads_one_users_rows_a_page_at_a_time(gateway: Gateway, db: asyncpg.Pool) -> None:
     now = datetime.now(UTC)
-    await seed(db, "drilled", [now - timedelta(minutes=minutes) for minutes in range(5)])
+    await seed(db, "drilled", [now - timedelta(minutes=n) for n in range(3)] + [now - timedelta(hours=1)] * 2)
     await seed(db, "other", [now])
     first = await gateway.client.get("/admin/reports/users/drilled/events", params={"limit": 3}, headers=ADMIN)
     assert first.status_code == 200, first.text
     page: dict[str, Any] = first.json()
     assert [row["created_at"] for row in page["data"]] == sorted((r["created_at"] for r in page["data"]), reverse=True)
     assert len(page["data"]) == 3 and page["data"][0]["upstream"] == "default"
-    rest = await gateway.client.get(
-        "/admin/reports/users/drilled/events", params={"limit": 3, "before": page["next_before"]}, headers=ADMIN
+    # Two rows share the last instant: the page boundary falls between them, and neither is lost.
+    second = await gateway.client.get(
+        "/admin/reports/users/drilled/events",
+        params={"limit": 1, "before": page["next_before"], "before_id": page["next_before_id"]},
+        headers=ADMIN,
     )
-    assert len(rest.json()["data"]) == 2 and rest.json()["next_before"] is None
+    rest = await gateway.client.get(
+        "/admin/reports/users/drilled/events",
+        params={"limit": 3, "before": second.json()["next_before"], "before_id": second.json()["next_before_id"]},
+        headers=ADMIN,
+    )
+    assert len(second.json()["data"]) == 1 and len(rest.json()["data"]) == 1 and rest.json()["next_before"] is None
+    seen = [row["call_id"] for row in page["data"] + second.json()["data"] + rest.json()["data"]]
+    assert len(set(seen)) == 5
     assert (await gateway.client.get("/admin/reports/users/drilled/events")).status_code == 401
 
 

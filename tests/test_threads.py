@@ -1284,3 +1284,38 @@ async def test_statements_of_a_streamed_run(gw: Gateway) -> None:
         *["CHECKOUT", "INSERT run_step", "INSERT thread_message"],
         *["CHECKOUT", "UPDATE thread_message", "UPDATE run_step", "UPDATE thread_run"],
     ]
+
+
+async def test_two_submissions_of_the_same_outputs_take_the_run_once(
+    gw: Gateway, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    _, client = await user(gw)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Weather?"}])
+    upstream.script(CHAT, tool_call_reply(("call_a", "enclosure_weather", "{}")))
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id,
+        assistant_id="asst_tutor",
+        tools=[WEATHER],  # type: ignore[list-item]
+        poll_interval_ms=50,
+    )
+    assert run.status == "requires_action"
+    upstream.set_default(CHAT, Reply(delay=0.2))
+    answers = await asyncio.gather(
+        *[
+            client.beta.threads.runs.submit_tool_outputs(
+                run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": "call_a", "output": output}]
+            )
+            for output in ("FIRST", "SECOND")
+        ],
+        return_exceptions=True,
+    )
+    taken = [answer for answer in answers if isinstance(answer, Run)]
+    refused = [answer for answer in answers if isinstance(answer, openai.BadRequestError)]
+    assert len(taken) == 1 and len(refused) == 1 and refused[0].code == "run_not_active"
+    await client.beta.threads.runs.poll(run.id, thread_id=thread.id, poll_interval_ms=50)
+    [step] = [
+        s async for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id) if s.type == "tool_calls"
+    ]
+    sent = upstream.received()[-1].json["messages"][-1]["content"]  # type: ignore[index]
+    assert step.step_details.tool_calls[0].function.output == sent  # type: ignore[union-attr]
+    upstream.set_default(CHAT, None)

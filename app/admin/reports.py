@@ -171,14 +171,16 @@ async def top_users_report(
 async def user_events(
     user_id: UserId,
     session: SessionDep,
-    before: Annotated[
-        datetime | None, Query(description="Only calls made before this instant (`next_before`).")
-    ] = None,
+    before: Annotated[datetime | None, Query(description="The page after: a page's `next_before`.")] = None,
+    before_id: Annotated[int | None, Query(ge=1, description="With `before`: the page's `next_before_id`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="How many calls.")] = 100,
 ) -> UsageEventPage:
     """One user's calls as the ledger holds them, newest first: the drill-down behind the reports (which
     read the rollups), bounded by the (user, time) index however large the ledger grows."""
-    return await repository.user_events(session, user_id, before, limit)
+    if (before is None) != (before_id is None):
+        raise InvalidRequest("Send 'before' and 'before_id' together, as a page gave them.", param="before_id")
+    cursor = (before, before_id) if before is not None and before_id is not None else None
+    return await repository.user_events(session, user_id, cursor, limit)
 
 
 @router.get("/refusals", response_model=RefusalReport, responses=csv_response("columns day, code, refusals."))

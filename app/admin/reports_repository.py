@@ -16,7 +16,18 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Date, Select, SQLColumnExpression, cast, func, literal_column, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Date,
+    Select,
+    SQLColumnExpression,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -171,21 +182,32 @@ async def usage(
     )
 
 
-def user_events_statement(user_id: str, before: datetime | None, limit: int) -> Select[UsageEvent]:
-    """A user's newest raw rows (before `before`): read down the (user_id, created_at) index, `limit` + 1 at most."""
-    query = select(UsageEvent).where(UsageEvent.user_id == user_id)
+def user_events_statement(user_id: str, before: tuple[datetime, int] | None, limit: int) -> Select[UsageEvent]:
+    """A user's newest raw rows, those before `(created_at, id)` when given: read down the (user_id,
+    created_at) index, `limit` + 1 at most."""
+    e = UsageEvent
+    query = select(e).where(e.user_id == user_id)
     if before is not None:
-        query = query.where(UsageEvent.created_at < before)
-    return query.order_by(UsageEvent.created_at.desc()).limit(limit + 1)
+        at, row_id = before
+        query = query.where(e.created_at <= at, or_(e.created_at < at, e.id < row_id))
+    return query.order_by(e.created_at.desc(), e.id.desc()).limit(limit + 1)
 
 
-async def user_events(session: AsyncSession, user_id: str, before: datetime | None, limit: int) -> UsageEventPage:
+async def user_events(
+    session: AsyncSession, user_id: str, before: tuple[datetime, int] | None, limit: int
+) -> UsageEventPage:
     """The only report that reads the ledger itself: one user's calls, a page at a time."""
     rows = list(await session.scalars(user_events_statement(user_id, before, limit)))
     more = len(rows) > limit
     rows = rows[:limit]
     data = [UsageEventRow.model_validate(row, from_attributes=True) for row in rows]
-    return UsageEventPage(user_id=user_id, data=data, next_before=rows[-1].created_at if more else None)
+    last = rows[-1] if more else None
+    return UsageEventPage(
+        user_id=user_id,
+        data=data,
+        next_before=last.created_at if last else None,
+        next_before_id=last.id if last else None,
+    )
 
 
 async def top_users(session: AsyncSession, period: Period, limit: int) -> TopUsersReport:

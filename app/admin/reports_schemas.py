@@ -82,11 +82,12 @@ class UsageEventRow(BaseModel):
 
 
 class UsageEventPage(BaseModel):
-    """A user's calls, newest first; `next_before` pages on (null: the last page)."""
+    """A user's calls, newest first; `next_before` with `next_before_id` page on (null: the last page)."""
 
     user_id: str
     data: list[UsageEventRow]
     next_before: datetime | None
+    next_before_id: int | None
 
 
 class RefusalCount(BaseModel):

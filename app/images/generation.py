@@ -199,8 +199,10 @@ class ImageGenerator:
         flagged = next(((i, hit) for i, hit in enumerate(verdict.flagged) if hit), None)
         call.model = verdict.model
         if flagged is None:
-            call.finish(upstream_request_id=verdict.request_id)
+            call.finish(upstream_request_id=verdict.request_id, upstream=verdict.upstream)
             return
         error = content_moderation_error(flagged[1], param(flagged[0]))
-        call.finish(http_status=400, upstream_request_id=verdict.request_id, error_code=error.code)
+        call.finish(
+            http_status=400, upstream_request_id=verdict.request_id, error_code=error.code, upstream=verdict.upstream
+        )
         raise error

@@ -88,10 +88,12 @@ class ImageOptions:
         }
 
     def unit_price(self, size: str | None = None, quality: str | None = None) -> float:
-        """USD for one image at this quality and size, by the registry."""
+        """USD for one image at this quality and size, by the registry; `auto` (the upstream picks) at the
+        dearest quality, as `auto` size is at the largest size: what is reserved must cover what is billed."""
         prices = self.spec.image_prices
         quality = quality or self.quality or "auto"
-        base = prices.get(quality, max(prices.values(), default=0.0))
+        worst = max(prices.values(), default=0.0)
+        base = worst if quality == "auto" else prices.get(quality, worst)
         return base * _size_factor(self.spec, size or self.size or "auto")
 
     def estimate(self, count: int = 1) -> float:

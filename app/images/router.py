@@ -54,7 +54,7 @@ EVENT_STREAM = {
 }
 
 
-def image_links(request: Request, service: ImageServiceDep) -> Links:
+async def image_links(request: Request, service: ImageServiceDep) -> Links:
     return service.links(str(request.base_url))
 
 
@@ -78,7 +78,7 @@ ValidImage = Annotated[Image, Depends(valid_image)]
 ValidBatch = Annotated[ImageBatch, Depends(valid_batch)]
 
 
-def call_context(
+async def call_context(
     request: Request,
     links: Annotated[Links, Depends(image_links)],
     idempotency_key: Annotated[

@@ -283,7 +283,12 @@ class ResponsesService:
                 continue
             spent = call.token_spend(chat_usage(answer.get("usage")), 0)
             outcome: Status = "cancelled" if status == "cancelled" else "error" if status == "failed" else "ok"
-            call.finish(spent, status=outcome, upstream_request_id=reply.request_id if reply else None)
+            call.finish(
+                spent,
+                status=outcome,
+                upstream_request_id=reply.request_id if reply else None,
+                upstream=running.upstream,
+            )
             tokens = spent.prompt_tokens + spent.completion_tokens
             await self._record(response_id, running.principal, running.model, tokens, running.upstream)
 

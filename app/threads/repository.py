@@ -238,7 +238,7 @@ async def record_outputs(session: AsyncSession, run: ThreadRun, outputs: dict[st
     }
     await session.execute(
         update(RunStep)
-        .where(RunStep.id == step.id)
+        .where(RunStep.id == step.id, RunStep.status == "in_progress")
         .values(step_details=details, status="completed", ended_at=func.now())
     )
 

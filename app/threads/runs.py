@@ -393,7 +393,8 @@ class RunEngine:
             raise
         try:
             async with self.sessions.begin() as session:
-                await repository.record_outputs(session, run, given)
+                # Taking the run first (it waits for outputs) serializes two submissions: the second finds it
+                # taken and rolls back, its outputs never stored.
                 taken = await repository.set_run(
                     session,
                     run.id,
@@ -404,12 +405,14 @@ class RunEngine:
                     owner=self.instance.id,
                     rounds=run.rounds,
                 )
-            if not taken:
-                raise InvalidRequest(
-                    "The run stopped waiting for tool outputs (cancelled or expired).",
-                    param="run_id",
-                    code=ErrorCode.RUN_NOT_ACTIVE,
-                )
+                if not taken:
+                    raise InvalidRequest(
+                        "The run no longer waits for tool outputs: they were submitted already, or it was"
+                        " cancelled or expired.",
+                        param="run_id",
+                        code=ErrorCode.RUN_NOT_ACTIVE,
+                    )
+                await repository.record_outputs(session, run, given)
         except BaseException:
             plan.call.give_back()
             raise

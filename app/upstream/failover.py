@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.config import Settings
-from app.errors import GatewayError
+from app.errors import GatewayError, UpstreamTimeout
 from app.events import EventHub, UpstreamHealth
 from app.registry import DEFAULT_UPSTREAM, Catalog, Deployment, Failover
 from app.upstream.http import UpstreamStream
@@ -109,6 +109,7 @@ class FailoverProvider:
         self.remotes = remotes
         self.breaker = breaker
         self.policy = RetryPolicy(settings)
+        self.total_timeout = settings.upstream_total_timeout
         self.routes = {spec.id: spec.deployments for spec in catalog.models}
         self.pinned: str | None = None
 
@@ -134,7 +135,15 @@ class FailoverProvider:
         return sorted(ordered, key=lambda deployment: self.breaker.cooling(deployment.upstream))
 
     async def across(self, model: str | None, operation: Operation[T]) -> T:
-        """`operation(remote, model as that upstream names it)` on the deployments in turn."""
+        """`operation(remote, model as that upstream names it)` on the deployments in turn, all within
+        UPSTREAM_TOTAL_TIMEOUT (a stream: until it opened)."""
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                return await self._across(model, operation)
+        except TimeoutError as error:
+            raise UpstreamTimeout("The upstream did not answer in time.", billed=True) from error
+
+    async def _across(self, model: str | None, operation: Operation[T]) -> T:
         order = self.order(model)
         attempts = self.policy.retries + 1
         for number in range(attempts):

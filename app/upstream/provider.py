@@ -79,6 +79,7 @@ class Moderation:
     flagged: list[list[str] | None]
     model: str
     request_id: str | None = None
+    upstream: str | None = None
 
 
 @dataclass(slots=True)

@@ -102,17 +102,18 @@ class RemoteProvider:
         return await asyncio.to_thread(parse_generation, body, request_id, self.target.name)
 
     async def images_stream(self, params: dict[str, Any]) -> UpstreamStream:
-        return await self.http.open_stream("/images/generations", orjson.dumps(params), IMAGES)
+        body = orjson.dumps(params)
+        return await self.http.open_stream("/images/generations", body, IMAGES, model=params["model"])
 
     async def image_edit(self, params: dict[str, Any], uploads: list[ImageUpload]) -> Generation:
         """Multipart, the files read from disk as they are sent; retried like the other plain calls."""
         async with edit_form(params, uploads) as form:
-            reply = await self.http.request("POST", "/images/edits", form)
+            reply = await self.http.request("POST", "/images/edits", form, model=params["model"])
         return await asyncio.to_thread(parse_generation, reply.body, reply.request_id, self.target.name)
 
     async def image_edit_stream(self, params: dict[str, Any], uploads: list[ImageUpload]) -> UpstreamStream:
         async with edit_form(params, uploads) as form:
-            return await self.http.open_stream("/images/edits", form, IMAGES)
+            return await self.http.open_stream("/images/edits", form, IMAGES, model=params["model"])
 
     async def moderate(self, texts: list[str], model: str) -> Moderation:
         result = await self.retry.run(lambda _: self.sdk.moderations.with_raw_response.create(input=texts, model=model))
@@ -123,7 +124,7 @@ class RemoteProvider:
             flagged.append((categories or ["unspecified"]) if item.get("flagged") else None)
         if len(flagged) != len(texts):
             raise UpstreamError("The upstream moderation answer did not cover every input.")
-        return Moderation(flagged, str(body.get("model") or model), result.request_id)
+        return Moderation(flagged, str(body.get("model") or model), result.request_id, self.target.name)
 
     async def realtime_secret(self, body: dict[str, Any]) -> RealtimeSecret:
         response = await self.retry.run(

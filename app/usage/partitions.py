@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
@@ -29,6 +29,7 @@ DAILY_ROLLUPS = ("usage_daily", "usage_daily_totals", "usage_user_daily")
 NAME = re.compile(r"^usage_event_y(\d{4})m(\d{2})$")
 # One process at a time makes or drops partitions (DDL takes strong locks; two would queue anyway).
 PARTITION_LOCK = 727_020
+LOCK_TIMEOUT = "2s"
 
 
 def month_start(day: date) -> date:
@@ -72,20 +73,27 @@ async def existing(connection: Connection) -> list[date]:
     return sorted(months)
 
 
+async def _ddl(connection: Connection) -> None:
+    """In a transaction: one process at a time, and a DDL statement that cannot have the ledger's lock
+    soon gives up (the job tries again next time) rather than queue every usage write behind it."""
+    await connection.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+    await connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+
+
 async def ensure(connection: Connection, ahead: int, since: date | None = None) -> list[date]:
-    """Partitions from `since` (default: this month) to `ahead` months after this one; the months made."""
+    """Partitions from `since` (default: this month) to `ahead` months after this one; the months made.
+    Each is made in its own short transaction: creating one locks the ledger against writes."""
     first = month_start(since) if since is not None else this_month()
     last = add_months(this_month(), ahead)
     made: list[date] = []
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-        have = set(await existing(connection))
-        month = first
-        while month <= last:
-            if month not in have:
+    month = first
+    while month <= last:
+        async with connection.transaction():
+            await _ddl(connection)
+            if month not in set(await existing(connection)):
                 await connection.execute(create_statement(month))
                 made.append(month)
-            month = add_months(month, 1)
+        month = add_months(month, 1)
     if made:
         log.info("usage partitions made: %s", ", ".join(partition_name(month) for month in made))
     return made
@@ -96,27 +104,40 @@ async def drop_older_than(connection: Connection, months: int) -> list[date]:
     the months dropped. This month counts as month 0: with 12, a year of whole months is kept."""
     oldest_kept = add_months(this_month(), -months)
     dropped: list[date] = []
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
-        for month in await existing(connection):
-            if month >= oldest_kept:
-                continue
+    for month in [month for month in await existing(connection) if month < oldest_kept]:
+        # The ledger is locked only while its partition goes (no row can be written for a month without
+        # partition); the rollups go after, holding no lock on it.
+        async with connection.transaction():
+            await _ddl(connection)
             name = partition_name(month)
             await connection.execute(f"ALTER TABLE {PARENT} DETACH PARTITION {name}")
             await connection.execute(f"DROP TABLE {name}")
-            since, until = month, add_months(month, 1)
-            await connection.execute(
-                "DELETE FROM usage_hourly WHERE hour >= $1::date::timestamp AT TIME ZONE 'UTC'"
-                " AND hour < $2::date::timestamp AT TIME ZONE 'UTC'",
-                since,
-                until,
-            )
-            for rollup in DAILY_ROLLUPS:
-                await connection.execute(f"DELETE FROM {rollup} WHERE day >= $1 AND day < $2", since, until)
-            dropped.append(month)
+        dropped.append(month)
+    await _drop_rollups_before(connection, oldest_kept)
     if dropped:
         log.info("usage partitions dropped (retention): %s", ", ".join(partition_name(month) for month in dropped))
     return dropped
+
+
+async def _drop_rollups_before(connection: Connection, first_kept: date) -> None:
+    """The rollups of the days before `first_kept`, a day per transaction; also what an earlier run left
+    when it stopped between a partition and its rollups."""
+    oldest = await connection.fetchval(
+        "SELECT least((SELECT min(hour) FROM usage_hourly) AT TIME ZONE 'UTC',"
+        + ", ".join(f" (SELECT min(day) FROM {rollup})" for rollup in DAILY_ROLLUPS)
+        + ")::date"
+    )
+    day = oldest
+    while day is not None and day < first_kept:
+        async with connection.transaction():
+            await connection.execute(
+                "DELETE FROM usage_hourly WHERE hour >= $1::date::timestamp AT TIME ZONE 'UTC'"
+                " AND hour < ($1::date + 1)::timestamp AT TIME ZONE 'UTC'",
+                day,
+            )
+            for rollup in DAILY_ROLLUPS:
+                await connection.execute(f"DELETE FROM {rollup} WHERE day = $1", day)
+        day += timedelta(days=1)
 
 
 async def maintain(pool: asyncpg.Pool, settings: Settings) -> str | None:
