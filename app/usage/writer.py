@@ -42,7 +42,8 @@ _SETTLED = ", ".join(f"{name} = EXCLUDED.{name}" for name in _NAMES if name not 
 # flush), unless a replica had settled it as interrupted (its process only seemed dead). The calls
 # leave `usage_pending`. Returned: the calls this statement settled, and whether Postgres had counted
 # each one's limit check (its pending row was there, or its interrupted row: the main query reads
-# `usage_event` as it was before the statement). A check decided locally can have been counted too.
+# `usage_event` as it was before the statement, and looks there only for a call without pending row,
+# one partition's index probe). A check decided locally can have been counted too.
 SETTLE = f"""
 WITH batch AS (SELECT * FROM unnest({_ARRAYS}) AS r({", ".join(_NAMES)})),
 settled AS (
@@ -52,8 +53,10 @@ settled AS (
 ), cleared AS (
     DELETE FROM usage_pending WHERE call_id IN (SELECT call_id FROM batch) RETURNING call_id
 )
-SELECT s.call_id, c.call_id IS NOT NULL OR e.call_id IS NOT NULL AS counted
-FROM settled s LEFT JOIN cleared c USING (call_id) LEFT JOIN usage_event e USING (call_id, created_at)
+SELECT s.call_id, c.call_id IS NOT NULL OR EXISTS (
+    SELECT 1 FROM usage_event e WHERE e.call_id = s.call_id AND e.created_at = s.created_at
+) AS counted
+FROM settled s LEFT JOIN cleared c USING (call_id)
 """
 # Calls that never reached the upstream: their pending rows go, and so does an `interrupted` row a
 # replica wrote for one while this process seemed dead (it charged the reservation, which this returns).
