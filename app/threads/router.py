@@ -75,6 +75,13 @@ def thread_uuid(thread_id: str) -> uuid.UUID:
     return parsed
 
 
+def run_uuid(run_id: str) -> uuid.UUID:
+    parsed = parse_id(RUN, run_id)
+    if parsed is None:
+        raise RunNotFound(run_id)
+    return parsed
+
+
 async def valid_thread(thread_id: ObjectId, principal: PrincipalDep, session: SessionDep) -> Thread:
     """The caller's thread; another user's is a 404, exactly like a thread that does not exist."""
     thread = await repository.get_thread(session, thread_uuid(thread_id), principal.user_id)
@@ -285,11 +292,7 @@ async def cancel_run(
     thread_id: ObjectId, run_id: ObjectId, principal: PrincipalDep, service: ThreadServiceDep
 ) -> RunObject:
     """Cancel a run: `cancelling` until the process running it has stopped (a waiting run: `cancelled`)."""
-    thread = thread_uuid(thread_id)
-    parsed = parse_id(RUN, run_id)
-    if parsed is None:
-        raise RunNotFound(run_id)
-    return run_object(await service.runs.cancel(principal, thread, parsed))
+    return run_object(await service.runs.cancel(principal, thread_uuid(thread_id), run_uuid(run_id)))
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}/submit_tool_outputs", response_model=RunObject, responses=RUN_EVENTS)
@@ -302,11 +305,8 @@ async def submit_tool_outputs(
     request: Request,
 ) -> Response:
     """The outputs of the tool calls a run asked for: the run goes on (plain or streamed)."""
-    thread = thread_uuid(thread_id)
-    parsed = parse_id(RUN, run_id)
-    if parsed is None:
-        raise RunNotFound(run_id)
-    return await service.runs.submit(principal, thread, parsed, body, request_id_of(request))
+    thread, run = thread_uuid(thread_id), run_uuid(run_id)
+    return await service.runs.submit(principal, thread, run, body, request_id_of(request))
 
 
 # --- steps --------------------------------------------------------------------------------

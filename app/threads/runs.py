@@ -307,14 +307,7 @@ class RunEngine:
         *,
         thread: Thread | None,
     ) -> Response:
-        slot = self.calls.streams.admit(principal) if stream else None
-        try:
-            rate = await self.limiter.take(self.limiter.chat_rate(principal))
-            plan = await self._plan(principal, who, run, request_id, stream=stream, added=added, prior=rate, slot=slot)
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
+        plan = await self._admit(principal, who, run, request_id, stream=stream, added=added)
         try:
             await self._write(run.thread_id, write)
         except BaseException:
@@ -381,16 +374,7 @@ class RunEngine:
         run.rounds = [*waiting_rounds, *outputs]
         run.status, run.required_action, run.expires_at, run.owner = "queued", None, None, self.instance.id
 
-        slot = self.calls.streams.admit(principal) if body.stream else None
-        try:
-            rate = await self.limiter.take(self.limiter.chat_rate(principal))
-            plan = await self._plan(
-                principal, who, run, request_id, stream=bool(body.stream), added=[], prior=rate, slot=slot
-            )
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
+        plan = await self._admit(principal, who, run, request_id, stream=bool(body.stream), added=[])
         try:
             async with self.sessions.begin() as session:
                 # Taking the run first (it waits for outputs) serializes two submissions: the second finds it
@@ -420,6 +404,27 @@ class RunEngine:
         return self._launch(plan)
 
     # --- the round's plan -------------------------------------------------------------------
+
+    async def _admit(
+        self,
+        principal: Principal,
+        who: Answerer,
+        run: ThreadRun,
+        request_id: str,
+        *,
+        stream: bool,
+        added: Sequence[ThreadMessage],
+    ) -> Plan:
+        """A stream's slot (before any limit is taken), the request rate, then the round's plan; what a
+        refusal took is given back."""
+        slot = self.calls.streams.admit(principal) if stream else None
+        try:
+            rate = await self.limiter.take(self.limiter.chat_rate(principal))
+            return await self._plan(principal, who, run, request_id, stream=stream, added=added, prior=rate, slot=slot)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
 
     async def _plan(
         self,

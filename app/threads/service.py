@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.assistants import repository as assistant_rows
@@ -14,7 +15,7 @@ from app.models import RunStep, Thread, ThreadMessage, ThreadRun
 from app.threads import repository
 from app.threads.ids import MESSAGE, RUN, STEP, THREAD, parse_id, public_id
 from app.threads.objects import message_object, run_object, step_object, thread_object
-from app.threads.repository import Order
+from app.threads.repository import Order, Row
 from app.threads.runs import RunEngine, new_message
 from app.threads.schemas import (
     MessageCreate,
@@ -36,6 +37,22 @@ def cursor(prefix: str, value: str | None, param: str) -> uuid.UUID | None:
     if parsed is None:
         raise InvalidRequest(f"Invalid '{param}': pass an id from the list ('{prefix}...').", param=param)
     return parsed
+
+
+async def _page(
+    session: AsyncSession,
+    query: Select[Row],
+    row_type: type[Row],
+    prefix: str,
+    *,
+    limit: int,
+    order: Order,
+    after: str | None,
+    before: str | None,
+) -> tuple[list[Row], bool]:
+    """A page of `query` after and/or before ids of the list (`prefix...`)."""
+    first, last = cursor(prefix, after, "after"), cursor(prefix, before, "before")
+    return await repository.page(session, query, row_type, limit=limit, order=order, after=first, before=last)
 
 
 class ThreadService:
@@ -91,14 +108,8 @@ class ThreadService:
         metadata: tuple[str, str] | None,
     ) -> ThreadList:
         query = repository.threads_of(principal.user_id, assistant_id=assistant_id, metadata=metadata)
-        rows, has_more = await repository.page(
-            session,
-            query,
-            Thread,
-            limit=limit,
-            order=order,
-            after=cursor(THREAD, after, "after"),
-            before=cursor(THREAD, before, "before"),
+        rows, has_more = await _page(
+            session, query, Thread, THREAD, limit=limit, order=order, after=after, before=before
         )
         return ThreadList.of([thread_object(thread) for thread in rows], has_more)
 
@@ -146,14 +157,15 @@ class ThreadService:
         run_id: str | None,
     ) -> MessageList:
         run = cursor(RUN, run_id, "run_id")
-        rows, has_more = await repository.page(
+        rows, has_more = await _page(
             session,
             repository.messages_of(thread.id, run),
             ThreadMessage,
+            MESSAGE,
             limit=limit,
             order=order,
-            after=cursor(MESSAGE, after, "after"),
-            before=cursor(MESSAGE, before, "before"),
+            after=after,
+            before=before,
         )
         return MessageList.of([message_object(message) for message in rows], has_more)
 
@@ -169,14 +181,8 @@ class ThreadService:
     async def list_runs(
         self, session: AsyncSession, thread: Thread, *, limit: int, order: Order, after: str | None, before: str | None
     ) -> RunList:
-        rows, has_more = await repository.page(
-            session,
-            repository.runs_of(thread.id),
-            ThreadRun,
-            limit=limit,
-            order=order,
-            after=cursor(RUN, after, "after"),
-            before=cursor(RUN, before, "before"),
+        rows, has_more = await _page(
+            session, repository.runs_of(thread.id), ThreadRun, RUN, limit=limit, order=order, after=after, before=before
         )
         return RunList.of([run_object(run) for run in rows], has_more)
 
@@ -190,13 +196,7 @@ class ThreadService:
     async def steps(
         self, session: AsyncSession, run: ThreadRun, *, limit: int, order: Order, after: str | None, before: str | None
     ) -> StepList:
-        rows, has_more = await repository.page(
-            session,
-            repository.steps_of(run.id),
-            RunStep,
-            limit=limit,
-            order=order,
-            after=cursor(STEP, after, "after"),
-            before=cursor(STEP, before, "before"),
+        rows, has_more = await _page(
+            session, repository.steps_of(run.id), RunStep, STEP, limit=limit, order=order, after=after, before=before
         )
         return StepList.of([step_object(step) for step in rows], has_more)
