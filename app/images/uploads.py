@@ -48,6 +48,9 @@ class EditForm:
 
     fields: ImageEditRequest
     uploads: list[ImageUpload] = field(default_factory=list)
+    # Every temporary file made for it, registered before a thread writes it: a request cancelled
+    # while the copy runs still removes the file the thread goes on to finish.
+    temporary: list[Path] = field(default_factory=list)
 
     @property
     def images(self) -> list[ImageUpload]:
@@ -60,9 +63,14 @@ class EditForm:
             "files": [f"{upload.field}:{upload.sha256}" for upload in self.uploads],
         }
 
+    def new_file(self) -> tuple[int, Path]:
+        handle, name = tempfile.mkstemp(prefix="gateway-upload-")
+        self.temporary.append(Path(name))
+        return handle, Path(name)
+
     async def close(self) -> None:
-        paths = [upload.path for upload in self.uploads]
-        self.uploads = []
+        paths = [*self.temporary, *(upload.path for upload in self.uploads if upload.path not in self.temporary)]
+        self.uploads, self.temporary = [], []
         await asyncio.to_thread(_remove, paths)
 
 
@@ -107,14 +115,13 @@ class _Spooled:
     head: bytes
 
 
-def _spool(source: IO[bytes], limit: int) -> _Spooled | None:
-    """Copy an upload to a temporary file of ours in chunks; None (and nothing left) past `limit` bytes."""
+def _spool(source: IO[bytes], limit: int, handle: int, path: Path) -> _Spooled | None:
+    """Copy an upload to a temporary file of ours (`handle`, open at `path`) in chunks; None (and nothing
+    left) past `limit` bytes."""
     source.seek(0)
     digest = hashlib.sha256()
     head = b""
     size = 0
-    handle, name = tempfile.mkstemp(prefix="gateway-upload-")
-    path = Path(name)
     try:
         with os.fdopen(handle, "wb") as target:
             while chunk := source.read(CHUNK):
@@ -199,7 +206,7 @@ async def read_edit_form(request: Request, *, max_images: int, max_image_bytes: 
 async def _add_files(edit: EditForm, images: list[UploadFile], masks: list[UploadFile], max_bytes: int) -> None:
     first: tuple[int, int, bool] | None = None
     for index, upload in enumerate(images):
-        spooled = await asyncio.to_thread(_spool, upload.file, max_bytes)
+        spooled = await asyncio.to_thread(_spool, upload.file, max_bytes, *edit.new_file())
         if spooled is None:
             raise _too_large("image", max_bytes)
         kind = image_format(spooled.head)
@@ -210,7 +217,7 @@ async def _add_files(edit: EditForm, images: list[UploadFile], masks: list[Uploa
             first = png_facts(spooled.head)
     for upload in masks:
         limit = min(MASK_MAX_BYTES, max_bytes)
-        spooled = await asyncio.to_thread(_spool, upload.file, limit)
+        spooled = await asyncio.to_thread(_spool, upload.file, limit, *edit.new_file())
         if spooled is None:
             raise _too_large("mask", limit)
         facts = png_facts(spooled.head)
