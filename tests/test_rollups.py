@@ -18,6 +18,7 @@ import pytest
 
 from app.usage import partitions
 from support.auth import ADMIN_KEY
+from support.errors import assert_error
 from support.gateway import Gateway, GatewayFactory, app_command_async
 from support.rollups import rollup_mismatches
 from support.waiting import usage_rows, wait_for
@@ -151,6 +152,13 @@ async def test_the_drill_down_reads_one_users_rows_a_page_at_a_time(gateway: Gat
     seen = [row["call_id"] for row in page["data"] + second.json()["data"] + rest.json()["data"]]
     assert len(set(seen)) == 5
     assert (await gateway.client.get("/admin/reports/users/drilled/events")).status_code == 401
+    for params, param in (
+        ({"before": page["next_before"]}, "before_id"),  # half a cursor
+        ({"limit": 0}, "limit"),
+        ({"before": "yesterday", "before_id": 1}, "before"),
+    ):
+        bad = await gateway.client.get("/admin/reports/users/drilled/events", params=params, headers=ADMIN)
+        assert_error(bad, 400, param=param)
 
 
 def test_partition_names_and_bounds() -> None:
