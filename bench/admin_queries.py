@@ -120,7 +120,8 @@ FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'us
 UNION ALL
 SELECT c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid)
 FROM pg_class c
-WHERE c.relname IN ('usage_hourly', 'usage_daily', 'usage_daily_totals', 'usage_user_daily', 'limit_refusal')
+WHERE c.relname IN ('usage_hourly', 'usage_daily', 'usage_daily_totals', 'usage_user_daily', 'limit_refusal',
+                    'refusal_daily')
 """
 
 
@@ -305,6 +306,14 @@ def raw_top_users(period: Period, limit: int) -> Raw:
     )
 
 
+def raw_refusals(period: Period) -> Raw:
+    return (
+        "SELECT (created_at AT TIME ZONE 'UTC')::date AS day, code, count(*) AS refusals FROM limit_refusal"
+        " WHERE created_at >= $1 AND created_at < $2 GROUP BY 1, 2 ORDER BY 1, 2",
+        (period.since, period.until),
+    )
+
+
 def raw_summary(user_id: str, now: datetime) -> Raw:
     """`usage.repository.summary`'s month and day by model, from the ledger."""
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -375,7 +384,7 @@ def cases(first: date, last: date) -> list[Case]:
         top = partial(reports.top_users, period=p, limit=10)
         listed.append(Case("top users (10)", p.days, top, raw_top_users(p, 10)))
     for p in (p30, pall):
-        listed.append(Case("refusals by day", p.days, partial(reports.refusals, period=p), None))
+        listed.append(Case("refusals by day", p.days, partial(reports.refusals, period=p), raw_refusals(p)))
     now = datetime.now(UTC)
     listed.append(Case(f"summary of {HEAVY_USER}, today", now.day, summary_at(None), raw_summary(HEAVY_USER, now)))
     month_end = now.date().replace(day=1) - timedelta(days=1)

@@ -1,5 +1,5 @@
-"""Report queries: usage from the daily rollup (`usage_daily`), refusals from `limit_refusal`, for a
-range of UTC days.
+"""Report queries: usage from the daily rollups, refusals from theirs (`refusal_daily`), for a range of
+UTC days.
 
 The rollup holds one row per day and (user, model, route, status, upstream), kept exact by
 the ledger's triggers, so a report reads as many rows as there were such groups, however
@@ -19,12 +19,10 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    Date,
     Select,
     SQLColumnExpression,
     cast,
     func,
-    literal_column,
     or_,
     select,
 )
@@ -41,7 +39,7 @@ from app.admin.reports_schemas import (
     UsageEventRow,
     UsageReport,
 )
-from app.models import LimitRefusal, UsageDaily, UsageDailyTotals, UsageEvent, UsageUserDaily
+from app.models import RefusalDaily, UsageDaily, UsageDailyTotals, UsageEvent, UsageUserDaily
 
 # More groups than this is a question the range or the grouping should narrow.
 MAX_GROUPS = 100_000
@@ -69,11 +67,6 @@ class Period:
     @property
     def days(self) -> int:
         return (self.end - self.start).days + 1
-
-
-def utc_day(column: SQLColumnExpression[datetime]) -> ColumnElement[date]:
-    # A literal zone, not a bind parameter: GROUP BY must repeat the select's expression exactly.
-    return cast(func.timezone(literal_column("'UTC'"), column), Date)
 
 
 Rollup = type[UsageDaily] | type[UsageDailyTotals] | type[UsageUserDaily]
@@ -154,16 +147,14 @@ def top_users_statement(period: Period, limit: int) -> Select[str, int, int, int
     )
 
 
-r = LimitRefusal
+r = RefusalDaily
 
 
 def refusals_by_day_statement(period: Period) -> Select[date, str, int]:
-    day = utc_day(r.created_at)
     return (
-        select(day.label("day"), r.code, func.count().label("refusals"))
-        .where(r.created_at >= period.since, r.created_at < period.until)
-        .group_by(day, r.code)
-        .order_by(day, r.code)
+        select(r.day, r.code, cast(r.refusals, BigInteger).label("refusals"))
+        .where(r.day >= period.start, r.day <= period.end)
+        .order_by(r.day, r.code)
     )
 
 

@@ -7,7 +7,7 @@ from app.models.identity import ApiKey, AppUser
 from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem
 from app.models.instances import GatewayInstance
 from app.models.ratelimit import RateLimitBucket
-from app.models.refusals import LimitRefusal
+from app.models.refusals import LimitRefusal, RefusalDaily
 from app.models.responses import ResponseOwner
 from app.models.secrets import GatewaySecret
 from app.models.threads import RunStep, Thread, ThreadMessage, ThreadRun, UserContextCache
@@ -34,6 +34,7 @@ __all__ = [
     "ImageBatchItem",
     "LimitRefusal",
     "RateLimitBucket",
+    "RefusalDaily",
     "ResponseOwner",
     "RunStep",
     "Thread",

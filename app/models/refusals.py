@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, String, func
+from sqlalchemy import BigInteger, Date, DateTime, Index, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base
+
+
+class RefusalDaily(Base):
+    """Refusals per UTC day and code, kept by a trigger on `limit_refusal` (migration 0016)."""
+
+    __tablename__ = "refusal_daily"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    code: Mapped[str] = mapped_column(String(100), primary_key=True)
+    refusals: Mapped[int] = mapped_column(BigInteger)
 
 
 class LimitRefusal(Base):
