@@ -456,14 +456,15 @@ class Capture:
             self.sent.append((statement, tuple(parameters or ())))
 
     async def of(self, sessions: async_sessionmaker[AsyncSession], run: Run) -> tuple[str, tuple[Any, ...]]:
+        """The last statement the function sends: the one whose rows are the report (top users first
+        read the monthly bounds of their candidates; the route column times every statement)."""
         self.sent, self.on = [], True
         try:
             async with sessions() as session:
                 await run(session)
         finally:
             self.on = False
-        [sent] = self.sent
-        return sent
+        return self.sent[-1]
 
 
 def groups_of(result: Any) -> int:

@@ -10,6 +10,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -168,3 +169,35 @@ def test_partition_names_and_bounds() -> None:
     assert "FROM ('2026-12-01 00:00:00+00') TO ('2027-01-01 00:00:00+00')" in partitions.create_statement(
         date(2026, 12, 1)
     )
+
+
+async def test_top_users_are_exact_when_their_months_hold_more_than_the_period(
+    gateway: Gateway, db: asyncpg.Pool
+) -> None:
+    """Users whose monthly bound is high for costs outside the period must not push out the period's own
+    top users: the candidates widen until the answer is certain, and it equals the ledger's."""
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    inside = today - timedelta(days=1)
+    outside = today.replace(day=1) - timedelta(days=20)  # last month: in the bounds, not in the period
+    rows = []
+    for n in range(60):
+        rows += [(inside, f"tu-{n:02d}", Decimal(n) / 1000)]  # the period's costs: tu-59 is top
+        rows += [(outside, f"tu-{n:02d}", Decimal(60 - n))]  # big, earlier: bounds the other way round
+    await db.executemany(
+        "INSERT INTO usage_event (created_at, request_id, user_id, route, model, status, http_status, stream,"
+        " prompt_tokens, completion_tokens, cached_tokens, tokens_estimated, images, cost_usd, latency_ms)"
+        " VALUES ($1, 'req', $2, 'chat.completions', 'gpt-5-mini', 'ok', 200, false, 1, 1, 0, false, 0, $3, 1)",
+        rows,
+    )
+    start = (outside + timedelta(days=10)).date()
+    params = {"start": start.isoformat(), "end": today.date().isoformat(), "limit": 5}
+    report = await gateway.client.get("/admin/reports/top-users", params=params, headers=ADMIN)
+    assert report.status_code == 200, report.text
+    expected = await db.fetch(
+        "SELECT user_id, sum(cost_usd) AS cost FROM usage_event WHERE created_at >= $1 GROUP BY user_id"
+        " ORDER BY cost DESC, user_id LIMIT 5",
+        datetime(start.year, start.month, start.day, tzinfo=UTC),
+    )
+    assert [row["user_id"] for row in report.json()["data"]] == [row["user_id"] for row in expected]
+    assert [row["user_id"] for row in expected] == ["tu-59", "tu-58", "tu-57", "tu-56", "tu-55"]
+    assert await rollup_mismatches(db) == {}

@@ -39,10 +39,12 @@ from app.admin.reports_schemas import (
     UsageEventRow,
     UsageReport,
 )
-from app.models import RefusalDaily, UsageDaily, UsageDailyTotals, UsageEvent, UsageUserDaily
+from app.models import RefusalDaily, UsageDaily, UsageDailyTotals, UsageEvent, UsageUserDaily, UsageUserMonthly
 
 # More groups than this is a question the range or the grouping should narrow.
 MAX_GROUPS = 100_000
+# Top users: past this many candidates, summing every user's days is as quick.
+CANDIDATES_MAX = 20_000
 
 
 class TooManyGroups(Exception):
@@ -128,10 +130,13 @@ def usage_statement(
     return query
 
 
-def top_users_statement(period: Period, limit: int) -> Select[str, int, int, int, int, Decimal]:
+def top_users_statement(
+    period: Period, limit: int, users: Sequence[str] | None = None
+) -> Select[str, int, int, int, int, Decimal]:
+    """Exact sums per user from the daily rollup; of `users` only, when given (down the user index)."""
     d = UsageUserDaily
     cost = _total(d.cost_usd)
-    return (
+    query = (
         select(
             d.user_id,
             _count(d.calls).label("requests"),
@@ -143,6 +148,22 @@ def top_users_statement(period: Period, limit: int) -> Select[str, int, int, int
         .where(d.day >= period.start, d.day <= period.end)
         .group_by(d.user_id)
         .order_by(cost.desc(), d.user_id)
+        .limit(limit)
+    )
+    return query.where(d.user_id.in_(users)) if users is not None else query
+
+
+def cost_bounds_statement(period: Period, limit: int) -> Select[str, Decimal]:
+    """Per user, the cost of the whole months the period touches: at least the period's own cost (costs are
+    never negative), read from one row per user and month; the `limit` highest."""
+    m = UsageUserMonthly
+    bound = func.sum(m.cost_usd)
+    first, last = period.start.replace(day=1), period.end.replace(day=1)
+    return (
+        select(m.user_id, bound.label("bound"))
+        .where(m.month >= first, m.month <= last)
+        .group_by(m.user_id)
+        .order_by(bound.desc(), m.user_id)
         .limit(limit)
     )
 
@@ -202,6 +223,19 @@ async def user_events(
 
 
 async def top_users(session: AsyncSession, period: Period, limit: int) -> TopUsersReport:
+    """The `limit` costliest users of the period, exactly, without summing every user's days: the users
+    whose monthly bound is highest are candidates; their exact sums settle it once the last of the top
+    costs more than any user left out could (their bounds are lower). Otherwise more candidates, and
+    past CANDIDATES_MAX the plain sum over everyone."""
+    candidates = limit * 4
+    while candidates <= CANDIDATES_MAX:
+        bounds = (await session.execute(cost_bounds_statement(period, candidates + 1))).all()
+        users = [row.user_id for row in bounds[:candidates]]
+        exact = (await session.execute(top_users_statement(period, limit, users))).mappings().all()
+        everyone = len(bounds) <= candidates
+        if everyone or (len(exact) == limit and exact[-1]["cost_usd"] > bounds[candidates].bound):
+            return TopUsersReport.model_validate({"start": period.start, "end": period.end, "data": exact})
+        candidates *= 4
     rows = (await session.execute(top_users_statement(period, limit))).mappings().all()
     return TopUsersReport.model_validate({"start": period.start, "end": period.end, "data": rows})
 

@@ -19,6 +19,7 @@ from app.models.usage import (
     UsagePending,
     UsageQuarantine,
     UsageUserDaily,
+    UsageUserMonthly,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "UsagePending",
     "UsageQuarantine",
     "UsageUserDaily",
+    "UsageUserMonthly",
     "UserContextCache",
     "UserOpenAIKey",
 ]

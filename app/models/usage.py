@@ -116,6 +116,15 @@ class UsageUserDaily(_Sums, Base):
     status: Mapped[str] = mapped_column(String(20), primary_key=True)
 
 
+class UsageUserMonthly(_Sums, Base):
+    """Per UTC month (its first day) and user: what bounds a user's cost over any range inside it."""
+
+    __tablename__ = "usage_user_monthly"
+
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
 class UsagePending(Base):
     """A call under way: written with its limit check, gone once its usage row is (app/usage/ledger.py)."""
 

@@ -122,6 +122,7 @@ async def drop_older_than(connection: Connection, months: int) -> list[date]:
 async def _drop_rollups_before(connection: Connection, first_kept: date) -> None:
     """The rollups of the days before `first_kept`, a day per transaction; also what an earlier run left
     when it stopped between a partition and its rollups."""
+    await connection.execute("DELETE FROM usage_user_monthly WHERE month < $1", first_kept)
     oldest = await connection.fetchval(
         "SELECT least((SELECT min(hour) FROM usage_hourly) AT TIME ZONE 'UTC',"
         + ", ".join(f" (SELECT min(day) FROM {rollup})" for rollup in DAILY_ROLLUPS)

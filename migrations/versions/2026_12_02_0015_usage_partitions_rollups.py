@@ -9,9 +9,10 @@ settled one. The rows move over in one INSERT ... SELECT.
 
 `usage_hourly` and `usage_daily` sum the ledger per (UTC hour or day, user, model, route,
 status, upstream): calls, tokens by kind, images, cost; `usage_daily_totals` per day without
-the user, `usage_user_daily` per day and user. Statement-level triggers keep them in the same
-transaction as the rows they sum (insert, settle over an interrupted row, give back), so they
-are exact whoever writes the ledger; they are filled from the rows moved here.
+the user, `usage_user_daily` per day and user, `usage_user_monthly` per month and user.
+Statement-level triggers keep them in the same transaction as the rows they sum (insert,
+settle over an interrupted row, give back), so they are exact whoever writes the ledger; they
+are filled from the rows moved here.
 
 Revision ID: 0015
 Revises: 0014
@@ -34,6 +35,7 @@ BEHIND = 12  # months before this one with a partition from the start: rows writ
 SUMS = "calls, prompt_tokens, completion_tokens, cached_tokens, images, cost_usd"
 HOUR = "date_trunc('hour', created_at, 'UTC')"
 DAY = "(created_at AT TIME ZONE 'UTC')::date"
+MONTH = "date_trunc('month', created_at AT TIME ZONE 'UTC')::date"
 # Each rollup: its bucket column and type, the ledger expression it is, and its other key columns.
 # `usage_hourly` and `usage_daily` are the detail; the two narrower ones make the reports over
 # every user (by day, model, route) and the per-user totals (top users) read few rows.
@@ -42,6 +44,8 @@ ROLLUPS = {
     "usage_daily": ("day", "date", DAY, ("user_id", "model", "route", "status", "upstream")),
     "usage_daily_totals": ("day", "date", DAY, ("model", "route", "status", "upstream")),
     "usage_user_daily": ("day", "date", DAY, ("user_id", "status")),
+    # Per user and month: bounds that let top users read few daily rows (app/admin/reports_repository.py).
+    "usage_user_monthly": ("month", "date", MONTH, ("user_id",)),
 }
 COLUMN_TYPES = {
     "user_id": "varchar(200) NOT NULL",

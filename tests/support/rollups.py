@@ -10,6 +10,7 @@ ROLLUPS = {
     "usage_daily": ("day", "(created_at AT TIME ZONE 'UTC')::date", "user_id, model, route, status, upstream"),
     "usage_daily_totals": ("day", "(created_at AT TIME ZONE 'UTC')::date", "model, route, status, upstream"),
     "usage_user_daily": ("day", "(created_at AT TIME ZONE 'UTC')::date", "user_id, status"),
+    "usage_user_monthly": ("month", "date_trunc('month', created_at AT TIME ZONE 'UTC')::date", "user_id"),
 }
 SUMS = "calls, prompt_tokens, completion_tokens, cached_tokens, images, cost_usd"
 
