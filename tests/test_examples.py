@@ -8,16 +8,14 @@ teacher panel against the fake upstream, which shows what reached the model.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import sys
 
 import asyncpg
 
 from app.upstream.simulated import REPLIES
 from support.fake_upstream import CONTENT, FakeUpstream
-from support.gateway import ROOT, Gateway, GatewayFactory
+from support.gateway import ROOT, Gateway, GatewayFactory, python_async
 
 EXAMPLES = ROOT / "examples"
 SECONDS = 60.0
@@ -28,22 +26,8 @@ async def run_example(name: str, gateway: Gateway, key: str) -> str:
 
     Fails unless it exits 0. Its stderr (the SDK's warnings, say) is only shown on failure."""
     env = {**os.environ, "OPENAI_BASE_URL": gateway.url + "/v1", "OPENAI_API_KEY": key}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / f"{name}.py"),
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"examples/{name}.py did not finish in {SECONDS:g} s") from None
-    stdout, stderr = out.decode(), err.decode()
-    assert process.returncode == 0, f"examples/{name}.py exited {process.returncode}:\n{stdout}\n{stderr}"
+    code, stdout, stderr = await python_async(str(EXAMPLES / f"{name}.py"), env=env, seconds=SECONDS, stderr_apart=True)
+    assert code == 0, f"examples/{name}.py exited {code}:\n{stdout}\n{stderr}"
     return stdout
 
 

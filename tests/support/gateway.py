@@ -246,22 +246,29 @@ def app_command(
     )
 
 
-async def app_command_async(*args: str, env: dict[str, str], seconds: float = 60.0) -> tuple[int, str]:
-    """`app_command` without blocking the event loop: (exit code, stdout and stderr interleaved)."""
+async def python_async(
+    *args: str, env: dict[str, str], seconds: float = 60.0, stderr_apart: bool = False
+) -> tuple[int, str, str]:
+    """`python *args` in the repository without blocking the event loop: (exit code, stdout, stderr);
+    stderr is interleaved into stdout unless `stderr_apart`. Killed, and an AssertionError, past `seconds`."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "app",
         *args,
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE if stderr_apart else asyncio.subprocess.STDOUT,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), seconds)
+        output, errors = await asyncio.wait_for(process.communicate(), seconds)
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise AssertionError(f"`python -m app {' '.join(args)}` did not finish in {seconds:g} s") from None
-    return process.returncode or 0, output.decode()
+        raise AssertionError(f"`python {' '.join(args)}` did not finish in {seconds:g} s") from None
+    return process.returncode or 0, output.decode(), (errors or b"").decode()
+
+
+async def app_command_async(*args: str, env: dict[str, str], seconds: float = 60.0) -> tuple[int, str]:
+    """`app_command` without blocking the event loop: (exit code, stdout and stderr interleaved)."""
+    code, output, _ = await python_async("-m", "app", *args, env=env, seconds=seconds)
+    return code, output
