@@ -255,6 +255,21 @@ class FakeUpstream:
             events = _chat_chunks(payload, n, pieces, _reported_usage(reply, payload))
         if reply.garbage_after is not None:
             events = [*events[: reply.garbage_after], "data: {not json at all\n\n", *events[reply.garbage_after :]]
+        encoded = [_sse(event) for event in events]
+        return await self._write_stream(request, reply, headers, encoded, _sse(STREAM_ERROR), end=SSE_DONE)
+
+    async def _write_stream(
+        self,
+        request: web.Request,
+        reply: Reply,
+        headers: dict[str, str],
+        events: list[bytes],
+        error: bytes,
+        *,
+        end: bytes = b"",
+    ) -> web.StreamResponse:
+        """Write encoded events as the reply says: paced by `chunk_delay`, cut after `drop_after` (no
+        terminating chunk: a truncated body), an `error` event after `error_after`; then `end`."""
         response = web.StreamResponse(status=reply.status, headers=headers)
         response.content_type = "text/event-stream"
         self.streams_open += 1
@@ -264,19 +279,19 @@ class FakeUpstream:
                 if sent and reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
                 if sent == reply.drop_after:
-                    # Closing without the terminating zero-length chunk is a truncated body.
                     response.force_close()
                     if request.transport is not None:
                         request.transport.close()
                     return response
                 if sent == reply.error_after:
-                    await response.write(_sse(STREAM_ERROR))
+                    await response.write(error)
                     await response.write_eof()
                     return response
                 if sent == len(events):
                     break
-                await response.write(_sse(events[sent]))
-            await response.write(SSE_DONE)
+                await response.write(events[sent])
+            if end:
+                await response.write(end)
             await response.write_eof()
         except ConnectionResetError:
             pass
@@ -295,31 +310,9 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         """A streamed image: `partial_images` partial events, then the completed one; no `[DONE]`."""
         events = _image_events(kind, payload, files)
-        response = web.StreamResponse(status=200, headers=headers)
-        response.content_type = "text/event-stream"
-        self.streams_open += 1
-        try:
-            await response.prepare(request)
-            for sent, (name, data) in enumerate(events):
-                if sent and reply.chunk_delay:
-                    await asyncio.sleep(reply.chunk_delay)
-                if sent == reply.drop_after:
-                    response.force_close()
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-                if sent == reply.error_after:
-                    await response.write(b"event: error\ndata: " + orjson.dumps({"type": "error", **STREAM_ERROR}))
-                    await response.write(b"\n\n")
-                    await response.write_eof()
-                    return response
-                await response.write(f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
-            await response.write_eof()
-        except ConnectionResetError:
-            pass
-        finally:
-            self.streams_open -= 1
-        return response
+        encoded = [f"event: {name}\ndata: ".encode() + orjson.dumps(data) + b"\n\n" for name, data in events]
+        error = b"event: error\ndata: " + orjson.dumps({"type": "error", **STREAM_ERROR}) + b"\n\n"
+        return await self._write_stream(request, reply, headers, encoded, error)
 
     async def _responses(
         self, request: web.Request, reply: Reply, headers: dict[str, str], payload: JSONDict, n: int
