@@ -6,6 +6,7 @@ from app.models.byok import UserOpenAIKey
 from app.models.identity import ApiKey, AppUser
 from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem
 from app.models.instances import GatewayInstance
+from app.models.knowledge import KnowledgeChunk, StoredFile, VectorStore, VectorStoreFile, VectorStoreFileBatch
 from app.models.ratelimit import RateLimitBucket
 from app.models.refusals import LimitRefusal, RefusalDaily
 from app.models.responses import ResponseOwner
@@ -33,11 +34,13 @@ __all__ = [
     "Image",
     "ImageBatch",
     "ImageBatchItem",
+    "KnowledgeChunk",
     "LimitRefusal",
     "RateLimitBucket",
     "RefusalDaily",
     "ResponseOwner",
     "RunStep",
+    "StoredFile",
     "Thread",
     "ThreadMessage",
     "ThreadRun",
@@ -51,4 +54,7 @@ __all__ = [
     "UsageUserMonthly",
     "UserContextCache",
     "UserOpenAIKey",
+    "VectorStore",
+    "VectorStoreFile",
+    "VectorStoreFileBatch",
 ]
