@@ -282,8 +282,11 @@ def _sums(where: str = "") -> list[str]:
 Raw = tuple[str, tuple[Any, ...]]
 
 
-def raw_usage(period: Period, group_by: Sequence[Dimension], user_id: str | None = None) -> Raw:
-    """`reports.usage_statement`'s groups and METRICS, from the ledger."""
+def raw_usage(
+    period: Period, group_by: Sequence[Dimension], user_id: str | None = None, after: str | None = None
+) -> Raw:
+    """`reports.usage`'s groups and METRICS, from the ledger: grouped by user, its first page of users
+    (those after `after`)."""
     calls, prompt, completion, cached, images, cost = _sums()
     keys = [f"{RAW_COLUMNS[name]} AS {COLUMNS[name]}" for name in group_by]
     metrics = [calls, "count(*) FILTER (WHERE status = 'error')", prompt, completion, cached, images, cost]
@@ -293,6 +296,12 @@ def raw_usage(period: Period, group_by: Sequence[Dimension], user_id: str | None
     if user_id is not None:
         where += " AND user_id = $3"
         params += (user_id,)
+    if "user" in group_by and user_id is None:
+        params += (after or "",)
+        where += (
+            f" AND user_id IN (SELECT user_id FROM usage_event WHERE created_at >= $1 AND created_at < $2"
+            f" AND user_id > $3 GROUP BY user_id ORDER BY user_id LIMIT {reports.DEFAULT_USERS})"
+        )
     sql = f"SELECT {', '.join(keys + metrics)} FROM usage_event WHERE {where}"
     return f"{sql} GROUP BY {groups} ORDER BY {groups} LIMIT {MAX_GROUPS + 1}", params
 
@@ -366,9 +375,16 @@ def cases(first: date, last: date) -> list[Case]:
 
     p30, pall = period(30), Period(first, last)
 
-    def usage(p: Period, group_by: list[Dimension], user_id: str | None = None) -> Case:
-        name = f"usage by {','.join(group_by)}" + (f" of {user_id}" if user_id else "")
-        return Case(name, p.days, lambda s: reports.usage(s, p, group_by, user_id), raw_usage(p, group_by, user_id))
+    def usage(p: Period, group_by: list[Dimension], user_id: str | None = None, after: str | None = None) -> Case:
+        name = (
+            f"usage by {','.join(group_by)}"
+            + (f" of {user_id}" if user_id else "")
+            + (f" after {after}" if after else "")
+        )
+        page = reports.UserPage(after) if "user" in group_by and user_id is None else None
+        return Case(
+            name, p.days, lambda s: reports.usage(s, p, group_by, user_id, page), raw_usage(p, group_by, user_id, after)
+        )
 
     listed = [
         usage(p30, ["day"]),
@@ -376,6 +392,8 @@ def cases(first: date, last: date) -> list[Case]:
         usage(p30, ["model"]),
         usage(p30, ["route"]),
         usage(p30, ["user"]),
+        usage(p30, ["user"], after="user-5"),  # a page from the middle: ids sort as text
+        usage(p30, ["user", "day"]),
         usage(p30, ["day", "model"]),
         usage(pall, ["model"], HEAVY_USER),
         usage(p30, ["day"], HEAVY_USER),

@@ -118,6 +118,40 @@ async def test_usage_by_model_user_and_route(seeded: Gateway) -> None:
     ]
 
 
+async def test_usage_by_user_pages_the_users_with_the_whole_periods_totals(seeded: Gateway) -> None:
+    async def page(**params) -> dict:
+        response = await seeded.admin("GET", "/admin/reports/usage", params={**RANGE, "group_by": "user,day", **params})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first = await page(limit=2)
+    assert [(r["user_id"], r["day"]) for r in first["data"]] == [
+        ("alice", "2026-10-01"),
+        ("alice", "2026-10-02"),
+        ("bob", "2026-10-02"),
+    ]
+    assert (first["first_id"], first["last_id"], first["has_more"]) == ("alice", "bob", True)
+    assert first["totals"] == metrics(6, 1310, 655, 0.361, errors=1, cached=10, images=2)  # every page's
+    last = await page(limit=2, after=first["last_id"])
+    assert [(r["user_id"], r["requests"]) for r in last["data"]] == [("carol", 1)]
+    assert (last["first_id"], last["last_id"], last["has_more"]) == ("carol", "carol", False)
+    assert (await page(after="carol"))["data"] == []
+
+    # CSV pages the same way and links the next page.
+    response = await get_report(
+        seeded, "/admin/reports/usage", {**RANGE, "group_by": "user", "limit": 1}, accept="text/csv"
+    )
+    assert [r["user_id"] for r in read_csv(response)] == ["alice"]
+    next_page = httpx.URL(response.headers["link"].split(">")[0].lstrip("<"))
+    assert response.headers["link"].endswith('; rel="next"') and next_page.params["after"] == "alice"
+    response = await get_report(seeded, next_page.path, dict(next_page.params), accept="text/csv")
+    assert [r["user_id"] for r in read_csv(response)] == ["bob"]
+
+    for params in ({"after": "alice"}, {"limit": 5}, {"group_by": "user", "user_id": "bob", "limit": 5}):
+        response = await seeded.admin("GET", "/admin/reports/usage", params={**RANGE, **params})
+        assert_error(response, 400, param="after" if "after" in params else "limit")
+
+
 async def test_usage_defaults_to_the_last_30_days(gateway: Gateway, db: asyncpg.Pool) -> None:
     today = datetime.now(UTC).date()
     await seed_usage(db, [(datetime.now(UTC), "dave", "gpt-5-mini", "chat.completions", "ok", 3, 4, 0, 0, "0.5")])

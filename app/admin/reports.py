@@ -14,7 +14,16 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.admin import reports_repository as repository
-from app.admin.reports_repository import COLUMNS, MAX_GROUPS, METRICS, Period, TooManyGroups
+from app.admin.reports_repository import (
+    COLUMNS,
+    DEFAULT_USERS,
+    MAX_GROUPS,
+    MAX_USERS,
+    METRICS,
+    Period,
+    TooManyGroups,
+    UserPage,
+)
 from app.admin.reports_schemas import Dimension, RefusalReport, TopUsersReport, UsageEventPage, UsageReport
 from app.deps import AdminGuard, SessionDep
 from app.errors import InvalidRequest, error_responses
@@ -126,7 +135,13 @@ def parse_group_by(value: str) -> list[Dimension]:
     return list(dict.fromkeys(dimensions))
 
 
-@router.get("/usage", response_model=UsageReport, responses=csv_response("one row per group, then the metrics."))
+@router.get(
+    "/usage",
+    response_model=UsageReport,
+    responses=csv_response(
+        'one row per group, then the metrics; grouped by user, a `Link: <...>; rel="next"` header while users follow.'
+    ),
+)
 async def usage_report(
     request: Request,
     session: SessionDep,
@@ -135,18 +150,34 @@ async def usage_report(
         str, Query(max_length=100, description="Comma-separated dimensions: day, model, user, route.")
     ] = "day",
     user_id: Annotated[UserId | None, Query(description="Only this user's calls.")] = None,
+    after: Annotated[
+        UserId | None, Query(description="Grouped by user: the users after this one (a `last_id`).")
+    ] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, le=MAX_USERS, description=f"Grouped by user: how many users (default {DEFAULT_USERS}).")
+    ] = None,
 ) -> Response:
     """Requests, tokens, images and cost over a range of UTC days, grouped by day, model, user and/or route."""
     dimensions = parse_group_by(group_by)
+    paged = "user" in dimensions and user_id is None
+    if not paged and (after is not None or limit is not None):
+        name = "after" if after is not None else "limit"
+        raise InvalidRequest(
+            f"'{name}' pages the users of a report grouped by user (and not for one user_id).", param=name
+        )
+    page = UserPage(after, limit or DEFAULT_USERS) if paged else None
     try:
-        report = await repository.usage(session, period, dimensions, user_id)
+        report = await repository.usage(session, period, dimensions, user_id, page)
     except TooManyGroups:
         raise InvalidRequest(
             f"More than {MAX_GROUPS} groups: narrow the range or group by fewer dimensions.", param="group_by"
         ) from None
     if wants_csv(request):
         header = [COLUMNS[name] for name in dimensions] + list(METRICS)
-        return to_csv("usage", period, header, report.data)
+        response = to_csv("usage", period, header, report.data)
+        if report.has_more and report.last_id is not None:
+            response.headers["link"] = f'<{request.url.include_query_params(after=report.last_id)}>; rel="next"'
+        return response
     return _json(report)
 
 

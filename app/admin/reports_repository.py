@@ -43,6 +43,9 @@ from app.models import RefusalDaily, UsageDaily, UsageDailyTotals, UsageEvent, U
 
 # More groups than this is a question the range or the grouping should narrow.
 MAX_GROUPS = 100_000
+# A report grouped by user covers this many users unless asked for another page size.
+DEFAULT_USERS = 100
+MAX_USERS = 1000
 # Top users: past this many candidates, summing every user's days is as quick.
 CANDIDATES_MAX = 20_000
 
@@ -103,22 +106,29 @@ def _count(column: SQLColumnExpression[int], where: ColumnElement[bool] | None =
     return cast(func.coalesce(total.filter(where) if where is not None else total, 0), BigInteger)
 
 
+def _metrics(d: Rollup) -> list[ColumnElement[Any]]:
+    return [
+        _count(d.calls).label("requests"),
+        _count(d.calls, d.status == "error").label("errors"),
+        _count(d.prompt_tokens).label("prompt_tokens"),
+        _count(d.completion_tokens).label("completion_tokens"),
+        _count(d.cached_tokens).label("cached_tokens"),
+        _count(d.images).label("images"),
+        _total(d.cost_usd).label("cost_usd"),
+    ]
+
+
 def usage_statement(
-    period: Period, group_by: Sequence[Dimension], user_id: str | None = None
+    period: Period, group_by: Sequence[Dimension], user_id: str | None = None, users: Sequence[str] | None = None
 ) -> Select[*tuple[Any, ...]]:
-    """The chosen dimensions, then METRICS: how many columns depends on `group_by`."""
+    """The chosen dimensions, then METRICS: how many columns depends on `group_by`. Of `users` only,
+    when given (a page of them, read down the rollup's (user_id, day) index)."""
     d = rollup_for(group_by, user_id)
     columns: list[InstrumentedAttribute[Any]] = [getattr(d, COLUMNS[name]) for name in group_by]
     query = (
         select(
             *(column.label(COLUMNS[name]) for name, column in zip(group_by, columns, strict=True)),
-            _count(d.calls).label("requests"),
-            _count(d.calls, d.status == "error").label("errors"),
-            _count(d.prompt_tokens).label("prompt_tokens"),
-            _count(d.completion_tokens).label("completion_tokens"),
-            _count(d.cached_tokens).label("cached_tokens"),
-            _count(d.images).label("images"),
-            _total(d.cost_usd).label("cost_usd"),
+            *_metrics(d),
         )
         .where(d.day >= period.start, d.day <= period.end)
         .group_by(*columns)
@@ -127,7 +137,26 @@ def usage_statement(
     )
     if user_id is not None:
         query = query.where(getattr(d, "user_id") == user_id)  # noqa: B009  # not on every rollup's type
+    if users is not None:
+        query = query.where(getattr(d, "user_id").in_(users))  # noqa: B009
     return query
+
+
+def users_page_statement(period: Period, after: str | None, limit: int) -> Select[str]:
+    """The next `limit` users (by id) with calls in the period: the index on (user_id, day) is read in
+    order and the scan stops once the page is full, however many users there are."""
+    d = UsageUserDaily
+    query = select(d.user_id).where(d.day >= period.start, d.day <= period.end)
+    if after is not None:
+        query = query.where(d.user_id > after)
+    return query.group_by(d.user_id).order_by(d.user_id).limit(limit)
+
+
+def totals_statement(period: Period, user_id: str | None = None) -> Select[*tuple[Any, ...]]:
+    """The period's METRICS over every group: from the rollup without users, or the one user's days."""
+    d: Rollup = UsageDailyTotals if user_id is None else UsageUserDaily
+    query = select(*_metrics(d)).where(d.day >= period.start, d.day <= period.end)
+    return query if user_id is None else query.where(UsageUserDaily.user_id == user_id)
 
 
 def top_users_statement(
@@ -179,18 +208,44 @@ def refusals_by_day_statement(period: Period) -> Select[date, str, int]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class UserPage:
+    """Which users a report grouped by user covers: those after `after` (by id), `limit` of them."""
+
+    after: str | None = None
+    limit: int = DEFAULT_USERS
+
+
 async def usage(
-    session: AsyncSession, period: Period, group_by: Sequence[Dimension], user_id: str | None = None
+    session: AsyncSession,
+    period: Period,
+    group_by: Sequence[Dimension],
+    user_id: str | None = None,
+    page: UserPage | None = None,
 ) -> UsageReport:
-    rows = (await session.execute(usage_statement(period, group_by, user_id))).mappings().all()
+    """The groups, and the period's totals over all of them. Grouped by user (and not for one user), a
+    page of users: every user may have been active, and one page is all a report needs to read."""
+    listed: list[str] | None = None  # the page's users, when the report pages them
+    more = False
+    if "user" in group_by and user_id is None:
+        page = page or UserPage()
+        listed = list(await session.scalars(users_page_statement(period, page.after, page.limit + 1)))
+        more, listed = len(listed) > page.limit, listed[: page.limit]
+    totals = (await session.execute(totals_statement(period, user_id))).mappings().one()
+    rows = (await session.execute(usage_statement(period, group_by, user_id, listed))).mappings().all()
     if len(rows) > MAX_GROUPS:
         raise TooManyGroups
-    totals: dict[str, int | Decimal] = dict.fromkeys(METRICS, 0)
-    for row in rows:
-        for name in METRICS:
-            totals[name] += row[name]
     return UsageReport.model_validate(
-        {"start": period.start, "end": period.end, "group_by": group_by, "data": rows, "totals": totals}
+        {
+            "start": period.start,
+            "end": period.end,
+            "group_by": group_by,
+            "data": rows,
+            "totals": totals,
+            "first_id": listed[0] if listed else None,
+            "last_id": listed[-1] if listed else None,
+            "has_more": more,
+        }
     )
 
 

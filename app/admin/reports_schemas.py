@@ -31,13 +31,17 @@ class UsageReportRow(UsageMetrics):
 
 
 class UsageReport(BaseModel):
-    """Usage over a range of UTC days, grouped by the chosen dimensions."""
+    """Usage over a range of UTC days, grouped by the chosen dimensions. Grouped by user, one page of
+    users (by id): the next page is `after` = `last_id`, while `has_more`."""
 
     start: date
     end: date
     group_by: list[Dimension]
     data: list[UsageReportRow]
-    totals: UsageMetrics
+    totals: UsageMetrics = Field(description="The whole period's, every page's groups together.")
+    first_id: str | None = Field(None, description="Grouped by user: the page's first user.")
+    last_id: str | None = Field(None, description="Grouped by user: the page's last user.")
+    has_more: bool = Field(False, description="Grouped by user: whether users follow `last_id`.")
 
 
 class TopUser(BaseModel):
