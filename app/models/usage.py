@@ -120,6 +120,7 @@ class UsageUserMonthly(_Sums, Base):
     """Per UTC month (its first day) and user: what bounds a user's cost over any range inside it."""
 
     __tablename__ = "usage_user_monthly"
+    __table_args__ = (Index("ix_usage_user_monthly_month_cost_usd", "month", text("cost_usd DESC"), "user_id"),)
 
     month: Mapped[date] = mapped_column(Date, primary_key=True)
     user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
