@@ -38,6 +38,7 @@ class ErrorCode(StrEnum):
     # The request.
     INVALID_REQUEST = "invalid_request"
     UNSUPPORTED_VALUE = "unsupported_value"
+    UNSUPPORTED_FILE = "unsupported_file"
     MODEL_NOT_FOUND = "model_not_found"
     CONTENT_POLICY_VIOLATION = "content_policy_violation"
     CONTEXT_TOO_LARGE = "context_too_large"
@@ -50,6 +51,7 @@ class ErrorCode(StrEnum):
     INVALID_OPENAI_KEY = "invalid_openai_key"
     OPENAI_KEY_REJECTED = "openai_key_rejected"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    STORAGE_QUOTA_EXCEEDED = "storage_quota_exceeded"
     HEADERS_TOO_LARGE = "headers_too_large"
     REQUEST_TIMEOUT = "request_timeout"
     METHOD_NOT_ALLOWED = "method_not_allowed"

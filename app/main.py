@@ -24,6 +24,8 @@ from app.deps import runtime_of
 from app.embeddings.router import router as embeddings_router
 from app.errors import GatewayError, error_renderer, install_error_handlers
 from app.events import Refusal
+from app.files.router import router as files_router
+from app.files.service import HARD_FILE_BYTES, MULTIPART_SLACK
 from app.health.router import router as health_router
 from app.images.router import router as images_router
 from app.middleware import RequestContextMiddleware
@@ -113,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(images_router, prefix="/v1")
     app.include_router(assistants_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")
+    app.include_router(files_router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
     app.include_router(byok_router, prefix="/v1")
     app.include_router(admin_router, prefix="/admin")
@@ -122,7 +125,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        body_limits={("POST", "/v1/images/edits"): settings.image_edit_max_bytes},
+        body_limits={
+            ("POST", "/v1/images/edits"): settings.image_edit_max_bytes,
+            # Uploads stream to storage; the tiers' caps refuse sooner (app/files/service.py).
+            ("POST", "/v1/files"): HARD_FILE_BYTES + MULTIPART_SLACK,
+        },
         log_prompts=settings.log_prompts,
         render_error=render_error,
     )

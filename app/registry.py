@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ErrorCode, InvalidRequest, PermissionDenied
+from app.models.knowledge import EMBEDDING_DIMENSIONS
 
 ModelKind = Literal["chat", "image", "realtime", "embedding"]
 # The upstream the settings' OPENAI_BASE_URL and OPENAI_API_KEY name; users' own keys go there only.
@@ -176,6 +177,19 @@ class TierSpec(BaseModel):
     max_prompt_chars: int | None = Field(None, ge=1)
     # Streams (chat, thread turns, batch events) one user may hold open at once, per process.
     max_concurrent_streams: int | None = Field(None, ge=0)
+    # Uploaded files (/v1/files): one file's bytes, the bytes and the number of files a user keeps.
+    # Left out: no cap of the tier's, only the gateway's own (app/files/caps.py).
+    file_bytes_max: int | None = Field(None, ge=0)
+    storage_bytes_max: int | None = Field(None, ge=0)
+    files_max: int | None = Field(None, ge=0)
+
+
+class KnowledgeSpec(BaseModel):
+    """`[knowledge]`: the embedding model every vector store's chunks are embedded with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embedding_model: str = "text-embedding-3-small"
 
 
 class UnknownTier(PermissionDenied):
@@ -197,6 +211,7 @@ class Catalog(BaseModel):
     upstreams: list[UpstreamSpec] = Field([], alias="upstream")
     failover: Failover = Failover()
     styles: dict[str, StyleSpec] = Field({}, alias="style")
+    knowledge: KnowledgeSpec = KnowledgeSpec()
 
     @model_validator(mode="after")
     def _names_are_unique_and_known(self) -> Catalog:
@@ -216,7 +231,27 @@ class Catalog(BaseModel):
         for style_name in self.styles:
             if not STYLE_NAME.fullmatch(style_name):
                 raise ValueError(f"style name {style_name!r} must be 1 to 50 of a-z, 0-9, '_' and '-'")
+        self._check_knowledge()
         return self
+
+    def _check_knowledge(self) -> None:
+        """The knowledge model exists, embeds, and gives the vectors the chunk table holds."""
+        name = self.knowledge.embedding_model
+        where = f"knowledge.embedding_model {name!r}"
+        spec = next((spec for spec in self.models if name in (spec.id, *spec.aliases)), None)
+        if spec is None:
+            raise ValueError(f"{where} is not a model of the catalog")
+        if spec.kind != "embedding":
+            raise ValueError(f"{where} is of kind {spec.kind!r}, not 'embedding'")
+        dimensions = spec.dimensions
+        if dimensions != EMBEDDING_DIMENSIONS and not (
+            spec.adjustable_dimensions and dimensions is not None and dimensions >= EMBEDDING_DIMENSIONS
+        ):
+            given = f"gives {dimensions} dimensions" if dimensions is not None else "does not say its dimensions"
+            raise ValueError(
+                f"{where} {given}; stored chunks hold {EMBEDDING_DIMENSIONS}: choose a model of that many,"
+                " or one with adjustable_dimensions and more"
+            )
 
     def _check_deployments(self) -> None:
         upstreams = [upstream.name for upstream in self.upstreams]
@@ -237,6 +272,11 @@ class Catalog(BaseModel):
     @cached_property
     def by_name(self) -> dict[str, ModelSpec]:
         return {name: spec for spec in self.models for name in (spec.id, *spec.aliases)}
+
+    @cached_property
+    def knowledge_embedding_model(self) -> str:
+        """The id (not an alias) of the model vector stores embed with, asked for EMBEDDING_DIMENSIONS."""
+        return self.by_name[self.knowledge.embedding_model].id
 
     @cached_property
     def allowed_ids(self) -> dict[str, frozenset[str] | None]:

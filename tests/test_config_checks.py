@@ -167,6 +167,72 @@ def test_an_unknown_tier_may_use_no_model() -> None:
         catalog.tier("gold")
 
 
+def catalog_with(tmp_path: Path, replace: str, by: str, extra: str = "") -> Path:
+    path = tmp_path / "catalog.toml"
+    shipped = (PACKAGE_DIR / "catalog.toml").read_text()
+    assert replace in shipped
+    path.write_text(shipped.replace(replace, by) + extra)
+    return path
+
+
+KNOWLEDGE = 'embedding_model = "text-embedding-3-small"'
+SHORT_EMBEDDING = """
+[[model]]
+id = "short-embedding"
+kind = "embedding"
+dimensions = %s
+adjustable_dimensions = %s
+"""
+
+
+def test_the_knowledge_model_is_the_catalogs_embedding_model_by_id() -> None:
+    catalog = load_catalog(PACKAGE_DIR / "catalog.toml")
+    assert catalog.knowledge_embedding_model == "text-embedding-3-small"
+    assert catalog.by_name[catalog.knowledge_embedding_model].kind == "embedding"
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("default-embedding", ""),  # an alias: the id is what vector stores record
+        ("text-embedding-3-large", ""),  # 3072, asked for 1536
+        ("short-embedding", SHORT_EMBEDDING % (1536, "false")),
+    ],
+)
+def test_an_embedding_model_giving_1536_dimensions_may_be_the_knowledge_model(
+    tmp_path: Path, model: str, extra: str
+) -> None:
+    catalog = load_catalog(catalog_with(tmp_path, KNOWLEDGE, f'embedding_model = "{model}"', extra))
+    assert catalog.knowledge_embedding_model == catalog.by_name[model].id
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "named"),
+    [
+        ("text-embedding-4", "", "knowledge.embedding_model 'text-embedding-4' is not a model of the catalog"),
+        ("default-chat", "", "knowledge.embedding_model 'default-chat' is of kind 'chat', not 'embedding'"),
+        ("short-embedding", SHORT_EMBEDDING % (768, "true"), "'short-embedding' gives 768 dimensions"),
+        ("short-embedding", SHORT_EMBEDDING % (3072, "false"), "'short-embedding' gives 3072 dimensions"),
+    ],
+)
+def test_a_knowledge_model_that_cannot_give_1536_dimensions_stops_start_up(
+    tmp_path: Path, model: str, extra: str, named: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        load_catalog(catalog_with(tmp_path, KNOWLEDGE, f'embedding_model = "{model}"', extra))
+    assert named in str(stopped.value)
+
+
+def test_file_caps_are_per_tier_and_a_negative_one_stops_start_up(tmp_path: Path) -> None:
+    catalog = load_catalog(PACKAGE_DIR / "catalog.toml")
+    free, pro, internal = (catalog.tier(name) for name in ("free", "pro", "internal"))
+    assert free.file_bytes_max is not None and pro.file_bytes_max is not None
+    assert free.file_bytes_max < pro.file_bytes_max
+    assert (internal.file_bytes_max, internal.storage_bytes_max, internal.files_max) == (None, None, None)
+    with pytest.raises(SystemExit, match="files_max"):
+        load_catalog(catalog_with(tmp_path, "files_max = 100\n", "files_max = -1\n"))
+
+
 # --- requests ---------------------------------------------------------------------------------
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import case, delete, exists, func, select, tuple_, update
+from sqlalchemy import case, delete, exists, func, select, tuple_, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import affected_rows
 from app.instances import owner_alive
-from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, UserOpenAIKey
+from app.models import ApiKey, AppUser, Image, ImageBatch, ImageBatchItem, StoredFile, UserOpenAIKey
 
 ACTIVE_BATCH = ("queued", "running")
 OPEN_ITEM = ("pending", "running")
@@ -55,8 +55,10 @@ async def list_images(
 
 
 async def stored_keys(session: AsyncSession, keys: Sequence[str]) -> set[str]:
-    """Which of these storage keys image rows name."""
-    return set(await session.scalars(select(Image.storage_key).where(Image.storage_key.in_(keys))))
+    """Which of these storage keys image or file rows name (files share the image storage)."""
+    images = select(Image.storage_key).where(Image.storage_key.in_(keys))
+    files = select(StoredFile.storage_key).where(StoredFile.storage_key.in_(keys))
+    return set(await session.scalars(union_all(images, files)))
 
 
 async def delete_images(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:

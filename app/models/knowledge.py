@@ -52,7 +52,8 @@ class StoredFile(Base):
     filename: Mapped[str] = mapped_column(String(512))
     bytes: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(100))
-    storage_key: Mapped[str] = mapped_column(String(300))
+    # Unique, and indexed for the storage sweep that deletes bytes no row names (app/images/retention.py).
+    storage_key: Mapped[str] = mapped_column(String(300), unique=True)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -38,7 +38,8 @@ TABLES = (
         sha256 varchar(64) NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now(),
         expires_at timestamptz,
-        CONSTRAINT pk_file PRIMARY KEY (id)
+        CONSTRAINT pk_file PRIMARY KEY (id),
+        CONSTRAINT uq_file_storage_key UNIQUE (storage_key)
     )
     """,
     """
