@@ -187,11 +187,8 @@ def top_users_statement(
 
 def months_of(period: Period) -> list[date]:
     """The first day of each month the period touches."""
-    months, month = [], period.start.replace(day=1)
-    while month <= period.end:
-        months.append(month)
-        month = (month + timedelta(days=32)).replace(day=1)
-    return months
+    first, last = period.start.year * 12 + period.start.month - 1, period.end.year * 12 + period.end.month - 1
+    return [date(n // 12, n % 12 + 1, 1) for n in range(first, last + 1)]
 
 
 def month_leaders_statement(period: Period, n: int) -> CompoundSelect[date, str, Decimal]:
@@ -244,7 +241,7 @@ async def usage(
     # Plain dicts: pydantic reads them at C speed, a RowMapping one `get` at a time.
     result = await session.execute(usage_statement(period, group_by, user_id, listed))
     keys = tuple(result.keys())
-    rows = [dict(zip(keys, row, strict=True)) for row in result.tuples()]
+    rows = [dict(zip(keys, row, strict=True)) for row in result]
     if len(rows) > MAX_GROUPS:
         raise TooManyGroups
     return UsageReport.model_validate(
