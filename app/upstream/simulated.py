@@ -3,16 +3,18 @@
 It stands in for the upstream when no key is configured, for users switched off the
 upstream, and as the fallback when the upstream fails. Everything it returns says so:
 chat ids start with `sim-` and carry `system_fingerprint: "simulated"`, secrets start
-with `ek_sim_`, images are PNG gradients with a "simulated" comment, embeddings are hashed
-bags of words; the call pipeline
-adds the `x-gateway-simulated` header and marks the usage row.
+with `ek_sim_`, images are PNG gradients with a "simulated" comment, embeddings hash words,
+their character 3-grams and word pairs; the call pipeline adds the `x-gateway-simulated`
+header and marks the usage row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
+import itertools
 import math
 import re
 import secrets
@@ -43,15 +45,32 @@ from app.upstream.simulated_responses import (
 )
 
 FINGERPRINT = "simulated"
-# Simulated embeddings: the words of a text, each adding +-1 at this many hashed places.
+# Simulated embeddings: feature hashing (see `embedding_vector`). Function words weigh little and
+# make no n-grams, so two texts are alike by what they are about, not by their "the" and "of".
 WORD = re.compile(r"\w+")
-HASHES_PER_WORD = 4
+WORD_WEIGHT = 1.0
+TRIGRAM_WEIGHT = 0.35  # a word of n letters has n 3-grams: together about as heavy as the word
+BIGRAM_WEIGHT = 0.5
+STOP_WORD_WEIGHT = 0.1
+STEMS = (("ies", "y"), ("ing", ""), ("ed", ""), ("s", ""))
+STOP_WORD_LIST = """
+a an and are as at be been but by can could did do does for from had has have how i if in into is it
+its me my no not of on or our so than that the their them then there these they this to was we were
+what when where which who whom whose why will with would you your
+"""
+STOP_WORDS = frozenset(STOP_WORD_LIST.split())
 REPLIES = (
     "That is a good question. Here is a simulated answer so you can build against the gateway offline.",
     "Simulated reply: the gateway is running without an upstream key, so this text is generated locally.",
     "Let's take it step by step. This is a deterministic simulated response for testing and demos.",
     "Here is a short simulated answer. Configure OPENAI_API_KEY to get real completions.",
 )
+# The best of the passages a file_search round puts in its prompt (app/threads/file_search.py), its file and text.
+BEST_PASSAGE = re.compile(
+    r"^【0†source】 \(file: (?P<file>[^)\n]*)\)\n(?P<text>.+?)(?=\n\n【\d+†source】 |\Z)", re.MULTILINE | re.DOTALL
+)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+PASSAGE_ANSWER_CHARS = 400
 MODERATION_MODEL = "simulated-moderation"
 # The offline moderation check: deterministic, so the refusal path can be built and tested
 # without a key. It is a stand-in, not a content policy.
@@ -70,6 +89,15 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 
 
 def reply_text(messages: list[dict[str, Any]]) -> str:
+    """One of REPLIES, chosen by the last user message; with file_search passages in the prompt, the best
+    passage's first sentences, cited (so a file_search run works offline)."""
+    for message in messages:
+        content = message.get("content")
+        found = BEST_PASSAGE.search(content) if message.get("role") == "system" and isinstance(content, str) else None
+        if found is not None:
+            sentences = SENTENCE_END.split(found["text"].strip())
+            answer = " ".join(sentences[:2])[:PASSAGE_ANSWER_CHARS].rstrip()
+            return f"From {found['file']}: {answer} 【0†source】"
     digest = hashlib.sha256(_last_user_text(messages).encode()).digest()
     return REPLIES[digest[0] % len(REPLIES)]
 
@@ -118,17 +146,63 @@ class SimulatedStream:
 
 
 def embedding_vector(item: str | list[int], length: int) -> list[float]:
-    """A unit vector from the words of `item` (or its tokens), feature-hashed: texts that share words
-    get vectors with a higher cosine similarity, so similarity search behaves sensibly offline."""
-    words = [str(token) for token in item] if isinstance(item, list) else WORD.findall(item.lower())
+    """A unit vector of `length` from the text (or token ids) of `item`, by signed feature hashing.
+
+    Features: each lowercased word, its commonest English ending dropped (`lions` is `lion`,
+    `sleeping` is `sleep`); each content word's character 3-grams (with its edges: `<li`, `lio`,
+    `ion`, `on>`), so that a misspelt or otherwise inflected word still shares most of its own; and
+    each pair of adjacent content words. A feature adds +-weight (its sign hashed too, so unrelated
+    features cancel out on average) at one place chosen by blake2b, the same in every process.
+    A feature counts once however often it occurs: a passage that names its subject three times is
+    not nearer a question about it than one that names it once and answers it. Texts about the same
+    things therefore get a high cosine similarity, which keeps similarity search meaningful offline.
+    Token ids count as words, without 3-grams.
+    """
+    if isinstance(item, list):
+        words = [str(token) for token in item]
+        content = words
+    else:
+        words = [_stem(word) for word in WORD.findall(item.lower())]
+        content = [word for word in words if word not in STOP_WORDS]
+    # Dicts, not sets: the order features are added in is the text's, so the sums are the same in
+    # every process whatever its hash seed.
+    features: dict[str, float] = {}
+    for word in dict.fromkeys(words):
+        features["w" + word] = STOP_WORD_WEIGHT if word in STOP_WORDS else WORD_WEIGHT
+    if isinstance(item, str):
+        for word in dict.fromkeys(content):
+            edged = f"<{word}>"
+            for at in range(len(edged) - 2):
+                features["c" + edged[at : at + 3]] = TRIGRAM_WEIGHT
+    for first, second in itertools.pairwise(content):
+        features[f"b{first} {second}"] = BIGRAM_WEIGHT
     vector = [0.0] * length
-    for word in words or [repr(item)]:
-        digest = hashlib.blake2b(word.encode(), digest_size=HASHES_PER_WORD * 4).digest()
-        for at in range(0, len(digest), 4):
-            slot = int.from_bytes(digest[at : at + 3], "little") % length
-            vector[slot] += 1.0 if digest[at + 3] & 1 else -1.0
-    norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+    for feature, weight in (features or {"w" + repr(item): 1.0}).items():
+        place = _feature_place(feature, length)
+        if place >= 0:
+            vector[place] += weight
+        else:
+            vector[~place] -= weight
+    norm = math.sqrt(math.fsum(value * value for value in vector)) or 1.0
     return [value / norm for value in vector]
+
+
+def _stem(word: str) -> str:
+    """A word without the commonest English endings (`lions`, `sleeping`, `trained`, `stories`), so that
+    forms of one word make one feature; crude, but the same on both sides of a comparison."""
+    for suffix, replacement in STEMS:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            return word[: -len(suffix)] + replacement
+    return word
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _feature_place(feature: str, length: int) -> int:
+    """Where a feature lands in a vector of `length`: the index, or its complement (`~index`) for a minus sign.
+    Cached: a corpus repeats the same few ten thousand words and 3-grams."""
+    digest = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little")
+    place = (digest >> 1) % length
+    return ~place if digest & 1 else place
 
 
 def _embeddings(items: list[str | list[int]], length: int, as_base64: bool) -> dict[str, Any]:
