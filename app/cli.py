@@ -1,4 +1,4 @@
-"""`python -m app <verb>`: serve, migrate, create-key, revoke-key."""
+"""`python -m app <verb>`: serve, migrate, create-key, revoke-key, and the operator's chores."""
 
 from __future__ import annotations
 
@@ -222,6 +222,30 @@ def prune_images(args: argparse.Namespace) -> None:
     print(f"pruned {pruned.images} images, {pruned.batches} batches, {pruned.idempotency_keys} idempotency keys")
 
 
+def reindex_vector_stores(args: argparse.Namespace) -> None:
+    """Set going the stores embedded with another model than the catalog's knowledge model (or, with
+    --store, that store): running gateways' indexers redo their files."""
+    from app.threads.ids import parse_id, public_id
+    from app.vector_stores.reindex import Reindexing, reindex
+    from app.vector_stores.schemas import VS
+
+    store_id = None
+    if args.store is not None:
+        store_id = parse_id(VS, args.store)
+        if store_id is None:
+            raise SystemExit(f"not a vector store id: {args.store!r} (vs_ and 32 hex digits)")
+
+    async def work(session: AsyncSession, catalog: Catalog, _pool: asyncpg.Pool) -> list[Reindexing] | None:
+        return await reindex(session, catalog.knowledge_embedding_model, store_id)
+
+    done = _in_session(work)
+    if done is None:
+        raise SystemExit(f"no vector store {args.store}")
+    for store in done:
+        print(f"re-indexing {store.files} files of {public_id(VS, store.vector_store_id)}")
+    print(f"{len(done)} vector stores, {sum(store.files for store in done)} files back in progress")
+
+
 def rotate_byok(_: argparse.Namespace) -> None:
     from app.byok.service import rotate
     from app.db import Database
@@ -354,6 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     prune = verbs.add_parser("prune-images", help="delete images and batches past retention, expired idempotency keys")
     prune.add_argument("--days", type=int, default=None, help="age limit (default IMAGE_RETENTION_DAYS)")
     prune.set_defaults(handler=prune_images)
+
+    again = verbs.add_parser(
+        "reindex-vector-stores",
+        help="index vector stores again: those embedded with another model than the catalog's, or --store",
+    )
+    again.add_argument("--store", default=None, help="this store (vs_...), whatever its model")
+    again.set_defaults(handler=reindex_vector_stores)
 
     rotate = verbs.add_parser("rotate-byok", help="re-encrypt users' stored OpenAI keys under the first BYOK key")
     rotate.set_defaults(handler=rotate_byok)

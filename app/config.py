@@ -196,6 +196,23 @@ class Settings(BaseSettings):
     image_retention_interval: float = Field(3600.0, gt=0)
     idempotency_ttl_seconds: int = Field(86400, ge=60)
 
+    # Vector stores (app/vector_stores): the indexer parses, chunks and embeds attached files in the
+    # background, VECTOR_STORE_CONCURRENCY files at a time per process. It holds a file for
+    # VECTOR_STORE_LEASE_SECONDS, renewed while it works; a file whose lease ran out (its process died)
+    # is taken up by any replica. New work wakes it at once; it also looks every VECTOR_STORE_POLL_SECONDS.
+    # Chunks are embedded VECTOR_STORE_EMBED_BATCH_INPUTS (and at most ..._TOKENS) per upstream call; an
+    # upstream failure is tried VECTOR_STORE_MAX_ATTEMPTS times; a refusal by the owner's per-minute
+    # limits is waited out for up to VECTOR_STORE_LIMIT_WAIT_SECONDS per call, then the file fails.
+    vector_store_concurrency: int = Field(2, ge=1, le=32)
+    vector_store_lease_seconds: float = Field(30.0, gt=0)
+    vector_store_poll_seconds: float = Field(5.0, gt=0)
+    vector_store_embed_batch_inputs: int = Field(128, ge=1, le=2048)
+    vector_store_embed_batch_tokens: int = Field(64_000, ge=1000, le=300_000)
+    vector_store_max_attempts: int = Field(3, ge=1, le=20)
+    vector_store_limit_wait_seconds: float = Field(120.0, ge=0)
+    # Expired vector stores and files (their `expires_at` passed) are deleted every this many seconds.
+    vector_store_retention_interval: float = Field(3600.0, gt=0)
+
     # Bring your own key: users' OpenAI keys are sealed (AES-GCM) under the first of
     # BYOK_ENCRYPTION_KEYS (urlsafe base64 of 32 bytes; a JSON list or comma-separated);
     # every listed key still decrypts, so rotation is: prepend a new key, restart, run

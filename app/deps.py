@@ -28,6 +28,7 @@ from app.registry import Catalog
 from app.responses.service import ResponsesService
 from app.runtime import Runtime
 from app.threads.service import ThreadService
+from app.vector_stores.service import VectorStoreService
 
 # auto_error=False: a missing header is our 401 in our shape, not FastAPI's 403.
 bearer = HTTPBearer(auto_error=False, description="A gateway API key (gw_...) or a JWT.")
@@ -164,6 +165,10 @@ async def _byok(runtime: RuntimeDep) -> BYOKService:
     return runtime.byok
 
 
+async def _vector_stores(runtime: RuntimeDep) -> VectorStoreService:
+    return runtime.vector_stores
+
+
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 AssistantServiceDep = Annotated[AssistantService, Depends(_assistants)]
 ChatServiceDep = Annotated[ChatService, Depends(_chat)]
@@ -175,3 +180,4 @@ ImageHistoryDep = Annotated[ImageHistory, Depends(_image_history)]
 BatchServiceDep = Annotated[BatchService, Depends(_batches)]
 RealtimeServiceDep = Annotated[RealtimeService, Depends(_realtime)]
 BYOKServiceDep = Annotated[BYOKService, Depends(_byok)]
+VectorStoresDep = Annotated[VectorStoreService, Depends(_vector_stores)]

@@ -390,11 +390,11 @@ SOURCES = ("body", "query", "path", "header")
 
 
 def _fields(location: Sequence[Any]) -> list[Any]:
-    return [
-        part
-        for part in location
-        if part not in SOURCES and not (isinstance(part, str) and UNION_MEMBER.fullmatch(part))
-    ]
+    """The field's path: without FastAPI's leading source (a field may itself be named `query`) and
+    without pydantic's union member names."""
+    if location and location[0] in SOURCES:
+        location = location[1:]
+    return [part for part in location if not (isinstance(part, str) and UNION_MEMBER.fullmatch(part))]
 
 
 def param_of(location: Sequence[Any]) -> str | None:

@@ -36,6 +36,9 @@ from app.responses.router import router as responses_router
 from app.runtime import Runtime
 from app.threads.router import router as threads_router
 from app.usage.router import router as usage_router
+from app.vector_stores.admin import router as vector_stores_admin_router
+from app.vector_stores.files import router as vector_store_files_router
+from app.vector_stores.router import router as vector_stores_router
 
 GC_FIRST_GENERATION = 20_000  # allocations between collections of the youngest generation (Python's default: 700)
 
@@ -116,12 +119,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(assistants_router, prefix="/v1")
     app.include_router(threads_router, prefix="/v1")
     app.include_router(files_router, prefix="/v1")
+    app.include_router(vector_stores_router, prefix="/v1")
+    app.include_router(vector_store_files_router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
     app.include_router(byok_router, prefix="/v1")
     app.include_router(admin_router, prefix="/admin")
     app.include_router(shared_assistants_router, prefix="/admin")
     app.include_router(reports_router, prefix="/admin")
     app.include_router(dashboard_router, prefix="/admin")
+    app.include_router(vector_stores_admin_router, prefix="/admin")
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,

@@ -44,6 +44,7 @@ from app.images.storage import ImageStorage, open_storage
 from app.instances import Instance
 from app.jobs import Jobs
 from app.keyring import shared_secret
+from app.knowledge.db import RetrievalMode, retrieval_mode
 from app.listener import Listener
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
@@ -62,8 +63,19 @@ from app.upstream.hub import Upstream
 from app.usage import partitions
 from app.usage.spool import Spool
 from app.usage.writer import UsageWriter
+from app.vector_stores.embedder import Embedder
+from app.vector_stores.indexer import Indexer
+from app.vector_stores.repository import WORK_CHANNEL
+from app.vector_stores.retention import KnowledgeRetention
+from app.vector_stores.service import VectorStoreService
 
 log = logging.getLogger("app")
+
+# Said once at start-up: how this database searches vector stores (app/knowledge/db.py).
+VECTOR_SEARCH = {
+    RetrievalMode.HYBRID: "vector search: hybrid (pgvector)",
+    RetrievalMode.FULL_TEXT: "vector search: full_text: the vector extension is not available",
+}
 
 
 def image_retention(
@@ -99,6 +111,9 @@ class Runtime:
     image_retention: ImageRetention
     realtime: RealtimeService
     byok: BYOKService
+    vector_stores: VectorStoreService
+    indexer: Indexer
+    knowledge_retention: KnowledgeRetention
     migration_head: str
     _stack: contextlib.AsyncExitStack
 
@@ -191,6 +206,14 @@ class Runtime:
         batch_runner = BatchRunner(settings, catalog, generator, db, events, instance)
         retention = image_retention(settings, db, storage, idempotency)
 
+        mode = await retrieval_mode(db.pool)
+        log.info(VECTOR_SEARCH[mode])
+        embedder = Embedder(catalog, limiter, calls)
+        indexer = Indexer(settings, db.pool, storage, embedder, instance, mode, events)
+        listener.on(WORK_CHANNEL, indexer.heard, resync=indexer.wake)
+        vector_stores = VectorStoreService(catalog, db, embedder, mode, indexer.wake)
+        knowledge_retention = KnowledgeRetention(db.pool, storage)
+
         # Running parts: their stops run before the clients above close, in reverse order.
         await usage.start()
         stack.push_async_callback(usage.stop)  # drains the queue: after everything that records usage
@@ -207,6 +230,8 @@ class Runtime:
         await vault.check_readable()
         await batch_runner.start()
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
+        await indexer.start()
+        stack.push_async_callback(indexer.stop)  # files under way are let go for the next process
 
         responses = ResponsesService(settings, catalog, limiter, calls, ResponseOwners(db.pool, db.relaxed), stopping)
         jobs = Jobs()
@@ -226,6 +251,7 @@ class Runtime:
         )
         jobs.every("run sweep", settings.run_sweep_interval, runs.sweep)
         jobs.every("image retention", settings.image_retention_interval, retention.prune)
+        jobs.every("knowledge retention", settings.vector_store_retention_interval, knowledge_retention.prune)
         jobs.every("background responses", settings.responses_poll_seconds, responses.settle_background)
         jobs.every("response retention", settings.thread_retention_interval, responses.prune_owners)
         stack.push_async_callback(jobs.stop)
@@ -271,6 +297,9 @@ class Runtime:
             image_retention=retention,
             realtime=RealtimeService(catalog, presets, limiter, calls),
             byok=BYOKService(vault, upstream, auth, db),
+            vector_stores=vector_stores,
+            indexer=indexer,
+            knowledge_retention=knowledge_retention,
             migration_head=migrations.head(),
             _stack=stack,
         )
@@ -284,17 +313,19 @@ class Runtime:
 
     @property
     def idle(self) -> bool:
-        """No batch item or background response under way, no usage row or refusal waiting to be written."""
-        quiet = self.batch_runner.in_flight == 0 and not self.responses.background
+        """No batch item, file being indexed or background response under way, no usage row or refusal
+        waiting to be written."""
+        quiet = self.batch_runner.in_flight == 0 == self.indexer.in_flight and not self.responses.background
         return quiet and self.usage.queue_depth == 0 == self.refusals.queue_depth
 
     async def drain(self) -> None:
-        """Settle background work: no batch item or background response under way, every queued usage
-        row and refusal written."""
+        """Settle background work: no batch item, file being indexed or background response under way,
+        every queued usage row and refusal written."""
         while self.responses.background:
             await self.responses.settle_background()
             if self.responses.background:
                 await asyncio.sleep(self.settings.responses_poll_seconds / 10)
         await self.batch_runner.idle()
+        await self.indexer.idle()
         await self.usage.drain()
         await self.refusals.drain()

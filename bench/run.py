@@ -1,14 +1,15 @@
 """Measure the gateway against a bare FastAPI pass-through, both in front of the same fake upstream.
 
 Usage: .venv/bin/python bench/run.py [--duration S] [--connections N] [--streams N]
-                                     [--runs N] [--run-poll-ms MS] [--phases P,...]
+                                     [--runs N] [--run-poll-ms MS] [--passages N] [--searches N]
+                                     [--phases P,...]
 
-Four phases, each with its own fake upstream and fresh gateway and baseline processes:
+Five phases, each with its own fake upstream and fresh gateway and baseline processes:
 load (wrk: throughput and 1-connection latency), streaming (TTFB and chunk delivery, with
-20 ms between upstream chunks), runs (Assistants API runs, below) and open streams (gateway
-RSS with N streams held open). Load and streaming are measured for chat completions, then
-for the Responses API (`POST /v1/responses`, plain and streamed) on the same processes.
-`--phases` runs some of them only (e.g. `--phases runs`).
+20 ms between upstream chunks), runs (Assistants API runs, below), open streams (gateway
+RSS with N streams held open) and knowledge (vector stores, below). Load and streaming are
+measured for chat completions, then for the Responses API (`POST /v1/responses`, plain and
+streamed) on the same processes. `--phases` runs some of them only (e.g. `--phases runs`).
 
 Runs: the upstream answers at once, so what a run takes beyond its baseline is the gateway's
 own work. One client, one request at a time: `--runs` plain runs of `asst_coach` (`POST
@@ -23,6 +24,17 @@ client's time per run (p50) and the server's CPU per run (the gateway's includes
 and what it does after the run ended, such as the usage row). Bare plain (non-streamed)
 completions are measured too, as a reference only.
 
+Knowledge: a simulated-mode gateway on each retrieval path, full text on the run's database
+(the machine's Postgres has no pgvector) and hybrid on an embedded Postgres with pgvector
+(tests/support/pgvector.py). Through the API, as a client would: `--passages` passages of
+bench/knowledge_core.py's made-up zoo (450-780 characters, ten to a file) are uploaded
+(`POST /v1/files`, not timed), a store is created with them and a static chunking of 200 tokens
+(a passage a chunk), and polled every 50 ms until `completed`: the indexing rate is passages per
+second from the create to the poll that saw it done (parse, chunk, embed through the pipeline:
+the simulated embedding in hybrid mode, none in full text, write). Then `--searches` questions,
+each about one passage, one at a time (`POST .../search`, `rewrite_query`, 10 results): p50 and
+p99 of the client's time, and how often the passage that answers ranks first.
+
 Results are printed as a table and written to bench/results/latest.json.
 """
 
@@ -34,6 +46,7 @@ import atexit
 import itertools
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -58,7 +71,7 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # run as a script: tests/support is not on the path yet
-from support.processes import ProcessError, Processes, free_port, wait_for_health, wait_for_log  # noqa: E402
+from support.processes import Proc, ProcessError, Processes, free_port, wait_for_health, wait_for_log  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
@@ -82,7 +95,14 @@ UPSTREAM_TEXT = "".join(f" token{i}" for i in range(STREAM_CHUNKS))  # what benc
 # What the SDK's pollers stop at (`create_and_poll`).
 TERMINAL_RUN_STATUSES = frozenset({"requires_action", "cancelled", "completed", "failed", "expired", "incomplete"})
 RUN_GIVE_UP = 30.0  # seconds: a plain run not seen ending by then fails the bench
-PHASES = ("load", "streaming", "runs", "open_streams")
+PHASES = ("load", "streaming", "runs", "open_streams", "knowledge")
+KNOWLEDGE_PASSAGES = 1000
+KNOWLEDGE_SEARCHES = 200
+# A passage a chunk: passages are 450-780 characters, and a chunk ends at a paragraph past half its room.
+KNOWLEDGE_CHUNKING = {"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 0}}
+KNOWLEDGE_POLL_SECONDS = 0.05
+KNOWLEDGE_GIVE_UP = 900.0  # seconds: a store not indexed by then fails the bench
+NO_UPSTREAM = "http://127.0.0.1:9/v1"  # simulated mode: never called
 
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_ADDED_P50_MS = 1.0
@@ -898,6 +918,134 @@ async def hold_streams(target: Target, count: int) -> dict[str, Any]:
     }
 
 
+# --- knowledge --------------------------------------------------------------------------
+
+
+async def upload_corpus(session: aiohttp.ClientSession, gateway: Target, made: Any) -> list[str]:
+    """Each file of the corpus through `POST /v1/files`; their ids."""
+    headers = {"Authorization": gateway.headers["Authorization"]}
+    ids = []
+    for _, filename, _, text in made.files:
+        form = aiohttp.FormData()
+        form.add_field("purpose", "assistants")
+        form.add_field("file", text.encode(), filename=filename, content_type="text/plain")
+        async with session.post(gateway.base_url + "/v1/files", data=form, headers=headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise BenchError(f"POST /v1/files answered {response.status}: {payload[:500]!r}")
+        ids.append(orjson.loads(payload)["id"])
+    return ids
+
+
+async def call_json(
+    session: aiohttp.ClientSession, gateway: Target, method: str, path: str, body: Any = None
+) -> dict[str, Any]:
+    data = orjson.dumps(body) if body is not None else None
+    async with session.request(method, gateway.base_url + path, data=data, headers=gateway.headers) as response:
+        payload = await response.read()
+        if response.status != 200:
+            raise BenchError(f"{method} {path} answered {response.status}: {payload[:500]!r}")
+    answer: dict[str, Any] = orjson.loads(payload)
+    return answer
+
+
+async def knowledge_path(gateway: Target, database_url: str, made: Any, searches: int) -> dict[str, Any]:
+    """Index the corpus into a store through the API, then search it: the rate, the latencies, top-1."""
+    async with aiohttp.ClientSession() as session:
+        mode = (await call_json(session, gateway, "GET", "/readyz"))["vector_search"]
+        started = time.perf_counter()
+        file_ids = await upload_corpus(session, gateway, made)
+        uploaded = time.perf_counter() - started
+        body = {"name": "bench", "file_ids": file_ids, "chunking_strategy": KNOWLEDGE_CHUNKING}
+        started = time.perf_counter()
+        store = await call_json(session, gateway, "POST", "/v1/vector_stores", body)
+        while store["status"] == "in_progress":
+            if time.perf_counter() - started > KNOWLEDGE_GIVE_UP:
+                raise BenchError(f"the store was not indexed within {KNOWLEDGE_GIVE_UP:.0f} s: {store['file_counts']}")
+            await asyncio.sleep(KNOWLEDGE_POLL_SECONDS)
+            store = await call_json(session, gateway, "GET", f"/v1/vector_stores/{store['id']}")
+        indexed = time.perf_counter() - started
+        if store["file_counts"]["completed"] != len(file_ids):
+            raise BenchError(f"not every file was indexed: {store['file_counts']}")
+        questions = random.Random(15).sample(made.passages, min(searches, len(made.passages)))
+        latencies, first = [], 0
+        for passage in questions:
+            query = {"query": passage.question, "rewrite_query": True, "max_num_results": 10}
+            before = time.perf_counter()
+            page = await call_json(session, gateway, "POST", f"/v1/vector_stores/{store['id']}/search", query)
+            latencies.append((time.perf_counter() - before) * 1000)
+            first += bool(page["data"]) and page["data"][0]["content"][0]["text"] == passage.text
+    connection = await asyncpg.connect(database_url)
+    try:  # the usage rows are written in the background: read once the searches are done
+        chunks = await connection.fetchval("SELECT count(*) FROM knowledge_chunk")
+        embedded = await connection.fetchval(
+            "SELECT count(*) FROM usage_event WHERE route = 'vector_stores.embeddings' AND detail->>'purpose' = 'index'"
+        )
+    finally:
+        await connection.close()
+    return {
+        "mode": mode,
+        "files": len(file_ids),
+        "passages": len(made.passages),
+        "chunks": chunks,
+        "embedding_calls": embedded,
+        "upload_seconds": uploaded,
+        "index_seconds": indexed,
+        "passages_per_second": len(made.passages) / indexed,
+        "searches": len(latencies),
+        "search_ms_p50": quantile(latencies, 0.5),
+        "search_ms_p99": quantile(latencies, 0.99),
+        "top1": first / len(latencies),
+    }
+
+
+def start_knowledge_gateway(procs: Processes, name: str, database_url: str, key: str) -> tuple[Target, Proc]:
+    """A simulated-mode gateway (no upstream key: the simulated embedding) with its own file storage."""
+    storage = tempfile.mkdtemp(prefix="gateway-bench-files-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)
+    target = start_gateway(procs, name, database_url, NO_UPSTREAM, key, OPENAI_API_KEY="", IMAGE_DIR=storage)
+    [proc] = [proc for proc in procs.running if proc.popen.pid == target.pid]
+    return target, proc
+
+
+async def knowledge_phase(
+    procs: Processes, db: BenchDatabase, key: str, passages: int, searches: int
+) -> dict[str, Any]:
+    """Both retrieval paths: full text on the run's database, hybrid on an embedded Postgres with pgvector."""
+    from knowledge_core import corpus  # bench/knowledge_core.py: the same zoo the core's benchmark uses
+
+    from support.pgvector import pgvector_database
+
+    made = corpus(passages)
+    results: dict[str, Any] = {}
+    gateway, proc = start_knowledge_gateway(procs, "gateway-knowledge-full-text", db.url, key)
+    try:
+        results["full_text"] = await knowledge_path(gateway, db.url, made, searches)
+    finally:
+        procs.stop(proc)
+    async with pgvector_database() as url:
+        gateway, proc = start_knowledge_gateway(procs, "gateway-knowledge-hybrid", url, create_key(url))
+        try:
+            results["hybrid"] = await knowledge_path(gateway, url, made, searches)
+        finally:
+            procs.stop(proc)  # before the server it uses stops
+    return results
+
+
+def knowledge_lines(knowledge: dict[str, Any]) -> list[str]:
+    lines = []
+    for path, found in knowledge.items():
+        lines += [
+            f"{path} (/readyz: {found['mode']}): {found['passages']} passages in {found['files']} files,"
+            f" {found['chunks']} chunks, {found['embedding_calls']} embeddings calls",
+            f"  indexed in {found['index_seconds']:.2f} s: {found['passages_per_second']:.0f} passages/s"
+            f" (uploads, apart: {found['upload_seconds']:.2f} s)",
+            f"  {found['searches']} searches: p50 {found['search_ms_p50']:.2f} ms, p99 {found['search_ms_p99']:.2f} ms,"
+            f" the answering passage first in {found['top1']:.0%}",
+        ]
+    return lines
+
+
 # --- report -----------------------------------------------------------------------------
 
 
@@ -1091,6 +1239,11 @@ def print_report(results: dict[str, Any], streams: int) -> None:
         report("  overhead per run (no target set):")
         for line in run_lines(results["runs"]):
             report(f"    {line}")
+    if "knowledge" in results:
+        report()
+        report("  knowledge, through the API (no target set):")
+        for line in knowledge_lines(results["knowledge"]):
+            report(f"    {line}")
     report()
     usage = results["usage_rows"]
     report(f"  usage_event rows written by the gateway: {sum(usage.values())} {usage}")
@@ -1174,6 +1327,10 @@ def run_phases(procs: Processes, db: BenchDatabase, key: str, args: argparse.Nam
                 "bare": run_async(hold_streams(bare, args.streams)),
             }
             time.sleep(1)
+    if "knowledge" in args.phases:
+        title = f"knowledge: {args.passages} passages indexed, {args.searches} searches, on both retrieval paths"
+        with phase(title, procs):
+            results["knowledge"] = run_async(knowledge_phase(procs, db, key, args.passages, args.searches))
     return results
 
 
@@ -1206,6 +1363,18 @@ def parse_args() -> argparse.Namespace:
         type=phase_list,
         default=list(PHASES),
         help=f"comma-separated, of {','.join(PHASES)} (default: all)",
+    )
+    parser.add_argument(
+        "--passages",
+        type=int,
+        default=KNOWLEDGE_PASSAGES,
+        help=f"knowledge: passages indexed (default {KNOWLEDGE_PASSAGES})",
+    )
+    parser.add_argument(
+        "--searches",
+        type=int,
+        default=KNOWLEDGE_SEARCHES,
+        help=f"knowledge: searches timed (default {KNOWLEDGE_SEARCHES})",
     )
     parser.add_argument(
         "--upstream-max-connections",

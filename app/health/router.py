@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from app.deps import CatalogDep, PrincipalDep, RuntimeDep
 from app.errors import ErrorCode, ModelNotFound, Unavailable, error_responses
+from app.knowledge.db import RetrievalMode
 from app.registry import Catalog, ModelKind, ModelSpec, SizeBounds
 from app.validation import Text
 
@@ -27,6 +28,10 @@ class Readiness(BaseModel):
     upstreams: dict[str, str] = Field(
         description="Each operator upstream: `ok`, `failing (N in a row)` or `cooling (N s left)`; a cooled-down"
         " upstream does not make the gateway unready while another deployment can answer."
+    )
+    vector_search: RetrievalMode = Field(
+        description="How vector stores are searched: `hybrid` (pgvector fused with full-text search), or"
+        " `full_text` alone where the database has no pgvector."
     )
 
 
@@ -103,6 +108,7 @@ async def readyz(runtime: RuntimeDep) -> Readiness:
         migrations=current,
         simulated=runtime.settings.simulated,
         upstreams=runtime.upstream.health(),
+        vector_search=runtime.vector_stores.mode,
     )
 
 

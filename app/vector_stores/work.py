@@ -1,0 +1,144 @@
+"""The indexer's queue: `vector_store_file` rows `in_progress`, each held under a lease while worked on.
+
+A process claims a file with `FOR UPDATE SKIP LOCKED` (replicas never take the same one), naming
+itself `lease_owner` until `lease_until`, and renews the lease while it works. A file whose lease
+ran out (its process died, or hung) is claimable again by any process; a clean shutdown lets go
+of its files at once. Every write that ends the work (`lock_own`, then complete or fail) checks
+the lease is still this process's and the file still `in_progress`: a file cancelled, detached or
+taken over meanwhile is never flipped back, and its chunks are not written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from app.auth.principal import Principal
+from app.knowledge.db import Connection
+
+CLAIM = """
+WITH next AS (
+    SELECT vector_store_id, file_id FROM vector_store_file
+    WHERE status = 'in_progress' AND (lease_until IS NULL OR lease_until < now())
+    ORDER BY created_at, file_id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE vector_store_file f SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+FROM next, file
+WHERE f.vector_store_id = next.vector_store_id AND f.file_id = next.file_id AND file.id = f.file_id
+RETURNING f.vector_store_id, f.file_id, f.user_id, f.batch_id, f.chunking_strategy::text AS chunking_strategy,
+          file.filename, file.content_type, file.storage_key
+"""
+RENEW = """
+UPDATE vector_store_file SET lease_until = now() + make_interval(secs => $4)
+WHERE vector_store_id = $1 AND file_id = $2 AND lease_owner = $3 AND status = 'in_progress'
+"""
+RELEASE = """
+UPDATE vector_store_file SET lease_owner = NULL, lease_until = NULL
+WHERE vector_store_id = $1 AND file_id = $2 AND lease_owner = $3 AND status = 'in_progress'
+"""
+LOCK_OWN = """
+SELECT 1 FROM vector_store_file
+WHERE vector_store_id = $1 AND file_id = $2 AND lease_owner = $3 AND status = 'in_progress'
+FOR UPDATE
+"""
+COMPLETE = """
+UPDATE vector_store_file
+SET status = 'completed', usage_bytes = $3, last_error = NULL, lease_owner = NULL, lease_until = NULL
+WHERE vector_store_id = $1 AND file_id = $2
+"""
+FAIL = """
+UPDATE vector_store_file
+SET status = 'failed', last_error = $4::jsonb, usage_bytes = 0, lease_owner = NULL, lease_until = NULL
+WHERE vector_store_id = $1 AND file_id = $2 AND lease_owner = $3 AND status = 'in_progress'
+"""
+SETTLE_BATCH = """
+UPDATE vector_store_file_batch SET status = 'completed'
+WHERE id = $1 AND status = 'in_progress'
+  AND NOT EXISTS (SELECT 1 FROM vector_store_file WHERE batch_id = $1 AND status = 'in_progress')
+"""
+OWNER = """
+SELECT u.tier, u.use_upstream, u.limit_overrides::text AS limit_overrides,
+       EXISTS (SELECT 1 FROM user_openai_key k WHERE k.user_id = $1) AS own_key
+FROM (SELECT 1) one LEFT JOIN app_user u ON u.id = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    vector_store_id: uuid.UUID
+    file_id: uuid.UUID
+    user_id: str
+    batch_id: uuid.UUID | None
+    chunking_strategy: dict[str, Any]
+    filename: str
+    content_type: str
+    storage_key: str
+
+    @property
+    def key(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return self.vector_store_id, self.file_id
+
+
+async def claim(pool: asyncpg.Pool, owner: uuid.UUID, lease: float) -> Claimed | None:
+    row = await pool.fetchrow(CLAIM, owner, float(lease))
+    if row is None:
+        return None
+    return Claimed(
+        vector_store_id=row["vector_store_id"],
+        file_id=row["file_id"],
+        user_id=row["user_id"],
+        batch_id=row["batch_id"],
+        chunking_strategy=orjson.loads(row["chunking_strategy"]),
+        filename=row["filename"],
+        content_type=row["content_type"],
+        storage_key=row["storage_key"],
+    )
+
+
+async def renew(pool: asyncpg.Pool, job: Claimed, owner: uuid.UUID, lease: float) -> bool:
+    """Extend the lease; False when the file is no longer this process's to finish."""
+    return str(await pool.execute(RENEW, *job.key, owner, float(lease))) != "UPDATE 0"
+
+
+async def release(pool: asyncpg.Pool, job: Claimed, owner: uuid.UUID) -> None:
+    """Let go of the file, still `in_progress`: any process (this one after a restart) takes it up now."""
+    await pool.execute(RELEASE, *job.key, owner)
+
+
+async def lock_own(conn: Connection, job: Claimed, owner: uuid.UUID) -> bool:
+    """In the caller's transaction: lock the file if it is still this process's and in progress."""
+    return await conn.fetchval(LOCK_OWN, *job.key, owner) is not None
+
+
+async def complete(conn: Connection, job: Claimed, usage_bytes: int) -> None:
+    await conn.execute(COMPLETE, *job.key, usage_bytes)
+    if job.batch_id is not None:
+        await conn.execute(SETTLE_BATCH, job.batch_id)
+
+
+async def fail(conn: Connection, job: Claimed, owner: uuid.UUID, last_error: dict[str, str]) -> bool:
+    """Mark the file failed with `last_error`, if it is still this process's; whether it was."""
+    failed = str(await conn.execute(FAIL, *job.key, owner, orjson.dumps(last_error).decode())) != "UPDATE 0"
+    if failed and job.batch_id is not None:
+        await conn.execute(SETTLE_BATCH, job.batch_id)
+    return failed
+
+
+async def owner_principal(pool: asyncpg.Pool, user_id: str, default_tier: str) -> Principal:
+    """The file's owner as their limits and switches are now (no row: a JWT user of the default tier)."""
+    row = await pool.fetchrow(OWNER, user_id)
+    assert row is not None
+    overrides = orjson.loads(row["limit_overrides"]) if row["limit_overrides"] else {}
+    return Principal(
+        user_id=user_id,
+        tier=row["tier"] or default_tier,
+        use_upstream=row["use_upstream"] if row["use_upstream"] is not None else True,
+        limit_overrides=overrides,
+        has_own_key=bool(row["own_key"]),
+    )
