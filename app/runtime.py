@@ -212,6 +212,7 @@ class Runtime:
         indexer = Indexer(settings, db.pool, storage, embedder, instance, mode, events)
         listener.on(WORK_CHANNEL, indexer.heard, resync=indexer.wake)
         vector_stores = VectorStoreService(catalog, db, embedder, mode, indexer.wake)
+        runs.knowledge = vector_stores  # file_search in runs, and messages' attachments
         knowledge_retention = KnowledgeRetention(db.pool, storage)
 
         # Running parts: their stops run before the clients above close, in reverse order.

@@ -142,8 +142,12 @@ async def test_shared_assistants_come_after_your_own_and_are_read_only(gateway: 
     ("change", "param", "code"),
     [
         ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type", "unsupported_tool"),
-        ({"tools": [{"type": "file_search"}]}, "tools.0.type", "unsupported_tool"),
-        ({"tool_resources": {"file_search": {"vector_store_ids": ["vs_1"]}}}, "tool_resources", "unsupported_tool"),
+        ({"tools": [{"type": "file_search", "file_search": {"max_num_results": 51}}]}, "tools.0", "invalid_request"),
+        (
+            {"tool_resources": {"file_search": {"vector_store_ids": ["vs_1"]}}},
+            "tool_resources.file_search.vector_store_ids.0",
+            "not_found",
+        ),
         (
             {"tool_resources": {"file_search": {"vector_stores": [{"file_ids": []}]}}},
             "tool_resources",

@@ -56,15 +56,38 @@ class FunctionTool(BaseModel):
     function: FunctionDefinition
 
 
+class RankingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ranker: Literal["auto", "default_2024_08_21"] = "auto"
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class FileSearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_results: int | None = Field(None, ge=1, le=50)
+    ranking_options: RankingOptions | None = None
+
+
+class FileSearchTool(BaseModel):
+    """Search the assistant's and the thread's vector stores before answering (app/threads/file_search.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["file_search"]
+    file_search: FileSearchOptions | None = None
+
+
 class UnsupportedTool(BaseModel):
-    """`code_interpreter` and `file_search`: named so the refusal can say which (app/assistants/service.py)."""
+    """`code_interpreter`: named so the refusal can say which (app/assistants/service.py)."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["code_interpreter", "file_search"]
+    type: Literal["code_interpreter"]
 
 
-Tool = Annotated[FunctionTool | UnsupportedTool, Field(discriminator="type")]
+Tool = Annotated[FunctionTool | FileSearchTool | UnsupportedTool, Field(discriminator="type")]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -102,7 +125,7 @@ class ToolResourceVectorStores(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vector_store_ids: list[Text] = Field(default_factory=list, max_length=1)
-    # Vector stores to make with the assistant (refused until the gateway keeps vector stores).
+    # Vector stores to make with the assistant or thread: refused, make them with POST /v1/vector_stores.
     vector_stores: list[dict[str, Any]] | None = Field(None, max_length=1)
 
 

@@ -39,6 +39,7 @@ from app.errors import Conflict, ErrorCode, InvalidRequest, PermissionDenied
 from app.models import Assistant
 from app.registry import Catalog
 from app.threads.context import host_allowed
+from app.threads.file_search import checked_resources
 from app.threads.profiles import Profile, Profiles
 
 log = logging.getLogger("app.assistants")
@@ -137,6 +138,7 @@ class AssistantService:
     async def create(self, session: AsyncSession, principal: Principal, body: AssistantCreate) -> Assistant:
         self.catalog.resolve(body.model, principal.tier, "chat")
         _refuse_unsupported(body)
+        await checked_resources(session, body.tool_resources, principal.user_id)
         if await repository.count_owned(session, principal.user_id) >= MAX_ASSISTANTS_PER_USER:
             raise Conflict(f"You have {MAX_ASSISTANTS_PER_USER} assistants, the most one user may have.")
         assistant = Assistant(id=new_id(), user_id=principal.user_id, source="api", model=body.model)
@@ -154,6 +156,7 @@ class AssistantService:
             self.catalog.resolve(body.model, principal.tier, "chat")
             assistant.model = body.model
         _refuse_unsupported(body)
+        await checked_resources(session, body.tool_resources, principal.user_id)
         _apply(assistant, body)
         await session.flush()
         return assistant
@@ -229,6 +232,7 @@ class AssistantService:
     async def _check_shared(self, session: AsyncSession, body: SharedAssistantCreate, itself: str | None) -> None:
         """What start-up checks of a profile, for a shared assistant made at run time."""
         _refuse_unsupported(body)
+        await checked_resources(session, body.tool_resources, None)  # any user's store: the operator's choice
         problems = usable_problems(self.catalog, "assistant", body.model, "chat", body.tiers)
         if problems:
             raise InvalidRequest("; ".join(problems), param="tiers" if body.tiers else "model")
@@ -276,7 +280,8 @@ def _refuse_unsupported(body: AssistantFields) -> None:
 
 
 def refuse_unsupported_tools(tools: Sequence[object], resources: ToolResources | None = None) -> None:
-    """400 naming a tool (or tool resource) the gateway cannot run: `code_interpreter`, `file_search`."""
+    """400 naming a tool (or tool resource) the gateway cannot run: `code_interpreter`, and vector stores
+    made inline (`tool_resources.file_search.vector_stores`: make them with POST /v1/vector_stores)."""
     for index, tool in enumerate(tools):
         if isinstance(tool, UnsupportedTool):
             raise InvalidRequest(
@@ -284,13 +289,17 @@ def refuse_unsupported_tools(tools: Sequence[object], resources: ToolResources |
                 param=f"tools.{index}.type",
                 code=ErrorCode.UNSUPPORTED_TOOL,
             )
-    if resources is not None and (
-        (resources.code_interpreter and resources.code_interpreter.file_ids)
-        or (resources.file_search and (resources.file_search.vector_store_ids or resources.file_search.vector_stores))
-    ):
+    if resources is not None and resources.code_interpreter and resources.code_interpreter.file_ids:
         raise InvalidRequest(
-            "tool_resources name files or vector stores, which this gateway's assistants cannot use yet.",
-            param="tool_resources",
+            "tool_resources.code_interpreter names files; this gateway runs no code_interpreter.",
+            param="tool_resources.code_interpreter",
+            code=ErrorCode.UNSUPPORTED_TOOL,
+        )
+    if resources is not None and resources.file_search and resources.file_search.vector_stores:
+        raise InvalidRequest(
+            "Make the vector store with POST /v1/vector_stores, then name it in"
+            " tool_resources.file_search.vector_store_ids.",
+            param="tool_resources.file_search.vector_stores",
             code=ErrorCode.UNSUPPORTED_TOOL,
         )
 

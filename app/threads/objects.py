@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from app.models import RunStep, Thread, ThreadMessage, ThreadRun
+from app.threads.file_search import without_content
 from app.threads.ids import MESSAGE, RUN, STEP, THREAD, public_id
 from app.threads.schemas import (
     IncompleteDetails,
@@ -47,7 +48,10 @@ def content_parts(message: ThreadMessage) -> list[Any]:
     if message.parts is None:
         return [TextContent(text=TextValue(value=message.content))]
     return [
-        TextContent(text=TextValue(value=part["text"])) if part["type"] == "text" else part for part in message.parts
+        TextContent(text=TextValue(value=part["text"], annotations=part.get("annotations", [])))
+        if part["type"] == "text"
+        else part
+        for part in message.parts
     ]
 
 
@@ -117,7 +121,8 @@ def run_object(run: ThreadRun) -> RunObject:
 ENDED_WITH_USAGE = ("requires_action", "cancelled", "failed", "completed", "incomplete", "expired")
 
 
-def step_object(step: RunStep) -> StepObject:
+def step_object(step: RunStep, *, include_content: bool = False) -> StepObject:
+    """A run step; a file_search's results carry their text only when asked (`include[]`)."""
     ended = epoch(step.ended_at)
     return StepObject(
         id=public_id(STEP, step.id),
@@ -132,6 +137,6 @@ def step_object(step: RunStep) -> StepObject:
         expired_at=ended if step.status == "expired" else None,
         failed_at=ended if step.status == "failed" else None,
         last_error=LastError.model_validate(step.last_error) if step.last_error else None,
-        step_details=step.step_details,
+        step_details=step.step_details if include_content else without_content(step.step_details),
         usage=usage(step.prompt_tokens, step.completion_tokens),
     )

@@ -113,6 +113,10 @@ async def touch_thread(session: AsyncSession, thread_id: uuid.UUID, assistant_id
     await session.execute(update(Thread).where(Thread.id == thread_id).values(values))
 
 
+async def set_tool_resources(session: AsyncSession, thread_id: uuid.UUID, resources: dict[str, Any]) -> None:
+    await session.execute(update(Thread).where(Thread.id == thread_id).values(tool_resources=resources))
+
+
 # --- messages -----------------------------------------------------------------------------
 
 
@@ -148,6 +152,16 @@ async def history(session: AsyncSession, thread_id: uuid.UUID, *, limit: int, ru
         .limit(limit)
     )
     return list(await session.scalars(query))
+
+
+async def latest_user_message(session: AsyncSession, thread_id: uuid.UUID) -> ThreadMessage | None:
+    query = (
+        select(ThreadMessage)
+        .where(ThreadMessage.thread_id == thread_id, ThreadMessage.role == "user")
+        .order_by(ThreadMessage.seq.desc())
+        .limit(1)
+    )
+    return await session.scalar(query)
 
 
 async def save_prompts(session: AsyncSession, prompts: dict[uuid.UUID, str]) -> None:

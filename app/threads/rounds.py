@@ -45,6 +45,7 @@ from app.models import RunStep, Thread, ThreadMessage, ThreadRun
 from app.models.threads import StepStatus
 from app.sse import Stopping, paced
 from app.threads import repository
+from app.threads.file_search import Citations, Searched
 from app.threads.ids import MESSAGE, STEP, public_id
 from app.threads.objects import message_object, run_object, step_object
 from app.upstream.provider import EventStream
@@ -99,6 +100,7 @@ class Plan:
     stream: bool
     prelude: list[RunEvent] = field(default_factory=list)
     thread: Thread | None = None  # a thread the request makes (create-and-run)
+    searched: Searched | None = None  # what file_search found for the round's prompt
 
 
 @dataclass(slots=True)
@@ -145,6 +147,8 @@ class Round:
         self.message: ThreadMessage | None = None
         self.message_step: RunStep | None = None
         self.tool_step: RunStep | None = None
+        searched = plan.searched
+        self.citations = Citations(searched) if searched is not None and searched.results else None
 
     # --- the events ---------------------------------------------------------------------
 
@@ -157,6 +161,9 @@ class Round:
                 yield event
             return
         yield "thread.run.in_progress", run_object(self.run)
+        if self.plan.searched is not None:
+            for event in await self._search_step(self.plan.searched):
+                yield event
         try:
             self.invoked = True
             self.stream = await self.calls.invoke(
@@ -252,7 +259,7 @@ class Round:
 
     def _message_delta(self, piece: str) -> dict[str, Any]:
         assert self.message is not None
-        text = {"value": piece, "annotations": []}
+        text = {"value": piece, "annotations": self.citations.feed(piece) if self.citations else []}
         return {
             "id": public_id(MESSAGE, self.message.id),
             "object": "thread.message.delta",
@@ -319,6 +326,21 @@ class Round:
             ("thread.run.step.in_progress", step_object(step)),
             ("thread.message.created", message_object(message)),
             ("thread.message.in_progress", message_object(message)),
+        ]
+
+    async def _search_step(self, searched: Searched) -> list[RunEvent]:
+        """The round's file_search, done before the call: a completed `tool_calls` step."""
+        step = self._step("tool_calls", searched.step_details())
+        step.status, step.ended_at = "completed", datetime.now(UTC)
+        async with self.autocommit() as session:
+            session.add(step)
+            await session.flush()
+        shown = step_object(step, include_content=False)
+        in_progress = shown.model_copy(update={"status": "in_progress", "completed_at": None})
+        return [
+            ("thread.run.step.created", in_progress),
+            ("thread.run.step.in_progress", in_progress),
+            ("thread.run.step.completed", shown),
         ]
 
     async def _open_tool_step(self) -> list[RunEvent]:
@@ -391,6 +413,8 @@ class Round:
             if self.message is not None and self.message_step is not None:
                 message = self.message
                 message.content, message.completed_at = text, now
+                if self.citations is not None and self.citations.annotations:
+                    message.parts = [{"type": "text", "text": text, "annotations": self.citations.annotations}]
                 message.status = "incomplete" if message_reason else "completed"
                 message.incomplete_reason = message_reason
                 message.prompt_tokens, message.completion_tokens = prompt, completion
@@ -401,6 +425,7 @@ class Round:
                     .where(ThreadMessage.id == message.id)
                     .values(
                         content=text,
+                        parts=message.parts,
                         status=message.status,
                         incomplete_reason=message_reason,
                         prompt_tokens=prompt,

@@ -10,7 +10,8 @@ and `POST /assistants/{assistant_id}/thread` (get-or-create; a path `/threads/{i
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from starlette.responses import Response
@@ -21,6 +22,7 @@ from app.deps import PrincipalDep, SessionDep, ThreadServiceDep
 from app.errors import InvalidRequest, RunNotFound, ThreadNotFound, error_responses, request_id_of
 from app.models import Thread, ThreadRun
 from app.threads import repository
+from app.threads.file_search import INCLUDE_CONTENT
 from app.threads.ids import MAX_ID_LENGTH, RUN, THREAD, parse_id
 from app.threads.objects import message_object, run_object, step_object, thread_object
 from app.threads.schemas import (
@@ -202,9 +204,10 @@ async def delete_thread(thread: ValidThread, session: SessionDep) -> ThreadDelet
 
 @router.post("/threads/{thread_id}/messages", responses=error_responses(400, 404, 413))
 async def create_message(
-    thread: ValidThread, body: MessageCreate, session: SessionDep, service: ThreadServiceDep
+    thread: ValidThread, body: MessageCreate, principal: PrincipalDep, session: SessionDep, service: ThreadServiceDep
 ) -> MessageObject:
-    return message_object(await service.add_message(session, thread, body))
+    """Add a message; a `file_search` attachment puts its file into the thread's vector store."""
+    return message_object(await service.add_message(session, principal, thread, body))
 
 
 @router.get("/threads/{thread_id}/messages", responses=error_responses(400, 404))
@@ -310,6 +313,16 @@ async def submit_tool_outputs(
 
 
 # --- steps --------------------------------------------------------------------------------
+Include = Annotated[
+    list[Literal["step_details.tool_calls[*].file_search.results[*].content"]] | None,
+    Query(
+        alias="include[]", description="`step_details.tool_calls[*].file_search.results[*].content`: the results' text."
+    ),
+]
+
+
+def _with_content(include: Sequence[str] | None) -> bool:
+    return INCLUDE_CONTENT in (include or ())
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps", responses=error_responses(400, 404))
@@ -321,10 +334,16 @@ async def list_steps(
     order: OrderQuery = "desc",
     after: After = None,
     before: Before = None,
+    include: Include = None,
 ) -> StepList:
-    return await service.steps(session, run, limit=limit, order=order, after=after, before=before)
+    """The run's steps; a file_search step's results carry their text with `include[]=` INCLUDE_CONTENT."""
+    return await service.steps(
+        session, run, limit=limit, order=order, after=after, before=before, include_content=_with_content(include)
+    )
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps/{step_id}", responses=error_responses(400, 404))
-async def get_step(run: ValidRun, step_id: ObjectId, session: SessionDep, service: ThreadServiceDep) -> StepObject:
-    return step_object(await service.step(session, run, step_id))
+async def get_step(
+    run: ValidRun, step_id: ObjectId, session: SessionDep, service: ThreadServiceDep, include: Include = None
+) -> StepObject:
+    return step_object(await service.step(session, run, step_id), include_content=_with_content(include))

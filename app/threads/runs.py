@@ -59,7 +59,7 @@ from app.ratelimit.limiter import Limiter
 from app.registry import Catalog, ModelSpec
 from app.sse import EventSource, Stopping, server_event
 from app.streams import StreamSlot
-from app.threads import repository
+from app.threads import file_search, repository
 from app.threads.context import ContextSource, check_sent_context
 from app.threads.ids import THREAD, public_id
 from app.threads.objects import run_object, thread_object
@@ -109,10 +109,15 @@ def new_message(thread_id: uuid.UUID, body: MessageCreate) -> ThreadMessage:
         content = "\n".join(part["text"] for part in parts if part["type"] == "text")
         if len(parts) == 1 and parts[0]["type"] == "text":
             parts = None
-    if body.attachments:
-        raise InvalidRequest(f"No file found with id '{body.attachments[0].file_id}'.", param="attachments.0.file_id")
+    attachments = [attachment.model_dump(mode="json") for attachment in body.attachments or ()]
     return ThreadMessage(
-        id=uuid.uuid4(), thread_id=thread_id, role=body.role, content=content, parts=parts, meta=body.metadata or {}
+        id=uuid.uuid4(),
+        thread_id=thread_id,
+        role=body.role,
+        content=content,
+        parts=parts,
+        meta=body.metadata or {},
+        attachments=attachments,
     )
 
 
@@ -151,6 +156,18 @@ class RunEngine:
         self.instance = instance
         self.signals: dict[uuid.UUID, RunSignal] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # The vector stores (app/vector_stores), for file_search and attachments; set by the runtime.
+        self.knowledge: file_search.Knowledge | None = None
+
+    async def attach(self, principal: Principal, thread: Thread, messages: Sequence[MessageCreate]) -> bool:
+        """The messages' `file_search` attachments into the thread's vector store; True when the thread's
+        tool_resources changed (its store was made)."""
+        attachments = [attachment for message in messages for attachment in message.attachments or ()]
+        if not attachments:
+            return False
+        if self.knowledge is None:
+            raise InvalidRequest("This gateway keeps no files: attachments cannot be used.", param="attachments")
+        return await file_search.attach(self.knowledge, principal, thread, attachments)
 
     # --- who answers ----------------------------------------------------------------------
 
@@ -259,17 +276,30 @@ class RunEngine:
         added = [new_message(thread_id, message) for message in body.additional_messages or ()]
         chat_type = next((m.meta.get("chat_type") for m in reversed(added) if m.role == "user"), None)
         async with self.autocommit() as session:
-            await self.thread(session, principal, thread_id)
+            thread = await self.thread(session, principal, thread_id)
             who = await self.answerer(session, principal, body.assistant_id, body.model, thread_id, chat_type)
         run = self._new_run(principal, thread_id, who, body)
+        made_store = await self.attach(principal, thread, body.additional_messages or ())
 
         async def write(session: AsyncSession) -> None:
             await repository.add_messages(session, added)
             session.add(run)
             await session.flush()
             await repository.touch_thread(session, thread_id, run.assistant_id)
+            if made_store:
+                await repository.set_tool_resources(session, thread_id, thread.tool_resources)
 
-        return await self._start(principal, who, run, request_id, bool(body.stream), added, write, thread=None)
+        return await self._start(
+            principal,
+            who,
+            run,
+            request_id,
+            bool(body.stream),
+            added,
+            write,
+            thread=None,
+            resources=thread.tool_resources,
+        )
 
     async def create_with_thread(self, principal: Principal, body: ThreadAndRunCreate, request_id: str) -> Response:
         thread_body = body.thread
@@ -285,15 +315,28 @@ class RunEngine:
         chat_type = next((m.meta.get("chat_type") for m in reversed(added) if m.role == "user"), None)
         async with self.autocommit() as session:
             who = await self.answerer(session, principal, body.assistant_id, body.model, None, chat_type)
+            resources = thread_body.tool_resources if thread_body else None
+            thread.tool_resources = await file_search.checked_resources(session, resources, principal.user_id) or {}
         thread.assistant_id = who.assistant.id
         run = self._new_run(principal, thread.id, who, body)
+        await self.attach(principal, thread, thread_body.messages if thread_body else ())
 
         async def write(session: AsyncSession) -> None:
             await repository.add_thread(session, thread, added)
             session.add(run)
             await session.flush()
 
-        return await self._start(principal, who, run, request_id, bool(body.stream), added, write, thread=thread)
+        return await self._start(
+            principal,
+            who,
+            run,
+            request_id,
+            bool(body.stream),
+            added,
+            write,
+            thread=thread,
+            resources=thread.tool_resources,
+        )
 
     async def _start(
         self,
@@ -306,8 +349,9 @@ class RunEngine:
         write: Any,
         *,
         thread: Thread | None,
+        resources: dict[str, Any],
     ) -> Response:
-        plan = await self._admit(principal, who, run, request_id, stream=stream, added=added)
+        plan = await self._admit(principal, who, run, request_id, stream=stream, added=added, resources=resources)
         try:
             await self._write(run.thread_id, write)
         except BaseException:
@@ -414,13 +458,19 @@ class RunEngine:
         *,
         stream: bool,
         added: Sequence[ThreadMessage],
+        resources: dict[str, Any] | None = None,
     ) -> Plan:
         """A stream's slot (before any limit is taken), the request rate, then the round's plan; what a
-        refusal took is given back."""
+        refusal took is given back. `resources`: the thread's tool_resources, for a first round."""
         slot = self.calls.streams.admit(principal) if stream else None
         try:
             rate = await self.limiter.take(self.limiter.chat_rate(principal))
-            return await self._plan(principal, who, run, request_id, stream=stream, added=added, prior=rate, slot=slot)
+            searched = await self._search(principal, who, run, request_id, added, resources)
+            plan = await self._plan(
+                principal, who, run, request_id, stream=stream, added=added, prior=rate, slot=slot, searched=searched
+            )
+            plan.searched = searched
+            return plan
         except BaseException:
             if slot is not None:
                 slot.release()
@@ -437,9 +487,10 @@ class RunEngine:
         added: Sequence[ThreadMessage],
         prior: Decision,
         slot: StreamSlot | None,
+        searched: file_search.Searched | None = None,
     ) -> Plan:
         """The round's prompt and its call, reserved: the assistant's instructions (and the run's), the
-        context, the history window and the run's tail so far."""
+        context, the passages file_search found, the history window and the run's tail so far."""
         profile, params = who.profile, run.params
         truncation = params.get("truncation_strategy") or {}
         count = truncation.get("last_messages") or profile.history_messages
@@ -461,6 +512,8 @@ class RunEngine:
                 f"{instructions}\n\n{run.additional_instructions}" if instructions else run.additional_instructions
             )
         head = system_messages(instructions, values, context_inline=profile.uses_context_inline and who.templated)
+        if searched is not None:
+            head.append(searched.sources_message())
         tokens = profile.history_tokens
         if params.get("max_prompt_tokens"):
             room = params["max_prompt_tokens"] - sum(estimate_tokens(item["content"]) for item in head)
@@ -513,6 +566,48 @@ class RunEngine:
                 call.give_back()
                 raise
         return Plan(run=run, call=call, payload=payload, stream=stream)
+
+    async def _search(
+        self,
+        principal: Principal,
+        who: Answerer,
+        run: ThreadRun,
+        request_id: str,
+        added: Sequence[ThreadMessage],
+        resources: dict[str, Any] | None,
+    ) -> file_search.Searched | None:
+        """A first round's file_search: the assistant's and the thread's stores, searched with the newest
+        user message once the files being indexed are ready (or the wait is over)."""
+        tool = file_search.file_search_tool(run.tools)
+        if tool is None or run.rounds or resources is None or self.knowledge is None:
+            return None
+        stores = file_search.store_ids(who.assistant.tool_resources, resources)
+        if not stores:
+            return None
+        # A shared assistant's stores are the operator's choice, whoever made them; a user's own are theirs.
+        shared = file_search.store_ids(who.assistant.tool_resources) if who.assistant.user_id is None else []
+        newest = next((m for m in reversed(added) if m.role == "user"), None)
+        if newest is None:
+            async with self.autocommit() as session:
+                newest = await repository.latest_user_message(session, run.thread_id)
+        if newest is None:
+            return None
+        await file_search.wait_for_files(self.knowledge, stores, time.monotonic() + file_search.PENDING_WAIT_SECONDS)
+        options = tool.get("file_search") or {}
+        ranking = {"ranker": "default_2024_08_21", "score_threshold": 0.0, **(options.get("ranking_options") or {})}
+        if ranking["ranker"] == "auto":
+            ranking["ranker"] = "default_2024_08_21"
+        query = newest.prompt or newest.content
+        results = await self.knowledge.search(
+            principal,
+            stores,
+            query,
+            max_num_results=options.get("max_num_results") or file_search.DEFAULT_RESULTS,
+            score_threshold=ranking["score_threshold"],
+            request_id=request_id,
+            shared=shared,
+        )
+        return file_search.Searched(query=query, ranking_options=ranking, results=results)
 
     async def _expand(
         self, profile: Profile, messages: Sequence[ThreadMessage], values: PromptValues

@@ -12,7 +12,7 @@ from app.assistants.service import refuse_unsupported_tools
 from app.auth.principal import Principal
 from app.errors import AssistantNotFound, InvalidRequest, MessageNotFound, RunNotFound, StepNotFound
 from app.models import RunStep, Thread, ThreadMessage, ThreadRun
-from app.threads import repository
+from app.threads import file_search, repository
 from app.threads.ids import MESSAGE, RUN, STEP, THREAD, parse_id, public_id
 from app.threads.objects import message_object, run_object, step_object, thread_object
 from app.threads.repository import Order, Row
@@ -64,8 +64,12 @@ class ThreadService:
     async def create(self, session: AsyncSession, principal: Principal, body: ThreadCreate) -> Thread:
         if body.tool_resources is not None:
             refuse_unsupported_tools([], body.tool_resources)
-        thread = Thread(id=uuid.uuid4(), user_id=principal.user_id, meta=body.metadata or {}, tool_resources={})
+        resources = await file_search.checked_resources(session, body.tool_resources, principal.user_id)
+        thread = Thread(
+            id=uuid.uuid4(), user_id=principal.user_id, meta=body.metadata or {}, tool_resources=resources or {}
+        )
         messages = [new_message(thread.id, message) for message in body.messages]
+        await self.runs.attach(principal, thread, body.messages)
         return await repository.add_thread(session, thread, messages)
 
     async def lookup(
@@ -118,6 +122,9 @@ class ThreadService:
             thread.meta = body.metadata
         if body.tool_resources is not None:
             refuse_unsupported_tools([], body.tool_resources)
+            thread.tool_resources = (
+                await file_search.checked_resources(session, body.tool_resources, thread.user_id) or {}
+            )
         await repository.touch_thread(session, thread.id)
         await session.flush()
         await session.refresh(thread)
@@ -125,8 +132,11 @@ class ThreadService:
 
     # --- messages -------------------------------------------------------------------------
 
-    async def add_message(self, session: AsyncSession, thread: Thread, body: MessageCreate) -> ThreadMessage:
-        """OpenAI's rule: no messages while a run is active (its prompt is being read)."""
+    async def add_message(
+        self, session: AsyncSession, principal: Principal, thread: Thread, body: MessageCreate
+    ) -> ThreadMessage:
+        """OpenAI's rule: no messages while a run is active (its prompt is being read). `file_search`
+        attachments go into the thread's vector store."""
         active = await repository.active_run(session, thread.id)
         if active is not None:
             raise InvalidRequest(
@@ -134,6 +144,8 @@ class ThreadService:
                 param="thread_id",
             )
         message = new_message(thread.id, body)
+        if await self.runs.attach(principal, thread, [body]):
+            await repository.set_tool_resources(session, thread.id, thread.tool_resources)
         await repository.add_messages(session, [message])
         await repository.touch_thread(session, thread.id)
         return message
@@ -194,9 +206,17 @@ class ThreadService:
         return step
 
     async def steps(
-        self, session: AsyncSession, run: ThreadRun, *, limit: int, order: Order, after: str | None, before: str | None
+        self,
+        session: AsyncSession,
+        run: ThreadRun,
+        *,
+        limit: int,
+        order: Order,
+        after: str | None,
+        before: str | None,
+        include_content: bool = False,
     ) -> StepList:
         rows, has_more = await _page(
             session, repository.steps_of(run.id), RunStep, STEP, limit=limit, order=order, after=after, before=before
         )
-        return StepList.of([step_object(step) for step in rows], has_more)
+        return StepList.of([step_object(step, include_content=include_content) for step in rows], has_more)
