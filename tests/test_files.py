@@ -27,6 +27,7 @@ import pytest
 from app.config import DEFAULT_CATALOG
 from support import internals
 from support.auth import bearer
+from support.documents import pdf
 from support.errors import assert_error
 from support.gateway import Gateway, GatewayFactory
 from support.images import moto_s3
@@ -44,29 +45,6 @@ models = ["*"]
 files_max = 2
 """
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS\xde"
-
-
-def pdf_with_text(text: str) -> bytes:
-    """A one-page PDF whose page shows `text` in Helvetica, with a correct cross-reference table."""
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +119,7 @@ async def test_upload_list_retrieve_download_and_delete(gateway: Gateway, db, st
 async def test_a_pdf_is_stored_and_served_as_application_pdf(gateway: Gateway, db, stored) -> None:
     key, _ = await gateway.key("free")
     client = sdk(gateway, key)
-    document = pdf_with_text("Elephants drink up to 200 litres of water a day.")
+    document = pdf([["Elephants drink up to 200 litres of water a day."]])
     assert "200 litres" in pypdf.PdfReader(io.BytesIO(document)).pages[0].extract_text()  # a real PDF
 
     created = await client.files.create(file=("factsheet.txt", document), purpose="assistants")
@@ -402,7 +380,7 @@ async def test_a_file_of_several_megabytes_round_trips(
 async def test_files_in_s3_stream_in_parts_and_leave_nothing_when_refused(gateway_with: GatewayFactory, db) -> None:
     from aiobotocore.session import get_session
 
-    document = pdf_with_text("Tigers swim.") + b"%" + b"t" * (9 * 1024 * 1024)  # two parts of a multipart upload
+    document = pdf([["Tigers swim."]]) + b"%" + b"t" * (9 * 1024 * 1024)  # two parts of a multipart upload
     with moto_s3() as endpoint:
         options = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
         async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1", **options) as s3:

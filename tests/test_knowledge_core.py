@@ -45,6 +45,7 @@ from app.knowledge.filters import InvalidFilters, parse_filters
 from app.knowledge.search import SearchResult, rewrite_query, search
 from app.knowledge.store import FileNotInStore, replace_chunks
 from app.upstream.simulated import embedding_vector
+from support.documents import pdf
 from support.pgvector import pgvector_database
 
 SESSION = {"loop_scope": "session"}
@@ -255,32 +256,6 @@ def any_zoo(request: pytest.FixtureRequest, full_text_zoo: Zoo, hybrid_zoo: Zoo)
 # --- parsing -------------------------------------------------------------------------------
 
 
-def tiny_pdf(pages: list[list[str]]) -> bytes:
-    """A PDF written by hand (Helvetica, one text object per page), as small as a valid one gets."""
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    kids = []
-    for lines in pages:
-        stream = "\n".join(["BT /F1 12 Tf 72 720 Td 14 TL", *(f"({line}) Tj T*" for line in lines), "ET"])
-        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
-        objects.append(
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792]"
-            f" /Resources << /Font << /F1 3 0 R >> >> /Contents {len(objects)} 0 R >>"
-        )
-        kids.append(f"{len(objects)} 0 R")
-    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
-    out = io.BytesIO(b"%PDF-1.4\n")
-    out.seek(0, io.SEEK_END)
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(f"{number} 0 obj\n{body}\nendobj\n".encode())
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
-    out.write("".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode())
-    out.write(f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
-    return out.getvalue()
-
-
 CARE_SHEET = [
     ["Penguin care sheet", "Feed herring twice a day.", "Check the pool water daily."],
     ["Breeding season", "Nest boxes go out in March."],
@@ -296,23 +271,23 @@ def encrypted(data: bytes, user_password: str) -> bytes:
 
 
 async def test_a_pdf_gives_its_pages_text_in_order() -> None:
-    text = await parse.extract_text_async(tiny_pdf(CARE_SHEET), "application/pdf")
+    text = await parse.extract_text_async(pdf(CARE_SHEET), "application/pdf")
     assert text == (
         "Penguin care sheet\nFeed herring twice a day.\nCheck the pool water daily.\n\nBreeding season\n"
         "Nest boxes go out in March."
     )
     # Encrypted for its owner only: an empty password opens it, as any PDF reader does.
-    assert parse.extract_text(encrypted(tiny_pdf(CARE_SHEET), ""), "application/pdf") == text
+    assert parse.extract_text(encrypted(pdf(CARE_SHEET), ""), "application/pdf") == text
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (encrypted(tiny_pdf(CARE_SHEET), "secret"), "The PDF is protected by a password."),
+        (encrypted(pdf(CARE_SHEET), "secret"), "The PDF is protected by a password."),
         (b"%PDF-1.4\nnothing else", "The PDF cannot be read"),
-        (tiny_pdf(CARE_SHEET)[:300], "The PDF cannot be read"),
+        (pdf(CARE_SHEET)[:300], "The PDF cannot be read"),
         (b"", "The PDF cannot be read"),
-        (tiny_pdf([[], []]), "The file contains no text to search."),
+        (pdf([[], []]), "The file contains no text to search."),
     ],
     ids=["password", "garbage", "truncated", "empty", "no-text"],
 )
@@ -491,7 +466,7 @@ async def test_indexing_a_file_again_replaces_its_chunks(path: str, db: asyncpg.
     mode = await retrieval_mode(pool)
     store, file_id = await add_store(pool), uuid.uuid4()
     await add_file(pool, store, file_id, "care-sheet.pdf", {})
-    text = parse.extract_text(tiny_pdf(CARE_SHEET * 40), "application/pdf")
+    text = parse.extract_text(pdf(CARE_SHEET * 40), "application/pdf")
     chunks = chunk_text(text, 100, 50)
     for _ in range(2):  # a retry after a crash, or a re-index
         written = await replace_chunks(

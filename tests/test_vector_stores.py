@@ -26,6 +26,7 @@ import pytest_asyncio
 
 from support import internals
 from support.auth import bearer
+from support.documents import pdf
 from support.errors import assert_error
 from support.fake_upstream import EMBEDDING_TOKENS_PER_INPUT, FakeUpstream, Reply
 from support.gateway import Gateway, app_command_async, gateway_env, gateway_process, make_settings, serve
@@ -264,10 +265,10 @@ async def test_a_pdf_is_indexed_and_searchable(gateway: Gateway) -> None:
     writer.add_blank_page(612, 792)
     out = io.BytesIO()
     writer.write(out)
-    pdf = pdf_with_lines(["Penguin care sheet", "Feed herring twice a day.", "Nest boxes go out in March."])
+    care = pdf([["Penguin care sheet", "Feed herring twice a day.", "Nest boxes go out in March."]])
     store = await client.vector_stores.create(name="pdfs")
     attached = await client.vector_stores.files.upload_and_poll(
-        vector_store_id=store.id, file=("care.pdf", pdf), **POLL
+        vector_store_id=store.id, file=("care.pdf", care), **POLL
     )
     assert attached.status == "completed", attached.last_error
     best = await first_hit(client, store.id, "When do the nest boxes go out?")
@@ -284,29 +285,6 @@ async def test_a_pdf_is_indexed_and_searchable(gateway: Gateway) -> None:
         assert failed.last_error.code == "invalid_file" and failed.usage_bytes == 0
     counts = (await client.vector_stores.retrieve(store.id)).file_counts
     assert (counts.completed, counts.failed, counts.total) == (1, 2, 3)
-
-
-def pdf_with_lines(lines: list[str]) -> bytes:
-    """A one-page PDF showing `lines` in Helvetica, with a correct cross-reference table."""
-    stream = "\n".join(["BT /F1 12 Tf 72 720 Td 14 TL", *(f"({line}) Tj T*" for line in lines), "ET"]).encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
 
 
 # --- ownership and validation ---------------------------------------------------------------------

@@ -7,11 +7,11 @@ a number does are a 400 naming the field. A vector store file's id is its file's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from app.assistants.schemas import Page
 from app.knowledge.chunk import ChunkingStrategyParam
 from app.knowledge.search import MAX_RESULTS
 from app.threads.ids import MAX_ID_LENGTH
@@ -200,20 +200,6 @@ class VectorStoreFileDeleted(BaseModel):
     id: str
     object: Literal["vector_store.file.deleted"] = "vector_store.file.deleted"
     deleted: Literal[True] = True
-
-
-class Page(BaseModel):
-    """OpenAI's cursor list envelope."""
-
-    object: Literal["list"] = "list"
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-    @classmethod
-    def of(cls, data: Sequence[Any], has_more: bool) -> Self:
-        first, last = (data[0].id, data[-1].id) if data else (None, None)
-        return cls.model_validate({"data": data, "first_id": first, "last_id": last, "has_more": has_more})
 
 
 class VectorStoreList(Page):
