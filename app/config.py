@@ -209,6 +209,10 @@ class Settings(BaseSettings):
     vector_store_embed_batch_inputs: int = Field(128, ge=1, le=2048)
     vector_store_embed_batch_tokens: int = Field(64_000, ge=1000, le=300_000)
     vector_store_max_attempts: int = Field(3, ge=1, le=20)
+    # A file taken up this many times without finishing (its process died each time) fails.
+    vector_store_max_claims: int = Field(5, ge=1, le=100)
+    # The most text one file may have, in tokens (OpenAI's own bound is 5M): parsing and chunking hold it whole.
+    vector_store_file_max_tokens: int = Field(2_000_000, ge=1000)
     vector_store_limit_wait_seconds: float = Field(120.0, ge=0)
     # Expired vector stores and files (their `expires_at` passed) are deleted every this many seconds.
     vector_store_retention_interval: float = Field(3600.0, gt=0)

@@ -209,7 +209,7 @@ class Runtime:
         mode = await retrieval_mode(db.pool)
         log.info(VECTOR_SEARCH[mode])
         embedder = Embedder(catalog, limiter, calls)
-        indexer = Indexer(settings, db.pool, storage, embedder, instance, mode, events)
+        indexer = Indexer(settings, db.pool, storage, embedder, mode, events)
         listener.on(WORK_CHANNEL, indexer.heard, resync=indexer.wake)
         vector_stores = VectorStoreService(catalog, db, embedder, mode, indexer.wake)
         runs.knowledge = vector_stores  # file_search in runs, and messages' attachments

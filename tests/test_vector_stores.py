@@ -24,6 +24,7 @@ import pypdf
 import pytest
 import pytest_asyncio
 
+from app.vector_stores import work
 from support import internals
 from support.auth import bearer
 from support.documents import pdf
@@ -680,3 +681,101 @@ async def test_readiness_says_how_stores_are_searched(gateway: Gateway, db: asyn
     has_pgvector = await db.fetchval("SELECT count(*) > 0 FROM pg_extension WHERE extname = 'vector'")
     ready = (await gateway.client.get("/readyz")).json()
     assert ready["vector_search"] == ("hybrid" if has_pgvector else "full_text")
+
+
+# --- the indexer's queue, without a gateway -------------------------------------------------------
+
+
+async def queued_file(pool: asyncpg.Pool) -> tuple[uuid.UUID, uuid.UUID]:
+    """A store with one file `in_progress`, written directly: (store id, file id)."""
+    store, file_id = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO file (id, user_id, purpose, filename, bytes, content_type, storage_key, sha256)"
+        " VALUES ($1, 'queue-user', 'assistants', 'a.txt', 1, 'text/plain', $2, 'x')",
+        file_id,
+        f"files/{file_id.hex}",
+    )
+    await pool.execute(
+        "INSERT INTO vector_store (id, user_id, embedding_model, chunking_strategy)"
+        " VALUES ($1, 'queue-user', 'm', '{}'::jsonb)",
+        store,
+    )
+    await pool.execute(
+        "INSERT INTO vector_store_file (vector_store_id, file_id, user_id, status, chunking_strategy)"
+        " VALUES ($1, $2, 'queue-user', 'in_progress', '{}'::jsonb)",
+        store,
+        file_id,
+    )
+    return store, file_id
+
+
+async def test_a_lease_is_one_claims_and_claims_are_counted(fresh_database) -> None:
+    """A file cancelled and attached again while a task of this very process still works on it is the new
+    claim's: the old task can neither renew nor finish it. A clean release gives its claim back."""
+    async with fresh_database("queue") as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            await queued_file(pool)
+            first = await work.claim(pool, 30)
+            assert first is not None and first.claims == 1
+            # Cancelled and attached again (as the service does): in progress, its lease gone.
+            await pool.execute("UPDATE vector_store_file SET lease_owner = NULL, lease_until = NULL")
+            second = await work.claim(pool, 30)
+            assert second is not None and second.claims == 2
+            assert not await work.renew(pool, first, 30)
+            async with pool.acquire() as conn, conn.transaction():
+                assert not await work.lock_own(conn, first)
+                assert not await work.fail(conn, first, {"code": "server_error", "message": "stale"})
+            assert await work.renew(pool, second, 30)
+            await work.release(pool, second)
+            again = await work.claim(pool, 30)
+            assert again is not None and again.claims == 2  # the release gave its claim back
+            await work.back_off(pool, again, 60)  # a fault: not claimable before the back-off has passed
+            assert await work.claim(pool, 30) is None
+        finally:
+            await pool.close()
+
+
+async def test_a_file_that_keeps_stopping_its_indexer_fails(fresh_database, upstream: FakeUpstream) -> None:
+    """Taken up more than VECTOR_STORE_MAX_CLAIMS times (its process died each time), a file fails."""
+    async with fresh_database("claims") as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            store, file_id = await queued_file(pool)
+            await pool.execute("UPDATE vector_store_file SET claims = 2")
+            async with serve(make_settings(url, upstream, vector_store_max_claims=2)):
+
+                async def failed() -> bool:
+                    status = await pool.fetchval("SELECT status FROM vector_store_file WHERE file_id = $1", file_id)
+                    return bool(status == "failed")
+
+                await wait_for(failed, 20, what="the file to fail")
+            error = await pool.fetchval(
+                "SELECT last_error->>'message' FROM vector_store_file WHERE vector_store_id = $1", store
+            )
+            assert "started 2 times" in error
+        finally:
+            await pool.close()
+
+
+async def test_a_file_with_too_much_text_fails_before_any_embedding(fresh_database, upstream: FakeUpstream) -> None:
+    # A database of its own: the module's gateway (with the default bound) indexes what it finds in its own.
+    async with (
+        fresh_database("big") as url,
+        serve(make_settings(url, upstream, vector_store_file_max_tokens=1000)) as gw,
+    ):
+        _, client = await user(gw)
+        store = await client.vector_stores.create(name="big")
+        [file_id] = (await upload(client, {"big.txt": b"word " * 2000})).values()
+        done = await client.vector_stores.files.create_and_poll(file_id, vector_store_id=store.id, **POLL)
+        assert done.status == "failed" and done.last_error is not None
+        assert done.last_error.code == "invalid_file" and "1000" in done.last_error.message
+
+
+async def test_a_cancelled_files_chunks_are_not_found(gateway: Gateway, db: asyncpg.Pool) -> None:
+    _, client = await user(gateway)
+    store, ids = await zoo_store(client)
+    hit = await first_hit(client, store.id, "Which animals hold hands while they sleep on the water?")
+    await db.execute("UPDATE vector_store_file SET status = 'cancelled' WHERE file_id = $1", row_id(hit.file_id))
+    page = await client.vector_stores.search(store.id, query="Which animals hold hands while they sleep on the water?")
+    assert hit.file_id == ids["otter.md"] and hit.file_id not in {item.file_id for item in page.data}

@@ -64,7 +64,11 @@ what when where which who whom whose why will with would you
 """
 QUESTION_WORDS = frozenset(QUESTION_WORD_LIST.split())
 
-CHUNK_FILE = "JOIN vector_store_file f ON f.vector_store_id = c.vector_store_id AND f.file_id = c.file_id"
+# Chunks of files indexed, or being indexed again (a reindex keeps the old ones until the new are written).
+CHUNK_FILE = (
+    "JOIN vector_store_file f ON f.vector_store_id = c.vector_store_id AND f.file_id = c.file_id"
+    " AND f.status IN ('completed', 'in_progress')"
+)
 COVERAGE = (
     "((SELECT count(*) FROM unnest(q.terms) AS t(term) WHERE t.term = ANY(tsvector_to_array(c.tsv)))::float8"
     " / greatest(cardinality(q.terms), 1))"

@@ -13,6 +13,7 @@ trip per batch, vectors as pgvector text cast in SQL (see `db.vector_literal`).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 
@@ -56,7 +57,9 @@ async def replace_chunks(
     """
     if embeddings is not None and len(embeddings) != len(chunks):
         raise ValueError(f"{len(embeddings)} embeddings for {len(chunks)} chunks")
-    vectors = [vector_literal(values) for values in embeddings] if embeddings and mode is RetrievalMode.HYBRID else None
+    vectors = None
+    if embeddings and mode is RetrievalMode.HYBRID:  # ~0.3 ms a vector: off the event loop
+        vectors = await asyncio.to_thread(lambda: [vector_literal(values) for values in embeddings])
     async with connection(db) as conn, transaction(conn):
         if await conn.fetchval(LOCK_FILE, vector_store_id, file_id) is None:
             raise FileNotInStore(f"file {file_id} is not in vector store {vector_store_id}")

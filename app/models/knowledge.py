@@ -96,8 +96,8 @@ class VectorStoreFileBatch(Base):
 class VectorStoreFile(Base):
     """A file in a store: parsed, chunked, embedded and indexed in the background while `in_progress`.
 
-    The indexer that works on it holds a lease (`lease_owner`, a process of app/instances.py,
-    until `lease_until`); a file whose lease ran out is taken up again by any replica.
+    The indexer that works on it holds a lease (`lease_owner`, a token of that one claim, until
+    `lease_until`); a file whose lease ran out is taken up again by any replica.
     """
 
     __tablename__ = "vector_store_file"
@@ -121,6 +121,8 @@ class VectorStoreFile(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     lease_owner: Mapped[uuid.UUID | None] = mapped_column(UUID)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Times taken up to be indexed (a clean release gives its claim back): bounds a file that kills its process.
+    claims: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class KnowledgeChunk(Base):

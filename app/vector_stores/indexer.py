@@ -29,12 +29,12 @@ from app.errors import LIMIT_CODES, ErrorCode, GatewayError, RateLimited, Unavai
 from app.events import EventHub, Refusal
 from app.files.schemas import FILE
 from app.images.storage import ImageStorage
-from app.instances import Instance
 from app.knowledge.chunk import Chunk, StaticChunkingStrategy, chunk_with
 from app.knowledge.db import RetrievalMode
 from app.knowledge.parse import UnreadableFile, extract_text_async
 from app.knowledge.store import replace_chunks
 from app.threads.ids import public_id
+from app.tokens import estimate_tokens
 from app.vector_stores import work
 from app.vector_stores.embedder import ROUTE, Embedder, Vector, batches
 from app.vector_stores.schemas import VS
@@ -61,7 +61,6 @@ class Indexer:
         pool: asyncpg.Pool,
         storage: ImageStorage,
         embedder: Embedder,
-        instance: Instance,
         mode: RetrievalMode,
         events: EventHub,
     ) -> None:
@@ -70,7 +69,6 @@ class Indexer:
         self.pool = pool
         self.storage = storage
         self.embedder = embedder
-        self.owner = instance.id
         self.mode = mode
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +111,7 @@ class Indexer:
                 await asyncio.wait(self._active, return_when=asyncio.FIRST_COMPLETED)
             self._wake.clear()
             try:
-                job = await work.claim(self.pool, self.owner, self.settings.vector_store_lease_seconds)
+                job = await work.claim(self.pool, self.settings.vector_store_lease_seconds)
             except Exception as error:
                 log.warning("could not look for files to index: %s", error)
                 job = None
@@ -128,6 +126,10 @@ class Indexer:
     async def _run(self, job: Claimed) -> None:
         """Index `job` while renewing its lease; a lease found lost stops the work where it stands."""
         lease = self.settings.vector_store_lease_seconds
+        if job.claims > self.settings.vector_store_max_claims:
+            message = f"Indexing the file was started {job.claims - 1} times and never finished (its process stopped)."
+            await self._fail(job, {"code": "server_error", "message": message})
+            return
         indexing = asyncio.create_task(self._index(job))
         try:
             while not indexing.done():
@@ -135,7 +137,7 @@ class Indexer:
                 if indexing.done():
                     break
                 try:
-                    kept = await work.renew(self.pool, job, self.owner, lease)
+                    kept = await work.renew(self.pool, job, lease)
                 except Exception as error:  # the database: try again at the next renewal
                     log.warning("could not renew the lease of file %s: %s", job.file_id, error)
                     continue
@@ -153,6 +155,10 @@ class Indexer:
         except IndexFailure as failure:
             await self._fail(job, failure.last_error)
         except Exception as error:
+            if _is_fault(error):  # not the file's: the database or the storage; it is tried again later
+                log.warning("indexing file %s stopped by a fault, tried again later: %s", job.file_id, error)
+                await self._back_off(job)
+                return
             log.exception("indexing file %s of %s failed unexpectedly", job.file_id, job.vector_store_id)
             await self._fail(job, {"code": "server_error", "message": f"The file could not be indexed: {error}"})
         finally:
@@ -162,18 +168,23 @@ class Indexer:
         try:
             data = await self.storage.get(job.storage_key)
         except GatewayError as error:
+            if error.status_code == 503:
+                raise  # the storage is down: a fault, not the file's
             raise IndexFailure("server_error", f"The file's content could not be read: {error.message}") from error
         try:
             text = await extract_text_async(data, job.content_type)
         except UnreadableFile as unreadable:
             raise IndexFailure(unreadable.code, unreadable.message) from unreadable
         del data
+        tokens, most = estimate_tokens(text), self.settings.vector_store_file_max_tokens
+        if tokens > most:
+            raise IndexFailure("invalid_file", f"The file's text has about {tokens} tokens; a file may have {most}.")
         strategy = StaticChunkingStrategy.model_validate(job.chunking_strategy)
         chunks = await asyncio.to_thread(chunk_with, text, strategy)
         vectors = await self._embed(job, chunks) if self.mode is RetrievalMode.HYBRID else None
         usage_bytes = len(text.encode())
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await work.lock_own(conn, job, self.owner):
+            if not await work.lock_own(conn, job):
                 log.info("file %s was cancelled or taken over while indexed; its chunks are not kept", job.file_id)
                 return
             await replace_chunks(
@@ -230,20 +241,28 @@ class Indexer:
     def _attempted(self, attempts: int, error: GatewayError) -> int:
         attempts += 1
         if attempts >= self.settings.vector_store_max_attempts:
+            if isinstance(error, Unavailable):
+                raise error  # ours (the usage writer, the database): the file is tried again later
             raise IndexFailure("server_error", f"The embeddings call failed {attempts} times: {error.message}")
         return attempts
 
     async def _fail(self, job: Claimed, last_error: dict[str, str]) -> None:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                if await work.fail(conn, job, self.owner, last_error):
+                if await work.fail(conn, job, last_error):
                     log.info("file %s of %s failed: %s", job.file_id, job.vector_store_id, last_error["code"])
         except Exception as error:  # its lease runs out, and it is tried again
             log.warning("could not record the failure of file %s: %s", job.file_id, error)
 
+    async def _back_off(self, job: Claimed) -> None:
+        try:
+            await work.back_off(self.pool, job, self.settings.vector_store_lease_seconds)
+        except Exception as error:  # its lease runs out instead
+            log.warning("could not let go of file %s: %s", job.file_id, error)
+
     async def _release(self, job: Claimed) -> None:
         try:
-            await work.release(self.pool, job, self.owner)
+            await work.release(self.pool, job)
         except Exception as error:  # its lease runs out instead
             log.warning("could not let go of file %s: %s", job.file_id, error)
 
@@ -253,3 +272,10 @@ def _retry_after(error: GatewayError, default: float) -> float:
         return max(float(error.headers.get("retry-after", default)), 0.0)
     except ValueError:
         return default
+
+
+def _is_fault(error: Exception) -> bool:
+    """Not the file's doing: the database or the storage is down (a 503 of ours), a connection dropped."""
+    if isinstance(error, GatewayError):
+        return error.status_code == 503
+    return isinstance(error, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError)
