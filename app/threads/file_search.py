@@ -11,7 +11,7 @@ the message. A `file_search` run step records the query, the ranking options and
 (their text only when a client asks with `include[]=` INCLUDE_CONTENT).
 
 Message attachments with a `file_search` tool go into the thread's vector store, made for it
-on first use (expiring 7 days after its last activity, as OpenAI's did).
+on first use (expiring 7 days after its last activity, as OpenAI's did; made again once expired).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from app.knowledge.search import SearchResult
 from app.models import Thread, VectorStore
 from app.threads.ids import public_id
 from app.threads.schemas import Attachment
+from app.vector_stores.errors import VectorStoreExpired, VectorStoreNotFound
 
 VECTOR_STORE, FILE = "vs_", "file-"
 INCLUDE_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
@@ -158,8 +159,11 @@ async def attach(knowledge: Knowledge, principal: Principal, thread: Thread, att
         return False
     existing = store_ids(thread.tool_resources)
     if existing:
-        await knowledge.attach_files(principal, existing[0], files)
-        return False
+        try:
+            await knowledge.attach_files(principal, existing[0], files)
+            return False
+        except (VectorStoreNotFound, VectorStoreExpired):
+            pass  # the thread's store expired (or was deleted): the thread gets a new one
     store = await knowledge.create_store(
         principal,
         file_ids=files,

@@ -592,7 +592,11 @@ class RunEngine:
                 newest = await repository.latest_user_message(session, run.thread_id)
         if newest is None:
             return None
-        await file_search.wait_for_files(self.knowledge, stores, time.monotonic() + file_search.PENDING_WAIT_SECONDS)
+        # Files just attached to the thread may still be indexing; the assistant's stores are what they are.
+        attached = file_search.store_ids(resources)
+        if attached:
+            deadline = time.monotonic() + file_search.PENDING_WAIT_SECONDS
+            await file_search.wait_for_files(self.knowledge, attached, deadline)
         options = tool.get("file_search") or {}
         ranking = {"ranker": "default_2024_08_21", "score_threshold": 0.0, **(options.get("ranking_options") or {})}
         if ranking["ranker"] == "auto":

@@ -144,6 +144,8 @@ class ThreadService:
                 param="thread_id",
             )
         message = new_message(thread.id, body)
+        if body.attachments:  # two messages at once must not each make the thread a store
+            await session.refresh(thread, ["tool_resources"], with_for_update=True)
         if await self.runs.attach(principal, thread, [body]):
             await repository.set_tool_resources(session, thread.id, thread.tool_resources)
         await repository.add_messages(session, [message])

@@ -40,7 +40,7 @@ def store_object(store: VectorStore, totals: Totals) -> VectorStoreObject:
     return VectorStoreObject(
         id=public_id(VS, store.id),
         created_at=int(store.created_at.timestamp()),
-        name=store.name,
+        name=store.name or "",  # the SDK types it `str`: an unnamed store reads ""
         usage_bytes=totals.usage_bytes,
         file_counts=totals.counts,
         status=store_status(store, totals),

@@ -144,7 +144,7 @@ class VectorStoreObject(BaseModel):
     id: str
     object: Literal["vector_store"] = "vector_store"
     created_at: int
-    name: str | None
+    name: str
     usage_bytes: int
     file_counts: FileCounts
     status: StoreStatus
