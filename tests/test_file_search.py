@@ -12,8 +12,7 @@ from openai import AsyncAssistantEventHandler
 from openai.types.beta.threads import Message
 from typing_extensions import override
 
-from app.knowledge.search import SearchResult
-from app.threads.file_search import Citations, Searched
+from app.threads.file_search import Citations, Passage, Searched
 from support.auth import bearer
 from support.errors import assert_error
 from support.fake_upstream import FakeUpstream, Reply
@@ -265,8 +264,8 @@ async def test_stores_and_files_of_others_cannot_be_named(gateway: Gateway) -> N
     assert_error(response, 400, code="unsupported_tool", param="attachments.0.tools")
 
 
-def result(n: int) -> SearchResult:
-    return SearchResult(uuid.uuid4(), uuid.uuid4(), f"f{n}.txt", {}, n, 0, f"passage {n}", 0.5)
+def result(n: int) -> Passage:
+    return Passage(uuid.uuid4(), f"f{n}.txt", f"passage {n}", 0.5)
 
 
 def test_citations_are_found_however_the_reply_is_cut() -> None:
@@ -306,3 +305,47 @@ async def test_a_shared_assistant_searches_the_staffs_store_for_every_visitor(ga
         # The store itself stays the staff's.
         with pytest.raises(openai.NotFoundError):
             await visitor.vector_stores.retrieve(store)
+
+
+async def test_the_passages_stay_with_the_run_through_its_tool_calls(gateway: Gateway, upstream: FakeUpstream) -> None:
+    """A run that calls a function first answers in a later round: it still has the passages, and cites them."""
+    key, _ = await gateway.key("pro")
+    client = sdk(gateway, key)
+    lions, _, store = await zoo_store(client)
+    weather = {"type": "function", "function": {"name": "enclosure_weather", "parameters": {"type": "object"}}}
+    assistant = await client.beta.assistants.create(
+        model="gpt-5-mini",
+        tools=[{"type": "file_search"}, weather],
+        tool_resources={"file_search": {"vector_store_ids": [store]}},
+    )
+    base = {"id": "chatcmpl-tool", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5-mini"}
+    call = {
+        "index": 0,
+        "id": "call_w",
+        "type": "function",
+        "function": {"name": "enclosure_weather", "arguments": "{}"},
+    }
+    asks = [
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]}, "finish_reason": None}],
+        },
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    upstream.script(CHAT, Reply(chunks=asks), cited_reply(*REPLY))
+    run = await client.beta.threads.create_and_run_poll(
+        assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": QUESTION}]}
+    )
+    assert run.status == "requires_action"
+    run = await client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id, thread_id=run.thread_id, tool_outputs=[{"tool_call_id": "call_w", "output": "sunny"}]
+    )
+    assert run.status == "completed", run.last_error
+    first, second = upstream.received(CHAT)
+    for sent in (first, second):
+        assert any(f"{MARKER} (file: lions.txt)" in str(m["content"]) for m in sent.json["messages"])
+    [reply, _] = (await client.beta.threads.messages.list(run.thread_id)).data
+    assert_cites(reply, lions)
+    steps = (await client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id, order="asc")).data
+    kinds = [step.step_details.tool_calls[0].type if step.type == "tool_calls" else step.type for step in steps]  # type: ignore[union-attr]
+    assert kinds == ["file_search", "function", "message_creation"]  # one search, made once

@@ -184,14 +184,48 @@ async def wait_for_files(knowledge: Knowledge, stores: Sequence[uuid.UUID], dead
         await asyncio.sleep(PENDING_POLL_SECONDS)
 
 
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A result as the run's prompt and step keep it."""
+
+    file_id: uuid.UUID
+    filename: str
+    text: str
+    score: float
+
+    @classmethod
+    def of(cls, result: SearchResult) -> Passage:
+        return cls(result.file_id, result.filename, result.text, result.score)
+
+
 @dataclass(slots=True)
 class Searched:
-    """One file_search of a round: what was asked, how results were ranked, and what was found."""
+    """One file_search of a run: what was asked, how results were ranked, and what was found. Made by
+    the first round (`recorded` once its step is written), read back from that step by later ones."""
 
     query: str
     ranking_options: dict[str, Any]
-    results: list[SearchResult]
+    results: list[Passage]
     call_id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    recorded: bool = False
+
+    @classmethod
+    def from_step(cls, details: dict[str, Any]) -> Searched | None:
+        """The search a run's `tool_calls` step recorded (with the results' text), if it is one."""
+        call = next((c for c in details.get("tool_calls") or () if c.get("type") == "file_search"), None)
+        if call is None:
+            return None
+        search = call["file_search"]
+        passages = [
+            Passage(
+                uuid.UUID(hex=result["file_id"].removeprefix(FILE)),
+                result["file_name"],
+                "".join(part.get("text", "") for part in result.get("content") or ()),
+                result["score"],
+            )
+            for result in search.get("results") or ()
+        ]
+        return cls(search.get("query", ""), search.get("ranking_options", {}), passages, call["id"], recorded=True)
 
     def sources_message(self) -> dict[str, str]:
         """The system message that gives the model the passages, each under its marker."""

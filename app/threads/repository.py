@@ -113,6 +113,17 @@ async def touch_thread(session: AsyncSession, thread_id: uuid.UUID, assistant_id
     await session.execute(update(Thread).where(Thread.id == thread_id).values(values))
 
 
+async def file_search_details(session: AsyncSession, run_id: uuid.UUID) -> dict[str, Any] | None:
+    """The details of the run's file_search step (a `tool_calls` step whose call is a file_search)."""
+    query = (
+        select(RunStep.step_details)
+        .where(RunStep.run_id == run_id, RunStep.type == "tool_calls")
+        .where(RunStep.step_details["tool_calls"][0]["type"].astext == "file_search")
+        .limit(1)
+    )
+    return await session.scalar(query)
+
+
 async def set_tool_resources(session: AsyncSession, thread_id: uuid.UUID, resources: dict[str, Any]) -> None:
     await session.execute(update(Thread).where(Thread.id == thread_id).values(tool_resources=resources))
 

@@ -161,7 +161,7 @@ class Round:
                 yield event
             return
         yield "thread.run.in_progress", run_object(self.run)
-        if self.plan.searched is not None:
+        if self.plan.searched is not None and not self.plan.searched.recorded:
             for event in await self._search_step(self.plan.searched):
                 yield event
         try:

@@ -579,7 +579,13 @@ class RunEngine:
         """A first round's file_search: the assistant's and the thread's stores, searched with the newest
         user message once the files being indexed are ready (or the wait is over)."""
         tool = file_search.file_search_tool(run.tools)
-        if tool is None or run.rounds or resources is None or self.knowledge is None:
+        if tool is None or self.knowledge is None:
+            return None
+        if run.rounds:  # a later round (tool outputs): the passages the first one found, from its step
+            async with self.autocommit() as session:
+                details = await repository.file_search_details(session, run.id)
+            return file_search.Searched.from_step(details) if details is not None else None
+        if resources is None:
             return None
         stores = file_search.store_ids(who.assistant.tool_resources, resources)
         if not stores:
@@ -611,7 +617,8 @@ class RunEngine:
             request_id=request_id,
             shared=shared,
         )
-        return file_search.Searched(query=query, ranking_options=ranking, results=results)
+        passages = [file_search.Passage.of(result) for result in results]
+        return file_search.Searched(query=query, ranking_options=ranking, results=passages)
 
     async def _expand(
         self, profile: Profile, messages: Sequence[ThreadMessage], values: PromptValues
