@@ -182,6 +182,8 @@ class TierSpec(BaseModel):
     file_bytes_max: int | None = Field(None, ge=0)
     storage_bytes_max: int | None = Field(None, ge=0)
     files_max: int | None = Field(None, ge=0)
+    # Vector stores a user keeps (their chunks live in Postgres).
+    vector_stores_max: int | None = Field(None, ge=0)
 
 
 class KnowledgeSpec(BaseModel):

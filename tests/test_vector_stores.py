@@ -779,3 +779,13 @@ async def test_a_cancelled_files_chunks_are_not_found(gateway: Gateway, db: asyn
     await db.execute("UPDATE vector_store_file SET status = 'cancelled' WHERE file_id = $1", row_id(hit.file_id))
     page = await client.vector_stores.search(store.id, query="Which animals hold hands while they sleep on the water?")
     assert hit.file_id == ids["otter.md"] and hit.file_id not in {item.file_id for item in page.data}
+
+
+async def test_a_tier_keeps_so_many_stores(gateway: Gateway) -> None:
+    _, client = await user(gateway)  # free: 100 stores (app/catalog.toml)
+    for start in range(0, 100, 25):
+        await asyncio.gather(*(client.vector_stores.create(name=f"s{n}") for n in range(start, start + 25)))
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await client.vector_stores.create(name="one too many")
+    assert_error(refused.value.response, 403, code="storage_quota_exceeded")
+    assert len([store async for store in client.vector_stores.list(limit=100)]) == 100

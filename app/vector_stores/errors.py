@@ -5,7 +5,7 @@ Unknown, malformed and another user's ids are never told apart: each is the same
 
 from __future__ import annotations
 
-from app.errors import InvalidRequest, ResourceNotFound
+from app.errors import ErrorCode, InvalidRequest, PermissionDenied, ResourceNotFound
 from app.files.errors import FileNotFound
 
 
@@ -31,3 +31,12 @@ def missing_file(file_id: object, param: str) -> FileNotFound:
     error = FileNotFound(file_id)
     error.param = param
     return error
+
+
+class StoreQuotaExceeded(PermissionDenied):
+    """403, not 429: waiting does not help (as the files' own quota)."""
+
+    code = ErrorCode.STORAGE_QUOTA_EXCEEDED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)

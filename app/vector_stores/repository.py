@@ -365,3 +365,14 @@ async def use_stores(
 async def announce_work(session: AsyncSession) -> None:
     """Wake every process's indexer once this transaction commits."""
     await session.execute(select(func.pg_notify(WORK_CHANNEL, "")))
+
+
+async def lock_user_stores(session: AsyncSession, user_id: str) -> None:
+    """Until the transaction ends, the only one making a store for this user (their count is checked)."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"vector_store:{user_id}", 0))))
+
+
+async def count_stores(session: AsyncSession, user_id: str) -> int:
+    return int(
+        await session.scalar(select(func.count()).select_from(VectorStore).where(VectorStore.user_id == user_id)) or 0
+    )

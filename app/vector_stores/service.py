@@ -35,7 +35,7 @@ from app.registry import Catalog
 from app.threads.ids import public_id
 from app.vector_stores import repository
 from app.vector_stores.embedder import Embedder, Vector
-from app.vector_stores.errors import VectorStoreExpired, VectorStoreNotFound, missing_file
+from app.vector_stores.errors import StoreQuotaExceeded, VectorStoreExpired, VectorStoreNotFound, missing_file
 from app.vector_stores.inputs import file_uuids, named, named_files, strategy_of
 from app.vector_stores.repository import Attachment
 from app.vector_stores.schemas import (
@@ -127,8 +127,16 @@ class VectorStoreService:
             store.expires_at = func.now() + timedelta(days=expiry.days)
         names = named_files(file_ids, "file_ids.{index}")
         attachments = [Attachment(file_id, strategy) for file_id in names]
+        most = self.catalog.tier(principal.tier).vector_stores_max
         async with self.sessionmaker() as session, session.begin():
             await self._check_files(session, principal, names)
+            if most is not None:
+                await repository.lock_user_stores(session, principal.user_id)
+                if await repository.count_stores(session, principal.user_id) >= most:
+                    raise StoreQuotaExceeded(
+                        f"Your tier keeps at most {most} vector stores; delete one"
+                        " (DELETE /v1/vector_stores/{vector_store_id}) to make another."
+                    )
             store = await repository.add_store(session, store)
             if attachments:
                 await repository.attach(session, store.id, principal.user_id, attachments)
