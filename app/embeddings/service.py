@@ -10,20 +10,23 @@ operator or the user chose it.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import Response
 
 from app.auth.principal import Principal
-from app.calls import Calls, Spent
+from app.calls import Call, Calls, Spent
 from app.embeddings.schemas import MAX_REQUEST_TOKENS, EmbeddingRequest
 from app.errors import InvalidRequest, UpstreamError
 from app.ratelimit.limiter import Limiter
 from app.registry import Catalog, ModelSpec
 from app.tokens import embedding_tokens
+from app.upstream.provider import UpstreamReply
 
 ROUTE = "embeddings"
+T = TypeVar("T")
 
 
 class EmbeddingService:
@@ -39,26 +42,62 @@ class EmbeddingService:
         tokens = _tokens(spec, items)
         payload: dict[str, Any] = body.model_dump(exclude_none=True)
         payload["model"] = spec.id
-        cost = spec.token_cost(tokens, 0)
-        call = await self.calls.open(
+        reply, call, _ = await embeddings_call(
+            self.calls,
+            self.limiter,
             principal,
+            spec,
+            payload,
+            tokens=tokens,
+            length=length,
+            inputs=len(items),
             route=ROUTE,
-            spec=spec,
             request_id=request_id,
-            buckets=self.limiter.embedding_buckets(principal, tokens, cost),
-            reserved=Spent(tokens, 0, cost_usd=cost, estimated=True),
-            # Never stood in for: simulated vectors stored beside real ones would corrupt a client's index.
-            fallback="never",
+            read=lambda answer: None,
         )
-        reply = await self.calls.invoke(call, lambda provider: provider.embeddings(payload, length))
-        try:
-            answer = _answer(reply.body, len(items))
-            spent = call.token_spend(answer.get("usage"), strict=True)
-        except UpstreamError as failure:
-            call.fail(failure)
-            raise
-        call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
         return Response(reply.body, media_type="application/json", headers=call.headers(reply.request_id))
+
+
+async def embeddings_call(
+    calls: Calls,
+    limiter: Limiter,
+    principal: Principal,
+    spec: ModelSpec,
+    payload: dict[str, Any],
+    *,
+    tokens: int,
+    length: int,
+    inputs: int,
+    route: str,
+    request_id: str,
+    read: Callable[[dict[str, Any]], T],
+    detail: dict[str, Any] | None = None,
+) -> tuple[UpstreamReply, Call, T]:
+    """One embeddings call through the pipeline, for the route and for vector stores: `tokens` reserved at
+    the model's input price against the embedding limits, never stood in for (simulated vectors beside
+    real ones would corrupt an index), recorded once with the upstream's usage. `read` takes what the
+    caller needs from the answer (checked to hold one embedding per input); what it raises fails the call."""
+    cost = spec.token_cost(tokens, 0)
+    call = await calls.open(
+        principal,
+        route=route,
+        spec=spec,
+        request_id=request_id,
+        buckets=limiter.embedding_buckets(principal, tokens, cost),
+        reserved=Spent(tokens, 0, cost_usd=cost, estimated=True),
+        fallback="never",
+        detail=detail,
+    )
+    reply = await calls.invoke(call, lambda provider: provider.embeddings(payload, length))
+    try:
+        answer = _answer(reply.body, inputs)
+        result = read(answer)
+        spent = call.token_spend(answer.get("usage"), strict=True)
+    except UpstreamError as failure:
+        call.fail(failure)
+        raise
+    call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
+    return reply, call, result
 
 
 def _length(spec: ModelSpec, dimensions: int | None) -> int:

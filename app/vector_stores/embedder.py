@@ -21,10 +21,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeAlias
 
-import orjson
-
 from app.auth.principal import Principal
-from app.calls import Calls, Spent
+from app.calls import Calls
+from app.embeddings.service import embeddings_call
 from app.errors import UpstreamError
 from app.knowledge.chunk import Chunk
 from app.models.knowledge import EMBEDDING_DIMENSIONS
@@ -52,19 +51,10 @@ def batches(chunks: Sequence[Chunk], max_inputs: int, max_tokens: int) -> Iterat
 Vector: TypeAlias = "array.array[float]"  # of float32 ("f"): one embedding
 
 
-def decode_vectors(body: bytes, inputs: int) -> tuple[list[Vector], object]:
-    """The upstream's answer: one 1536-dimension vector per input, in input order, and its `usage`."""
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        answer = None
-    data = answer.get("data") if isinstance(answer, dict) else None
-    if not isinstance(answer, dict) or not isinstance(data, list) or len(data) != inputs:
-        raise UpstreamError(
-            f"The upstream's answer does not hold one embedding for each of {inputs} inputs.", billed=True
-        )
+def decode_vectors(answer: dict[str, Any], inputs: int) -> list[Vector]:
+    """The answer's vectors (one per input, checked by the caller), in input order, each of 1536 dimensions."""
     vectors: list[Vector] = [array.array("f") for _ in range(inputs)]
-    for position, item in enumerate(data):
+    for position, item in enumerate(answer["data"]):
         index = item.get("index", position) if isinstance(item, dict) else None
         raw = item.get("embedding") if isinstance(item, dict) else None
         if not isinstance(index, int) or not 0 <= index < inputs:
@@ -72,7 +62,7 @@ def decode_vectors(body: bytes, inputs: int) -> tuple[list[Vector], object]:
         vectors[index] = _vector(raw)
     if any(len(vector) != EMBEDDING_DIMENSIONS for vector in vectors):
         raise UpstreamError(f"The upstream's embeddings are not of {EMBEDDING_DIMENSIONS} dimensions.", billed=True)
-    return vectors, answer.get("usage")
+    return vectors
 
 
 def _vector(raw: Any) -> Vector:
@@ -114,26 +104,20 @@ class Embedder:
         payload: dict[str, Any] = {"model": spec.id, "input": list(texts), "encoding_format": "base64"}
         if spec.adjustable_dimensions:
             payload["dimensions"] = EMBEDDING_DIMENSIONS
-        tokens = sum(estimate_tokens(text) for text in texts)
-        cost = spec.token_cost(tokens, 0)
-        call = await self.calls.open(
+        _, _, vectors = await embeddings_call(
+            self.calls,
+            self.limiter,
             principal,
+            spec,
+            payload,
+            tokens=sum(estimate_tokens(text) for text in texts),
+            length=EMBEDDING_DIMENSIONS,
+            inputs=len(texts),
             route=ROUTE,
-            spec=spec,
             request_id=request_id,
-            buckets=self.limiter.embedding_buckets(principal, tokens, cost),
-            reserved=Spent(tokens, 0, cost_usd=cost, estimated=True),
-            fallback="never",
+            read=lambda answer: decode_vectors(answer, len(texts)),
             detail=detail,
         )
-        reply = await self.calls.invoke(call, lambda provider: provider.embeddings(payload, EMBEDDING_DIMENSIONS))
-        try:
-            vectors, usage = decode_vectors(reply.body, len(texts))
-            spent = call.token_spend(usage, strict=True)
-        except UpstreamError as failure:
-            call.fail(failure)
-            raise
-        call.finish(spent, upstream_request_id=reply.request_id, upstream=reply.upstream)
         return vectors
 
     def batch_tokens(self, principal: Principal, configured: int) -> int:
