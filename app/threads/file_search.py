@@ -41,6 +41,8 @@ VECTOR_STORE, FILE = "vs_", "file-"
 INCLUDE_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
 # OpenAI's default for the models that take file_search, and its bound.
 DEFAULT_RESULTS = 20
+# A message's start is the question: the whole of a long one would pass the embedding model's input.
+MAX_QUERY_CHARS = 4000
 # A marker as we write it (`【3†source】`), or as models that learnt OpenAI's write it (`【4:3†source】`).
 MARKER = re.compile(r"【(?:\d+:)?(\d+)†[^】\n]{0,100}】")
 LONGEST_MARKER = 120

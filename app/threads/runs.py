@@ -466,11 +466,9 @@ class RunEngine:
         try:
             rate = await self.limiter.take(self.limiter.chat_rate(principal))
             searched = await self._search(principal, who, run, request_id, added, resources)
-            plan = await self._plan(
+            return await self._plan(
                 principal, who, run, request_id, stream=stream, added=added, prior=rate, slot=slot, searched=searched
             )
-            plan.searched = searched
-            return plan
         except BaseException:
             if slot is not None:
                 slot.release()
@@ -565,7 +563,7 @@ class RunEngine:
             except BaseException:
                 call.give_back()
                 raise
-        return Plan(run=run, call=call, payload=payload, stream=stream)
+        return Plan(run=run, call=call, payload=payload, stream=stream, searched=searched)
 
     async def _search(
         self,
@@ -607,7 +605,7 @@ class RunEngine:
         ranking = {"ranker": "default_2024_08_21", "score_threshold": 0.0, **(options.get("ranking_options") or {})}
         if ranking["ranker"] == "auto":
             ranking["ranker"] = "default_2024_08_21"
-        query = newest.prompt or newest.content
+        query = (newest.prompt or newest.content)[: file_search.MAX_QUERY_CHARS]
         results = await self.knowledge.search(
             principal,
             stores,
