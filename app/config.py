@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(1024, ge=1)  # one per open stream
     upstream_pool_timeout: float = Field(10.0, gt=0)  # waiting for a free connection when all are in use
     fallback_to_simulated: bool = False
+    # The /v1/realtime relay: what one session may cost before it is closed (also what it reserves
+    # against the caller's budget while open), and the largest WebSocket message relayed.
+    realtime_session_max_cost_usd: float = Field(2.0, gt=0)
+    realtime_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
     # Auth.
     admin_api_key: str | None = None

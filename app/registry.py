@@ -116,6 +116,10 @@ class ModelSpec(BaseModel):
     input_per_1m: float = Field(0.0, ge=0)
     cached_input_per_1m: float | None = Field(None, ge=0)
     output_per_1m: float = Field(0.0, ge=0)
+    # Realtime models: audio tokens in and out, and cached audio input, per 1M (None: text's price).
+    audio_input_per_1m: float | None = Field(None, ge=0)
+    audio_output_per_1m: float | None = Field(None, ge=0)
+    cached_audio_input_per_1m: float | None = Field(None, ge=0)
     # The most a call may write (chat): what a call that names no cap is reserved for, and capped at.
     max_output_tokens: int = Field(16_384, ge=1)
     sizes: list[str] = []
@@ -169,6 +173,8 @@ class TierSpec(BaseModel):
     batch_images_per_hour: int | None = Field(None, ge=0)
     images_per_day: int | None = Field(None, ge=0)
     realtime_requests_per_minute: int | None = Field(None, ge=0)
+    # How long one realtime session (the /v1/realtime relay) may stay open.
+    realtime_session_seconds: int | None = Field(None, ge=1)
     embedding_requests_per_minute: int | None = Field(None, ge=0)
     embedding_tokens_per_minute: int | None = Field(None, ge=0)
     monthly_budget_usd: float | None = Field(None, ge=0)

@@ -49,6 +49,7 @@ from app.listener import Listener
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
+from app.realtime.relay import RealtimeRelay
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
 from app.responses.owners import ResponseOwners
@@ -110,6 +111,7 @@ class Runtime:
     batch_runner: BatchRunner
     image_retention: ImageRetention
     realtime: RealtimeService
+    relay: RealtimeRelay
     byok: BYOKService
     vector_stores: VectorStoreService
     indexer: Indexer
@@ -186,6 +188,8 @@ class Runtime:
             policy=FallbackPolicy(settings.simulated, settings.fallback_to_simulated),
             streams=streams,
         )
+
+        realtime = RealtimeService(catalog, presets, limiter, calls)
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
@@ -296,7 +300,8 @@ class Runtime:
             ),
             batch_runner=batch_runner,
             image_retention=retention,
-            realtime=RealtimeService(catalog, presets, limiter, calls),
+            realtime=realtime,
+            relay=RealtimeRelay(settings=settings, auth=auth, service=realtime, calls=calls, limiter=limiter),
             byok=BYOKService(vault, upstream, auth, db),
             vector_stores=vector_stores,
             indexer=indexer,

@@ -27,21 +27,7 @@ class RealtimeService:
         self, principal: Principal, body: ClientSecretCreate, request_id: str
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The upstream's `{value, expires_at, session}` and the response headers."""
-        preset = self.presets.find(body.role)
-        if preset is None:
-            roles = ", ".join(sorted(p.role for p in self.presets.presets.values()))
-            raise InvalidRequest(f"Unknown role '{body.role}'; known: {roles}.", param="role")
-        instructions = preset.instructions.get(body.language)
-        if instructions is None:
-            languages = ", ".join(sorted(preset.instructions))
-            raise InvalidRequest(f"Role '{body.role}' has no '{body.language}'; known: {languages}.", param="language")
-        if not preset.allows(principal.tier):
-            raise PermissionDenied(
-                f"Role '{body.role}' is not available on your tier '{principal.tier}'.",
-                param="role",
-                code=ErrorCode.PRESET_NOT_ALLOWED,
-            )
-        spec = self.catalog.resolve(preset.model, principal.tier, "realtime")
+        preset, instructions, spec = self.choose(principal, body.role, body.language)
         ttl = body.expires_after.seconds if body.expires_after else preset.ttl_seconds
         if not preset.min_ttl_seconds <= ttl <= preset.max_ttl_seconds:
             raise InvalidRequest(
@@ -61,6 +47,25 @@ class RealtimeService:
         minted = {"role": preset.role, "language": body.language, "expires_at": secret.body.get("expires_at")}
         call.finish(upstream_request_id=secret.request_id, detail=minted, upstream=secret.upstream)
         return secret.body, call.headers()
+
+    def choose(self, principal: Principal, role: str, language: str) -> tuple[VoicePreset, str, ModelSpec]:
+        """The caller's preset, its instructions in `language` and its model; a 400 naming `role` or
+        `language` when there is none, a 403 when the caller's tier may not use it."""
+        preset = self.presets.find(role)
+        if preset is None:
+            roles = ", ".join(sorted(p.role for p in self.presets.presets.values()))
+            raise InvalidRequest(f"Unknown role '{role}'; known: {roles}.", param="role")
+        instructions = preset.instructions.get(language)
+        if instructions is None:
+            languages = ", ".join(sorted(preset.instructions))
+            raise InvalidRequest(f"Role '{role}' has no '{language}'; known: {languages}.", param="language")
+        if not preset.allows(principal.tier):
+            raise PermissionDenied(
+                f"Role '{role}' is not available on your tier '{principal.tier}'.",
+                param="role",
+                code=ErrorCode.PRESET_NOT_ALLOWED,
+            )
+        return preset, instructions, self.catalog.resolve(preset.model, principal.tier, "realtime")
 
     def _session(
         self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: SessionChoices

@@ -107,6 +107,8 @@ class FakeUpstream:
         self._stopping = asyncio.Event()
         self.responses: dict[str, tuple[JSONDict, list[JSONDict]]] = {}  # the Responses API's kept responses
         self.background: dict[str, int] = {}  # background responses: reads left before they are done
+        self.realtime_sessions: list[RealtimeSession] = []  # /v1/realtime WebSockets, oldest first
+        self.realtime_usage: JSONDict = REALTIME_USAGE  # what each realtime `response.done` reports
 
     async def start(self) -> None:
         """Listen on an ephemeral loopback port."""
@@ -154,6 +156,8 @@ class FakeUpstream:
         self.requests.clear()
         self.responses.clear()
         self.background.clear()
+        self.realtime_sessions.clear()
+        self.realtime_usage = REALTIME_USAGE
 
     # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
     async def wait_streams_closed(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
@@ -167,6 +171,8 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """Record the request, then answer from the script or the default route."""
+        if request.path == REALTIME_PATH and request.headers.get("upgrade", "").lower() == "websocket":
+            return await self._realtime(request)
         raw = await request.read()
         headers = {name.lower(): value for name, value in request.headers.items()}
         files: list[UploadedFile] = []
@@ -222,6 +228,35 @@ class FakeUpstream:
         if request.path == CHAT_PATH:
             answer["usage"] = _reported_usage(reply, payload or {})
         return await self._plain(request, reply, orjson.dumps(answer), out_headers)
+
+    async def _realtime(self, request: web.Request) -> web.StreamResponse:
+        """The realtime WebSocket: `session.created` first; `session.updated` for each `session.update`;
+        for each `response.create` a short text response ending in `response.done` with
+        `realtime_usage`. Every client event is recorded on the session, in order."""
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _json_response(401, _error_body(401), {})
+        session = RealtimeSession(dict(request.query), {k.lower(): v for k, v in request.headers.items()})
+        self.realtime_sessions.append(session)
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        state: JSONDict = {"id": f"sess_fake_{len(self.realtime_sessions)}", "model": request.query.get("model")}
+        await socket.send_json({"type": "session.created", "event_id": "event_1", "session": state})
+        async for message in socket:
+            if message.type != web.WSMsgType.TEXT:
+                continue
+            event = orjson.loads(message.data)
+            session.events.append(event)
+            kind = event.get("type")
+            if kind == "session.update":
+                state.update(event.get("session") or {})
+                await socket.send_json({"type": "session.updated", "event_id": "event_u", "session": state})
+            elif kind == "response.create":
+                for answer in _realtime_response(len(session.events), self.realtime_usage):
+                    await socket.send_json(answer)
+            elif kind == "close.please":  # not OpenAI's: lets a test see the upstream end a session
+                await socket.close(code=1011, message=b"asked to close")
+        session.closed = socket.close_code
+        return socket
 
     async def _plain(
         self, request: web.Request, reply: Reply, body: bytes, headers: dict[str, str]
@@ -386,6 +421,54 @@ class FakeUpstream:
 
 
 RESPONSES_PATH = "/v1/responses"
+REALTIME_PATH = "/v1/realtime"
+REALTIME_TEXT = "Hello from the fake realtime upstream."
+# What a realtime `response.done` reports by default: text and audio, some of it cached.
+REALTIME_USAGE: JSONDict = {
+    "total_tokens": 1650,
+    "input_tokens": 1200,
+    "output_tokens": 450,
+    "input_token_details": {
+        "text_tokens": 700,
+        "audio_tokens": 500,
+        "image_tokens": 0,
+        "cached_tokens": 300,
+        "cached_tokens_details": {"text_tokens": 200, "audio_tokens": 100, "image_tokens": 0},
+    },
+    "output_token_details": {"text_tokens": 50, "audio_tokens": 400},
+}
+
+
+@dataclass
+class RealtimeSession:
+    """One realtime WebSocket as the fake upstream saw it: its query, headers and the client's events."""
+
+    query: dict[str, str]
+    headers: dict[str, str]
+    events: list[JSONDict] = field(default_factory=list)
+    closed: int | None = None  # the close code, once closed
+
+
+def _realtime_response(n: int, usage: JSONDict) -> list[JSONDict]:
+    response_id = f"resp_fake_{n}"
+    item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": REALTIME_TEXT}]}
+    base = {"id": response_id, "object": "realtime.response"}
+    return [
+        {"type": "response.created", "event_id": f"event_{n}_1", "response": {**base, "status": "in_progress"}},
+        {
+            "type": "response.output_text.delta",
+            "event_id": f"event_{n}_2",
+            "response_id": response_id,
+            "delta": REALTIME_TEXT,
+        },
+        {
+            "type": "response.done",
+            "event_id": f"event_{n}_3",
+            "response": {**base, "status": "completed", "output": [item], "usage": usage},
+        },
+    ]
+
+
 IMAGES_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 BACKGROUND_POLLS = 2  # reads of a background response that find it still running
