@@ -385,7 +385,7 @@ def _printable(part: str) -> str:
 
 # The parts pydantic adds to a location to say which member of a union it tried (`str`,
 # `list[...]`, `function-before[...]`): not fields the client sent.
-UNION_MEMBER = re.compile(r"(str|int|float|bool|none|constrained-\w+|[\w-]+\[.*\])")
+UNION_MEMBER = re.compile(r"(str|int|float|bool|none|constrained-\w+|[\w-]+\[.+\])")  # not a name sent as `include[]`
 SOURCES = ("body", "query", "path", "header")
 
 

@@ -126,6 +126,10 @@ async def test_a_run_searches_the_store_and_its_reply_cites_the_file(
     )
     [found] = detailed.step_details.tool_calls[0].file_search.results[:1]  # type: ignore[union-attr]
     assert found.content is not None and LIONS[:40] in found.content[0].text
+    steps_path = f"/v1/threads/{run.thread_id}/runs/{run.id}/steps"
+    for path in (steps_path, f"{steps_path}/{steps[0].id}"):
+        unknown = await gateway.client.get(path, params={"include[]": "step_details.secrets"}, headers=bearer(key))
+        assert_error(unknown, 400, param="include[].0")
     # Full-text search here (no pgvector): the run's call is the only one, the query needs no embedding.
     rows = await usage_rows(db, user_id=user_id)
     assert [row["route"] for row in rows] == ["threads.runs"]

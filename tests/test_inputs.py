@@ -435,6 +435,11 @@ ADMIN = bearer(ADMIN_KEY)
         ("GET", "/admin/reports/top-users", None, {"limit": 2**64}, "limit"),
         ("GET", "/admin/reports/refusals", None, {"start": "0001-01-01", "end": "0001-01-01"}, "end"),
         ("GET", "/admin/reports/refusals", None, {"start": "0001-01-01", "end": "2026-01-01"}, "start"),
+        ("GET", "/admin/reports/usage", None, {"group_by": "user", "after": NUL}, "after"),
+        ("GET", "/admin/reports/usage", None, {"group_by": "user", "limit": 0}, "limit"),
+        ("GET", "/admin/reports/usage", None, {"group_by": "user", "limit": 1001}, "limit"),
+        ("POST", "/admin/vector_stores/a%00b/reindex", None, None, "vector_store_id"),
+        ("DELETE", "/admin/users/a%00b/knowledge", None, None, "user_id"),
     ],
 )
 async def test_admin_routes(gateway: Gateway, db, upstream, image_dir: Path, method, path, body, params, param) -> None:
