@@ -7,9 +7,12 @@ While a file or batch is in progress, retrieving it answers `openai-poll-after-m
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from app.deps import PrincipalDep, SessionDep, VectorStoresDep
@@ -81,27 +84,39 @@ async def attach_file(
     return file_object(await service.attach(principal, store.id, body))
 
 
+@dataclass(frozen=True, slots=True)
+class FilePage:
+    """A page of a store's (or a batch's) files: `filter` by status, newest first unless `order=asc`."""
+
+    status: StatusFilter = None
+    limit: Limit = 20
+    order: OrderQuery = "desc"
+    after: After = None
+    before: Before = None
+
+    async def of(
+        self, session: AsyncSession, store_id: uuid.UUID, batch_id: uuid.UUID | None = None
+    ) -> VectorStoreFileList:
+        rows, has_more = await repository.page_files(
+            session,
+            store_id,
+            batch_id=batch_id,
+            status=self.status,
+            limit=self.limit,
+            order=self.order,
+            after=cursor(FILE, self.after, "after"),
+            before=cursor(FILE, self.before, "before"),
+        )
+        return VectorStoreFileList.of([file_object(row) for row in rows], has_more)
+
+
+FilePageDep = Annotated[FilePage, Depends()]
+
+
 @router.get("/vector_stores/{vector_store_id}/files", responses=error_responses(400, 404))
-async def list_files(
-    store: ValidStore,
-    session: SessionDep,
-    status: StatusFilter = None,
-    limit: Limit = 20,
-    order: OrderQuery = "desc",
-    after: After = None,
-    before: Before = None,
-) -> VectorStoreFileList:
+async def list_files(store: ValidStore, session: SessionDep, page: FilePageDep) -> VectorStoreFileList:
     """The store's files, newest first unless `order=asc`; `filter` by status."""
-    rows, has_more = await repository.page_files(
-        session,
-        store.id,
-        status=status,
-        limit=limit,
-        order=order,
-        after=cursor(FILE, after, "after"),
-        before=cursor(FILE, before, "before"),
-    )
-    return VectorStoreFileList.of([file_object(row) for row in rows], has_more)
+    return await page.of(session, store.id)
 
 
 @router.get("/vector_stores/{vector_store_id}/files/{file_id}", responses=error_responses(400, 404))
@@ -167,24 +182,6 @@ async def cancel_file_batch(batch: ValidBatch, session: SessionDep, service: Vec
 
 
 @router.get("/vector_stores/{vector_store_id}/file_batches/{batch_id}/files", responses=error_responses(400, 404))
-async def list_batch_files(
-    batch: ValidBatch,
-    session: SessionDep,
-    status: StatusFilter = None,
-    limit: Limit = 20,
-    order: OrderQuery = "desc",
-    after: After = None,
-    before: Before = None,
-) -> VectorStoreFileList:
+async def list_batch_files(batch: ValidBatch, session: SessionDep, page: FilePageDep) -> VectorStoreFileList:
     """The batch's files, newest first unless `order=asc`; `filter` by status."""
-    rows, has_more = await repository.page_files(
-        session,
-        batch.vector_store_id,
-        batch_id=batch.id,
-        status=status,
-        limit=limit,
-        order=order,
-        after=cursor(FILE, after, "after"),
-        before=cursor(FILE, before, "before"),
-    )
-    return VectorStoreFileList.of([file_object(row) for row in rows], has_more)
+    return await page.of(session, batch.vector_store_id, batch.id)
