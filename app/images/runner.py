@@ -13,7 +13,6 @@ the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from app.auth.principal import Principal
@@ -26,6 +25,7 @@ from app.images.generation import ImageGenerator
 from app.images.options import resolve_options
 from app.images.repository import ClaimedItem
 from app.instances import Instance
+from app.jobs import ClaimingWorker
 from app.registry import Catalog
 
 log = logging.getLogger("app.images.runner")
@@ -44,7 +44,7 @@ def _retry_after(error: GatewayError, default: float) -> float:
         return default
 
 
-class BatchRunner:
+class BatchRunner(ClaimingWorker[ClaimedItem]):
     def __init__(
         self,
         settings: Settings,
@@ -54,6 +54,7 @@ class BatchRunner:
         events: EventHub,
         instance: Instance,
     ) -> None:
+        super().__init__("image-batch-runner", settings.image_batch_concurrency, settings.image_batch_poll_seconds)
         self.settings = settings
         self.instance = instance
         self.owner = instance.id
@@ -63,59 +64,11 @@ class BatchRunner:
         self.pool = database.pool
         self.sessionmaker = database.sessionmaker
         self.events = events
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._active: set[asyncio.Task[None]] = set()
 
-    def wake(self) -> None:
-        """Look for work now (a batch was created, an item finished) instead of at the next poll."""
-        self._wake.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="image-batch-runner")
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
-
-    async def idle(self) -> None:
-        """Wait until no item is under way (tests settle the gateway with it)."""
-        while self._active:
-            await asyncio.wait(self._active)
-
-    async def stop(self) -> None:
-        """Stop taking work; items under way are cancelled and handed back as pending."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        active = list(self._active)
-        for task in active:
-            task.cancel()
-        await asyncio.gather(*active, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while True:
-            while len(self._active) >= self.settings.image_batch_concurrency:
-                await asyncio.wait(self._active, return_when=asyncio.FIRST_COMPLETED)
-            try:
-                item = await self._claim()
-            except Exception as error:
-                log.warning("could not look for batch work: %s", error)
-                item = None
-            if item is not None:
-                task = asyncio.create_task(self._run(item), name=f"image-batch-item-{item.id}")
-                self._active.add(task)
-                task.add_done_callback(self._active.discard)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.image_batch_poll_seconds)
-            self._wake.clear()
-
-    async def _claim(self) -> ClaimedItem | None:
+    async def claim(self) -> ClaimedItem | None:
         return await repository.claim_item(self.pool, self.owner, self.instance.lease_seconds)
 
-    async def _run(self, item: ClaimedItem) -> None:
+    async def run(self, item: ClaimedItem) -> None:
         try:
             await self._attempt(item)
         except asyncio.CancelledError:

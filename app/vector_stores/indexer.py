@@ -18,7 +18,6 @@ app/listener.py) and, as a safety net, every VECTOR_STORE_POLL_SECONDS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import asyncpg
@@ -29,6 +28,7 @@ from app.errors import LIMIT_CODES, ErrorCode, GatewayError, RateLimited, Unavai
 from app.events import EventHub, Refusal
 from app.files.schemas import FILE
 from app.images.storage import ImageStorage
+from app.jobs import ClaimingWorker
 from app.knowledge.chunk import Chunk, StaticChunkingStrategy, chunk_with
 from app.knowledge.db import RetrievalMode
 from app.knowledge.parse import UnreadableFile, extract_text_async
@@ -54,7 +54,7 @@ class IndexFailure(Exception):
         self.last_error = {"code": code, "message": message}
 
 
-class Indexer:
+class Indexer(ClaimingWorker[Claimed]):
     def __init__(
         self,
         settings: Settings,
@@ -64,66 +64,22 @@ class Indexer:
         mode: RetrievalMode,
         events: EventHub,
     ) -> None:
+        super().__init__("vector-store-indexer", settings.vector_store_concurrency, settings.vector_store_poll_seconds)
         self.settings = settings
         self.events = events
         self.pool = pool
         self.storage = storage
         self.embedder = embedder
         self.mode = mode
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._active: set[asyncio.Task[None]] = set()
-
-    def wake(self) -> None:
-        """Look for work now (files were attached) instead of at the next poll."""
-        self._wake.set()
 
     def heard(self, _payload: str) -> None:
         """A NOTIFY on the work channel: some process committed new work."""
         self.wake()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
+    async def claim(self) -> Claimed | None:
+        return await work.claim(self.pool, self.settings.vector_store_lease_seconds)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="vector-store-indexer")
-
-    async def idle(self) -> None:
-        """Wait until no file is being indexed (tests settle the gateway with it)."""
-        while self._active:
-            await asyncio.wait(self._active)
-
-    async def stop(self) -> None:
-        """Stop taking work; files under way are let go, still `in_progress`, for the next process."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        active = list(self._active)
-        for task in active:
-            task.cancel()
-        await asyncio.gather(*active, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while True:
-            while len(self._active) >= self.settings.vector_store_concurrency:
-                await asyncio.wait(self._active, return_when=asyncio.FIRST_COMPLETED)
-            self._wake.clear()
-            try:
-                job = await work.claim(self.pool, self.settings.vector_store_lease_seconds)
-            except Exception as error:
-                log.warning("could not look for files to index: %s", error)
-                job = None
-            if job is not None:
-                task = asyncio.create_task(self._run(job), name=f"index-{job.file_id}")
-                self._active.add(task)
-                task.add_done_callback(self._active.discard)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.vector_store_poll_seconds)
-
-    async def _run(self, job: Claimed) -> None:
+    async def run(self, job: Claimed) -> None:
         """Index `job` while renewing its lease; a lease found lost stops the work where it stands."""
         lease = self.settings.vector_store_lease_seconds
         if job.claims > self.settings.vector_store_max_claims:
