@@ -4,7 +4,8 @@ Each file is parsed by its own loader, and a file that does not parse stops star
 This module checks what the files and settings name in one another: every tier named
 exists in the catalog (an unknown tier must never be read as some other tier); each voice
 preset's and assistant profile's model exists, is of the right kind, and is allowed for
-every tier that may use the preset or profile; each context URL is on an allowed host; each
+every tier that may use the preset or profile (for a preset, the model each tier gets: its
+`tier_models` entry, else `model`); each context URL is on an allowed host; each
 upstream's key variable is set (unless the gateway is simulated and calls no upstream).
 Every problem is reported at once, naming its file or variable and the item, so an
 operator fixes them all in one pass.
@@ -16,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from app.config import Settings
-from app.realtime.presets import VoicePresets, load_voice_presets
+from app.realtime.presets import VoicePreset, VoicePresets, load_voice_presets
 from app.registry import Catalog, ModelKind, load_catalog
 from app.threads.context import host_allowed
 from app.threads.profiles import Profiles, load_profiles
@@ -70,8 +71,7 @@ def configuration_problems(settings: Settings, configuration: Configuration) -> 
             )
     assistants = f"ASSISTANTS_FILE {settings.assistants_file}"
     for name, preset in configuration.presets.presets.items():
-        where = f"{assistants}: voice_preset.{name}"
-        problems += usable_problems(catalog, where, preset.model, "realtime", preset.tiers)
+        problems += preset_problems(catalog, f"{assistants}: voice_preset.{name}", preset)
     for name, profile in configuration.profiles.profiles.items():
         where = f"{assistants}: profile.{name}"
         problems += usable_problems(catalog, where, profile.model, "chat", profile.tiers)
@@ -79,6 +79,37 @@ def configuration_problems(settings: Settings, configuration: Configuration) -> 
             problems.append(
                 f"{where}: context_url {profile.context_url} is not on a host of CONTEXT_ALLOWED_HOSTS"
                 f" ({', '.join(settings.context_allowed_hosts)})"
+            )
+    return problems
+
+
+def preset_problems(catalog: Catalog, where: str, preset: VoicePreset) -> list[str]:
+    """Problems of a voice preset: every tier that may use it must be allowed the model it gets
+    (its `tier_models` entry, else `model`), and `tier_models` may name only such tiers."""
+    users = list(catalog.tiers) if preset.tiers is None else preset.tiers
+    # `model` answers the tiers `tier_models` leaves out; checked like a profile's when it names none.
+    rest = [tier for tier in users if tier not in preset.tier_models] if preset.tier_models else preset.tiers
+    problems = usable_problems(catalog, where, preset.model, "realtime", rest)
+    for tier, model in preset.tier_models.items():
+        entry = f"{where}: tier_models.{tier}"
+        if tier not in catalog.tiers:
+            known = ", ".join(catalog.tiers)
+            problems.append(f"{entry}: tier {tier!r} (model {model!r}) is not a tier of the catalog ({known})")
+            continue
+        if tier not in users:
+            problems.append(
+                f"{entry}: tier {tier!r} (model {model!r}) is not among the preset's tiers ({', '.join(users)})"
+            )
+            continue
+        spec = catalog.by_name.get(model)
+        if spec is None or spec.kind != "realtime":
+            what = "not in the catalog" if spec is None else f"of kind {spec.kind!r}, not 'realtime'"
+            problems.append(f"{entry}: model {model!r} is {what}")
+        elif not catalog.may_use(tier, spec):
+            allowed = [other.id for other in catalog.models_for(tier) if other.kind == "realtime"]
+            problems.append(
+                f"{entry}: model {model!r} is not allowed for tier {tier!r};"
+                f" name a realtime model it may use ({', '.join(allowed) or 'none'}) or allow the model there"
             )
     return problems
 

@@ -1,7 +1,7 @@
 """Configuration checked at start-up, and tiers enforced per request: an unknown tier never means "all models".
 
-The module's gateways read the shipped assistants file plus one profile kept to the paid
-tiers, so a profile's `tiers` can be seen refusing a free user.
+The module's gateways read the shipped assistants file plus one profile and one voice preset
+kept to the paid tiers, so their `tiers` can be seen refusing a free user.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ model = "smart-chat"
 instructions = "Premium."
 tiers = ["pro", "internal"]
 """
+PREMIUM_PRESET = """
+[voice_preset.premium]
+role = "premium"
+model = "default-realtime"
+instructions.en = "Premium voice."
+tiers = ["pro", "internal"]
+"""
 
 
 def settings(**values: Any) -> Settings:
@@ -44,7 +51,7 @@ def sdk(gateway: Gateway, key: str) -> openai.AsyncOpenAI:
 @pytest.fixture(scope="module")
 def gateway_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("config") / "assistants.toml"
-    path.write_text(SHIPPED_ASSISTANTS.read_text() + PREMIUM_PROFILE)
+    path.write_text(SHIPPED_ASSISTANTS.read_text() + PREMIUM_PROFILE + PREMIUM_PRESET)
     return {"assistants_file": path}
 
 
@@ -53,7 +60,10 @@ def gateway_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
 
 def test_the_shipped_configuration_passes() -> None:
     configuration = load_configuration(settings())
-    assert configuration.presets.find("teacher") is not None
+    teacher = configuration.presets.find("teacher")
+    assert teacher is not None and teacher.tiers is None  # every tier, free with a model of its own
+    models = {tier: configuration.catalog.by_name[teacher.model_for(tier)].id for tier in configuration.catalog.tiers}
+    assert models == {"free": "gpt-realtime-mini", "pro": "gpt-realtime", "internal": "gpt-realtime"}
 
 
 async def test_an_unknown_default_tier_stops_the_runtime_naming_it() -> None:
@@ -128,13 +138,85 @@ instructions = "x"
     assert str(stopped.value).count("\n  ") == 6
 
 
-def test_the_shipped_teacher_preset_without_its_tiers_is_refused(tmp_path: Path) -> None:
+def test_the_shipped_teacher_preset_without_its_free_model_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "assistants.toml"
     shipped = SHIPPED_ASSISTANTS.read_text()
-    assert 'tiers = ["pro", "internal"]' in shipped
-    path.write_text(shipped.replace('tiers = ["pro", "internal"]', ""))
-    with pytest.raises(ConfigurationError, match=r"voice_preset\.teacher: model 'default-realtime'"):
+    line = 'tier_models = { free = "cheap-realtime" }'
+    assert line in shipped
+    path.write_text(shipped.replace(line, ""))
+    with pytest.raises(ConfigurationError) as stopped:
         load_configuration(settings(assistants_file=path))
+    assert stopped.value.problems == [
+        f"ASSISTANTS_FILE {path}: voice_preset.teacher: model 'default-realtime' is not allowed for tiers 'free';"
+        " set its `tiers` to those that may use it (pro, internal) or allow the model there"
+    ]
+
+
+def test_each_tier_must_be_allowed_the_model_tier_models_gives_it(tmp_path: Path) -> None:
+    path = tmp_path / "assistants.toml"
+    path.write_text("""
+[voice_preset.denied]
+role = "a"
+model = "cheap-realtime"
+instructions.en = "x"
+tier_models = { free = "default-realtime", pro = "gpt-realtime" }
+
+[voice_preset.unknown_tier]
+role = "b"
+model = "default-realtime"
+instructions.en = "x"
+tier_models = { free = "cheap-realtime", gold = "cheap-realtime" }
+
+[voice_preset.outside]
+role = "c"
+model = "default-realtime"
+instructions.en = "x"
+tiers = ["pro", "internal"]
+tier_models = { free = "cheap-realtime" }
+
+[voice_preset.wrong_kind]
+role = "d"
+model = "default-realtime"
+instructions.en = "x"
+tier_models = { free = "cheap-chat" }
+
+[voice_preset.ghost]
+role = "e"
+model = "default-realtime"
+instructions.en = "x"
+tier_models = { free = "gpt-realtime-9" }
+
+[voice_preset.fallback_denied]
+role = "f"
+model = "default-realtime"
+instructions.en = "x"
+tier_models = { pro = "cheap-realtime" }
+
+[voice_preset.fine]
+role = "g"
+model = "default-realtime"
+instructions.en = "x"
+tiers = ["free", "pro"]
+tier_models = { free = "gpt-realtime-mini" }
+
+[profile.any]
+instructions = "x"
+""")
+    with pytest.raises(ConfigurationError) as stopped:
+        load_configuration(settings(assistants_file=path))
+    where = f"ASSISTANTS_FILE {path}: voice_preset"
+    assert stopped.value.problems == [
+        f"{where}.denied: tier_models.free: model 'default-realtime' is not allowed for tier 'free';"
+        " name a realtime model it may use (gpt-realtime-mini) or allow the model there",
+        f"{where}.unknown_tier: tier_models.gold: tier 'gold' (model 'cheap-realtime') is not a tier of the catalog"
+        " (free, pro, internal)",
+        f"{where}.outside: tier_models.free: tier 'free' (model 'cheap-realtime') is not among the preset's tiers"
+        " (pro, internal)",
+        f"{where}.wrong_kind: tier_models.free: model 'cheap-chat' is of kind 'chat', not 'realtime'",
+        f"{where}.ghost: tier_models.free: model 'gpt-realtime-9' is not in the catalog",
+        f"{where}.fallback_denied: model 'default-realtime' is not allowed for tiers 'free';"
+        " set its `tiers` to those that may use it (pro, internal) or allow the model there",
+    ]
 
 
 def test_context_urls_outside_the_allowed_hosts_are_refused(tmp_path: Path) -> None:
@@ -268,22 +350,21 @@ async def test_a_jwt_user_placed_in_a_missing_tier_is_refused(gateway: Gateway, 
     assert fine.status_code == 200 and {"gpt-5-mini"} <= {model["id"] for model in fine.json()["data"]}
 
 
-async def test_the_teacher_preset_is_for_the_tiers_that_may_use_its_model(
-    gateway: Gateway, upstream: FakeUpstream
-) -> None:
+async def test_a_preset_kept_to_paid_tiers(gateway: Gateway, upstream: FakeUpstream) -> None:
+    """The `premium` role (PREMIUM_PRESET) is for the tiers it names only; a refused one calls no upstream."""
     free_key, _ = await gateway.key("free")
     free = sdk(gateway, free_key)
     with pytest.raises(openai.PermissionDeniedError) as caught:
-        await free.realtime.client_secrets.create(extra_body={"role": "teacher"})
+        await free.realtime.client_secrets.create(extra_body={"role": "premium"})
     assert caught.value.status_code == 403 and caught.value.code == "preset_not_allowed"
-    assert caught.value.body["message"] == "Role 'teacher' is not available on your tier 'free'."
+    assert caught.value.body["message"] == "Role 'premium' is not available on your tier 'free'."
     assert upstream.requests == []
     await free.realtime.client_secrets.create(extra_body={"role": "student"})  # free may use the other presets
     await free.close()
 
     pro_key, _ = await gateway.key("pro")
     pro = sdk(gateway, pro_key)
-    secret = await pro.realtime.client_secrets.create(extra_body={"role": "teacher"})
+    secret = await pro.realtime.client_secrets.create(extra_body={"role": "premium"})
     assert secret.session.model == "gpt-realtime"
     assert upstream.requests[-1].json["session"]["model"] == "gpt-realtime"
     await pro.close()

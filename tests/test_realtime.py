@@ -7,6 +7,7 @@ import time
 
 import openai
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from support.auth import bearer
 from support.errors import assert_error
@@ -57,6 +58,48 @@ async def test_each_preset_sends_its_session(
     )
     assert row["cost_usd"] == 0 and row["upstream_request_id"].startswith("req_fake_")
     assert json.loads(row["detail"]) == {"role": role, "language": language, "expires_at": secret.expires_at}
+    await client.close()
+
+
+@pytest.mark.parametrize(("tier", "model"), [("free", "gpt-realtime-mini"), ("pro", "gpt-realtime")])
+async def test_the_teacher_preset_gives_each_tier_a_model_it_may_use(
+    gateway: Gateway, upstream: FakeUpstream, db, tier: str, model: str
+) -> None:
+    """`tier_models = { free = "cheap-realtime" }`: free gets the mini model, the others `model`."""
+    key, user = await gateway.key(tier)
+    client = sdk(gateway, key)
+    secret = await client.realtime.client_secrets.create(extra_body={"role": "teacher"})
+    session = upstream.requests[-1].json["session"]
+    assert session["model"] == model and secret.session.model == model
+    assert session["instructions"].startswith("You are a voice mentor for a teacher")
+    [row] = await usage_rows(db, user_id=user)
+    assert (row["model"], row["status"], row["http_status"]) == (model, "ok", 200)
+    await client.close()
+
+    asked = {"role": "teacher", "session": {"model": "default-realtime" if tier == "free" else "cheap-realtime"}}
+    response = await gateway.client.post(PATH, json=asked, headers=bearer(key))
+    error = assert_error(response, 400, param="session.model")
+    assert error["message"] == f"This role uses the model '{model}'."
+
+
+async def test_the_relay_opens_the_teacher_preset_on_the_free_tiers_model(
+    gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    """`/v1/realtime` chooses as client secrets do: a free teacher talks to gpt-realtime-mini."""
+    key, _ = await gateway.key("free")
+    client = sdk(gateway, key)
+    with pytest.raises(InvalidStatus) as caught:
+        async with client.realtime.connect(model="gpt-realtime", extra_query={"role": "teacher"}):
+            pass
+    refused = json.loads(caught.value.response.body or b"{}")["error"]
+    assert (caught.value.response.status_code, refused["param"]) == (400, "model")
+    assert refused["message"] == "This role uses the model 'gpt-realtime-mini'."
+    async with client.realtime.connect(model="cheap-realtime", extra_query={"role": "teacher"}) as connection:
+        while (await connection.recv()).type != "session.updated":
+            pass
+    [session] = upstream.realtime_sessions
+    assert session.query == {"model": "gpt-realtime-mini"}
+    assert session.events[0]["session"]["model"] == "gpt-realtime-mini"
     await client.close()
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from app.config import PACKAGE_DIR
 from support.fake_upstream import REALTIME_TEXT, REALTIME_USAGE, FakeUpstream
 from support.gateway import Gateway, GatewayFactory
 from support.waiting import usage_rows
@@ -183,14 +185,38 @@ def refusal(caught: pytest.ExceptionInfo[InvalidStatus]) -> tuple[int, dict[str,
     return response.status_code, json.loads(response.body or b"{}")["error"]
 
 
-async def test_a_tier_without_the_model_is_refused_clearly(gateway: Gateway, upstream: FakeUpstream) -> None:
+PAID_PRESET = """
+[voice_preset.premium]
+role = "premium"
+model = "default-realtime"
+instructions.en = "Premium voice."
+tiers = ["pro", "internal"]
+"""
+
+
+async def test_a_tier_without_the_model_is_refused_clearly(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    assistants = tmp_path / "assistants.toml"
+    assistants.write_text((PACKAGE_DIR / "assistants.toml").read_text() + PAID_PRESET)
+    async with gateway_with(assistants_file=assistants) as gateway:
+        await refused_on_the_free_tier(gateway, upstream)
+
+
+async def refused_on_the_free_tier(gateway: Gateway, upstream: FakeUpstream) -> None:
     key, _ = await gateway.key("free")
     client = sdk(gateway, key)
     with pytest.raises(InvalidStatus) as caught:
-        async with client.realtime.connect(model="gpt-realtime", extra_query={"role": "teacher"}):
+        async with client.realtime.connect(model="gpt-realtime", extra_query={"role": "premium"}):
             pass
     status, error = refusal(caught)
     assert (status, error["code"], error["param"]) == (403, "preset_not_allowed", "role")
+    with pytest.raises(InvalidStatus) as caught:  # the free tier's teacher talks to gpt-realtime-mini
+        async with client.realtime.connect(model="gpt-realtime", extra_query={"role": "teacher"}):
+            pass
+    status, error = refusal(caught)
+    assert (status, error["param"]) == (400, "model")
+    assert "gpt-realtime-mini" in error["message"]
     with pytest.raises(InvalidStatus) as caught:
         async with client.realtime.connect(model="gpt-realtime", extra_query={"role": "student"}):
             pass

@@ -3,6 +3,8 @@
 They live in the assistants file beside the assistant profiles, as `[voice_preset.NAME]`
 tables, and are validated at start-up (their models and tiers by app/configcheck.py): a
 client picks a preset by role and language and may only choose what the preset leaves open.
+A preset may give some tiers a model of their own (`tier_models`), so one role can serve a
+tier that may not use its main model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ class VoicePreset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: str
+    # The model of every tier that `tier_models` leaves out.
     model: str = "default-realtime"
+    # Tier name -> the model its users get instead of `model`, e.g. a cheaper one for the free tier.
+    tier_models: dict[str, str] = {}
     instructions: dict[str, str] = Field(min_length=1, description="language code -> instructions")
     voice: Voice = "marin"
     allowed_voices: list[Voice] = []
@@ -32,7 +37,7 @@ class VoicePreset(BaseModel):
     min_ttl_seconds: int = Field(60, ge=MIN_TTL, le=MAX_TTL)
     max_ttl_seconds: int = Field(1800, ge=MIN_TTL, le=MAX_TTL)
     allow_instructions_append: bool = False
-    # The tiers whose users may use this preset; None: every tier. Each must be allowed the model.
+    # The tiers whose users may use this preset; None: every tier. Each must be allowed its model.
     tiers: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -49,6 +54,10 @@ class VoicePreset(BaseModel):
 
     def allows(self, tier: str) -> bool:
         return self.tiers is None or tier in self.tiers
+
+    def model_for(self, tier: str) -> str:
+        """The model (id or alias) that `tier`'s users get: its `tier_models` entry, else `model`."""
+        return self.tier_models.get(tier, self.model)
 
 
 class VoicePresets(BaseModel):

@@ -49,8 +49,8 @@ class RealtimeService:
         return secret.body, call.headers()
 
     def choose(self, principal: Principal, role: str, language: str) -> tuple[VoicePreset, str, ModelSpec]:
-        """The caller's preset, its instructions in `language` and its model; a 400 naming `role` or
-        `language` when there is none, a 403 when the caller's tier may not use it."""
+        """The caller's preset, its instructions in `language` and its model for the caller's tier; a
+        400 naming `role` or `language` when there is none, a 403 when the caller's tier may not use it."""
         preset = self.presets.find(role)
         if preset is None:
             roles = ", ".join(sorted(p.role for p in self.presets.presets.values()))
@@ -65,7 +65,8 @@ class RealtimeService:
                 param="role",
                 code=ErrorCode.PRESET_NOT_ALLOWED,
             )
-        return preset, instructions, self.catalog.resolve(preset.model, principal.tier, "realtime")
+        spec = self.catalog.resolve(preset.model_for(principal.tier), principal.tier, "realtime")
+        return preset, instructions, spec
 
     def _session(
         self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: SessionChoices
