@@ -31,6 +31,7 @@ from app.images.router import router as images_router
 from app.middleware import RequestContextMiddleware
 from app.observability.router import router as observability_router
 from app.observability.routes import route_of
+from app.realtime.example import router as realtime_example_router
 from app.realtime.router import router as realtime_router
 from app.responses.router import router as responses_router
 from app.runtime import Runtime
@@ -45,6 +46,7 @@ GC_FIRST_GENERATION = 20_000  # allocations between collections of the youngest 
 # Headers a browser app may read: our request id, limits, and how an answer was made.
 EXPOSED_HEADERS = [
     "x-request-id",
+    "location",  # a WebRTC call set up: /v1/realtime/calls/{id}
     "retry-after",
     "ratelimit-limit",
     "ratelimit-remaining",
@@ -123,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(vector_store_files_router, prefix="/v1")
     app.include_router(realtime_router, prefix="/v1")
     app.include_router(byok_router, prefix="/v1")
+    if settings.environment == "development":
+        app.include_router(realtime_example_router)  # GET /dev/realtime, the WebRTC call example page
     app.include_router(admin_router, prefix="/admin")
     app.include_router(shared_assistants_router, prefix="/admin")
     app.include_router(reports_router, prefix="/admin")
