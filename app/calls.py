@@ -238,6 +238,14 @@ class Call:
             self._leave_slot()
             self._usage.give_back(self.call_id, self.decision)
 
+    def hand_over(self) -> None:
+        """End the call here without a row: its reservation stays pending, to be settled later from its
+        call id and decision, possibly by another process (a WebRTC call's watcher, app/realtime/sideband.py)."""
+        if not self.ended:
+            self.ended = True
+            self._release()
+            self._leave_slot()
+
     def fail(self, error: GatewayError, *, stream: bool = False, spent: Spent | None = None) -> None:
         """Record a failure. One that came after the upstream took the request (`billed`: a body cut
         off, an answer that cannot be read) is charged what the call reserved: the upstream may bill it."""

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # against the caller's budget while open), and the largest WebSocket message relayed.
     realtime_session_max_cost_usd: float = Field(2.0, gt=0)
     realtime_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # WebRTC calls: the sidebands one process watches at most; how often it looks for calls nobody
+    # watches (a new call, or one whose process died); how long it keeps trying to attach a call's
+    # sideband before hanging the call up rather than leaving it unmetered; and, in simulated mode,
+    # how often a call's simulated sideband reports a response.
+    realtime_sidebands_per_process: int = Field(1000, ge=1)
+    realtime_call_poll_seconds: float = Field(1.0, gt=0)
+    realtime_attach_seconds: float = Field(15.0, gt=0)
+    realtime_simulated_turn_seconds: float = Field(10.0, gt=0)
 
     # Auth.
     admin_api_key: str | None = None

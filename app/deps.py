@@ -23,6 +23,7 @@ from app.errors import ErrorCode, Unauthenticated
 from app.images.batches import BatchService
 from app.images.history import ImageHistory
 from app.images.service import ImageService
+from app.realtime.calls import RealtimeCalls
 from app.realtime.service import RealtimeService
 from app.registry import Catalog
 from app.responses.service import ResponsesService
@@ -161,6 +162,10 @@ async def _realtime(runtime: RuntimeDep) -> RealtimeService:
     return runtime.realtime
 
 
+async def _realtime_calls(runtime: RuntimeDep) -> RealtimeCalls:
+    return runtime.realtime_calls
+
+
 async def _byok(runtime: RuntimeDep) -> BYOKService:
     return runtime.byok
 
@@ -179,5 +184,6 @@ ImageServiceDep = Annotated[ImageService, Depends(_images)]
 ImageHistoryDep = Annotated[ImageHistory, Depends(_image_history)]
 BatchServiceDep = Annotated[BatchService, Depends(_batches)]
 RealtimeServiceDep = Annotated[RealtimeService, Depends(_realtime)]
+RealtimeCallsDep = Annotated[RealtimeCalls, Depends(_realtime_calls)]
 BYOKServiceDep = Annotated[BYOKService, Depends(_byok)]
 VectorStoresDep = Annotated[VectorStoreService, Depends(_vector_stores)]

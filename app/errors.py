@@ -82,6 +82,7 @@ class ErrorCode(StrEnum):
     IMAGE_NOT_FOUND = "image_not_found"
     IMAGE_CONTENT_MISSING = "image_content_missing"
     BATCH_NOT_FOUND = "batch_not_found"
+    CALL_NOT_FOUND = "call_not_found"
     KEY_NOT_FOUND = "key_not_found"
     OPENAI_KEY_NOT_FOUND = "openai_key_not_found"
     # State.
@@ -96,6 +97,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"
     TOO_MANY_KEY_CHECKS = "too_many_key_checks"
     TOO_MANY_STREAMS = "too_many_streams"
+    TOO_MANY_SESSIONS = "too_many_sessions"
     # The upstream.
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"

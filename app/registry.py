@@ -173,8 +173,11 @@ class TierSpec(BaseModel):
     batch_images_per_hour: int | None = Field(None, ge=0)
     images_per_day: int | None = Field(None, ge=0)
     realtime_requests_per_minute: int | None = Field(None, ge=0)
-    # How long one realtime session (the /v1/realtime relay) may stay open.
+    # How long one realtime session (a WebRTC call or a /v1/realtime relay) may stay open; how many a
+    # user may hold open at once, and their minutes a day (each session reserves its longest length).
     realtime_session_seconds: int | None = Field(None, ge=1)
+    realtime_concurrent_sessions: int | None = Field(None, ge=0)
+    realtime_minutes_per_day: int | None = Field(None, ge=0)
     embedding_requests_per_minute: int | None = Field(None, ge=0)
     embedding_tokens_per_minute: int | None = Field(None, ge=0)
     monthly_budget_usd: float | None = Field(None, ge=0)

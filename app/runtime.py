@@ -49,8 +49,11 @@ from app.listener import Listener
 from app.observability.logs import note_model
 from app.observability.metrics import Metrics
 from app.ratelimit.limiter import Limiter
+from app.realtime.calls import RealtimeCalls
 from app.realtime.relay import RealtimeRelay
 from app.realtime.service import RealtimeService
+from app.realtime.sideband import SidebandWatcher
+from app.realtime.store import CallStore
 from app.registry import Catalog
 from app.responses.owners import ResponseOwners
 from app.responses.service import ResponsesService
@@ -112,6 +115,8 @@ class Runtime:
     image_retention: ImageRetention
     realtime: RealtimeService
     relay: RealtimeRelay
+    realtime_calls: RealtimeCalls
+    sidebands: SidebandWatcher
     byok: BYOKService
     vector_stores: VectorStoreService
     indexer: Indexer
@@ -189,7 +194,17 @@ class Runtime:
             streams=streams,
         )
 
-        realtime = RealtimeService(catalog, presets, limiter, calls)
+        call_store = CallStore(db.pool, instance.id, settings.instance_lease_seconds)
+        realtime = RealtimeService(catalog, presets, limiter, calls, call_store)
+        sidebands = SidebandWatcher(
+            settings=settings, store=call_store, calls=calls, limiter=limiter, catalog=catalog, presets=presets
+        )
+        realtime_calls = RealtimeCalls(
+            settings=settings, service=realtime, calls=calls, limiter=limiter, store=call_store, watch=sidebands
+        )
+        relay = RealtimeRelay(settings=settings, auth=auth, service=realtime, calls=calls, limiter=limiter)
+        if metrics is not None:
+            metrics.watch_realtime(lambda: sidebands.in_flight + relay.sessions_open)
 
         writes = async_sessionmaker(db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
         context = ContextSource(settings, writes)
@@ -237,6 +252,8 @@ class Runtime:
         stack.push_async_callback(batch_runner.stop)  # items handed back still record their usage
         await indexer.start()
         stack.push_async_callback(indexer.stop)  # files under way are let go for the next process
+        await sidebands.start()
+        stack.push_async_callback(sidebands.stop)  # calls watched are let go (not hung up) for the next process
 
         responses = ResponsesService(settings, catalog, limiter, calls, ResponseOwners(db.pool, db.relaxed), stopping)
         jobs = Jobs()
@@ -259,6 +276,8 @@ class Runtime:
         jobs.every("knowledge retention", settings.vector_store_retention_interval, knowledge_retention.prune)
         jobs.every("background responses", settings.responses_poll_seconds, responses.settle_background)
         jobs.every("response retention", settings.thread_retention_interval, responses.prune_owners)
+        jobs.every("realtime hang-ups", settings.realtime_call_poll_seconds, sidebands.check_hangups)
+        jobs.every("realtime secrets", settings.thread_retention_interval, call_store.forget_secrets)
         stack.push_async_callback(jobs.stop)
         stack.push_async_callback(runs.stop)  # before the usage writer drains: runs record usage as they end
 
@@ -301,7 +320,9 @@ class Runtime:
             batch_runner=batch_runner,
             image_retention=retention,
             realtime=realtime,
-            relay=RealtimeRelay(settings=settings, auth=auth, service=realtime, calls=calls, limiter=limiter),
+            relay=relay,
+            realtime_calls=realtime_calls,
+            sidebands=sidebands,
             byok=BYOKService(vault, upstream, auth, db),
             vector_stores=vector_stores,
             indexer=indexer,

@@ -8,6 +8,7 @@ from app.models.images import IdempotencyKey, Image, ImageBatch, ImageBatchItem
 from app.models.instances import GatewayInstance
 from app.models.knowledge import KnowledgeChunk, StoredFile, VectorStore, VectorStoreFile, VectorStoreFileBatch
 from app.models.ratelimit import RateLimitBucket
+from app.models.realtime import RealtimeCall, RealtimeSecret
 from app.models.refusals import LimitRefusal, RefusalDaily
 from app.models.responses import ResponseOwner
 from app.models.secrets import GatewaySecret
@@ -37,6 +38,8 @@ __all__ = [
     "KnowledgeChunk",
     "LimitRefusal",
     "RateLimitBucket",
+    "RealtimeCall",
+    "RealtimeSecret",
     "RefusalDaily",
     "ResponseOwner",
     "RunStep",

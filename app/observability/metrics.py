@@ -20,6 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -181,6 +182,27 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.realtime_open = Gauge(
+            "gateway_realtime_sessions_open",
+            "Realtime sessions open: WebRTC calls this process watches and /v1/realtime relays it holds.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.realtime_seconds = Counter(
+            "gateway_realtime_session_seconds",
+            "Length of ended realtime sessions (their audio minutes, times 60), by kind (realtime.call,"
+            " realtime.connection) and model.",
+            ["route", "model"],
+            registry=registry,
+        )
+        self.realtime_audio_tokens = Counter(
+            "gateway_realtime_audio_tokens",
+            "Audio tokens of metered realtime responses, by model and direction (input, output); their cost is"
+            " in gateway_cost_usd.",
+            ["model", "direction"],
+            registry=registry,
+        )
+        self._realtime_open: Callable[[], int] = int
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._usage_children: dict[tuple[str, str, str], _UsageChildren] = {}
         self._queue_depth = queue_depth
@@ -226,6 +248,18 @@ class Metrics:
             children.images.inc(record.images)
         if record.status == "error":
             self.upstream_errors.labels(record.route, record.model, record.error_code or "unknown").inc()
+        if record.route.startswith("realtime.") and record.detail:
+            self._observe_realtime(record.route, record.model, record.detail)
+
+    def _observe_realtime(self, route: str, model: str, detail: dict[str, Any]) -> None:
+        """A realtime session's own row (its length) or a response's (its audio tokens)."""
+        seconds = detail.get("seconds")
+        if route in ("realtime.call", "realtime.connection") and isinstance(seconds, int | float):
+            self.realtime_seconds.labels(route, model).inc(max(seconds, 0))
+        for direction, field in (("input", "audio_input_tokens"), ("output", "audio_output_tokens")):
+            tokens = detail.get(field)
+            if isinstance(tokens, int) and tokens > 0:
+                self.realtime_audio_tokens.labels(model, direction).inc(tokens)
 
     # A caller's own limit said no.
     def count_refusal(self, refusal: Refusal) -> None:
@@ -236,6 +270,10 @@ class Metrics:
         if health.failed:
             self.upstream_failures.labels(health.upstream).inc()
         self.upstream_cooling.labels(health.upstream).set(1 if health.cooling else 0)
+
+    def watch_realtime(self, sessions_open: Callable[[], int]) -> None:
+        """Where the sampler reads how many realtime sessions this process holds open."""
+        self._realtime_open = sessions_open
 
     def watch_upstreams(self, cooling: Callable[[], dict[str, bool]]) -> None:
         """Where the sampler reads whether each upstream is cooled down (a cool-down ends without an event)."""
@@ -250,6 +288,7 @@ class Metrics:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
             self.usage_queue_depth.set(self._queue_depth())
+            self.realtime_open.set(self._realtime_open())
             self._count_edge_refusals()
             for name, cooling in self._upstreams().items():
                 self.upstream_cooling.labels(name).set(1 if cooling else 0)

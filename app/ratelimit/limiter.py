@@ -24,6 +24,8 @@ from app.usage.ledger import PendingRow
 
 log = logging.getLogger("app.ratelimit")
 
+REALTIME_SECONDS = "realtime_seconds"  # a realtime session's length, against the day's minutes
+
 
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: `6m0s`, `1.5s`, `20ms`."""
@@ -149,6 +151,28 @@ class Limiter:
         daily = self.calendar(principal, "images", "images_per_day", "day", images, ErrorCode.DAILY_QUOTA_EXCEEDED, "q")
         return [*rate, *daily, *self.budget(principal, cost)]
 
+    def realtime_buckets(self, principal: Principal, seconds: float | None, cost: float) -> list[Bucket]:
+        """A realtime session: the request rate, its longest length (`seconds`) against the day's minutes,
+        and its cost cap against the budget; each reserved while it is open and settled when it ends."""
+        buckets = self.rate(principal, "requests", "realtime_requests_per_minute", 60.0, 1)
+        minutes = self.limit(principal, "realtime_minutes_per_day")
+        if minutes is not None:
+            window, remaining = self._current_window("day")
+            key = f"realtime_minutes_per_day:{principal.user_id}:{window}"
+            length = minutes * 60 if seconds is None else seconds
+            buckets.append(
+                Bucket(REALTIME_SECONDS, key, "q", minutes * 60, remaining, length, ErrorCode.DAILY_QUOTA_EXCEEDED)
+            )
+        return [*buckets, *self.budget(principal, cost)]
+
+    def realtime_seconds(self, principal: Principal) -> float | None:
+        """How long one realtime session may last: the tier's session length, within a day's minutes."""
+        caps = [self.limit(principal, "realtime_session_seconds"), self.limit(principal, "realtime_minutes_per_day")]
+        bounds = [caps[0]] if caps[0] is not None else []
+        if caps[1] is not None:
+            bounds.append(caps[1] * 60)
+        return min(bounds) if bounds else None
+
     def budget(self, principal: Principal, cost: float) -> list[Bucket]:
         return self.calendar(principal, "budget", "monthly_budget_usd", "month", cost, ErrorCode.BUDGET_EXCEEDED, "b")
 
@@ -202,6 +226,11 @@ class Limiter:
             return (
                 f"This request could cost up to ${bucket.cost:.6f}, and ${max(remaining, 0.0):.6f} of the monthly "
                 f"budget of ${bucket.limit:.2f} is left; it resets in {retry} seconds."
+            )
+        if bucket.name == REALTIME_SECONDS:
+            return (
+                f"A realtime session reserves its longest length ({bucket.cost:g} s), and {max(remaining, 0.0):g} s "
+                f"of today's {bucket.limit / 60:g} realtime minutes are left; they reset in {retry} seconds."
             )
         if bucket.code == ErrorCode.DAILY_QUOTA_EXCEEDED:
             return f"Daily quota of {bucket.limit:g} {bucket.name} is used up; it resets in {retry} seconds."

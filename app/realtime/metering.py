@@ -1,4 +1,4 @@
-"""A realtime response's usage, as the upstream's `response.done` reports it, and its exact price.
+"""A realtime response's usage, as the upstream's `response.done` reports it, its exact price, and its row.
 
 `response.usage` is `{input_tokens, output_tokens, input_token_details: {text_tokens, audio_tokens,
 image_tokens, cached_tokens, cached_tokens_details: {text_tokens, audio_tokens, image_tokens}},
@@ -10,10 +10,18 @@ non-negative integer is read as 0 and flagged; totals without details are priced
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from app.auth.principal import Principal
+from app.calls import Call, Spent
+from app.ratelimit.buckets import Decision
+from app.ratelimit.limiter import Limiter
 from app.registry import ModelSpec
+from app.upstream.hub import Lease
+from app.usage.ledger import PendingRow, new_call_id
+from app.usage.writer import UsageWriter
 
 MILLION = Decimal(1_000_000)
 
@@ -125,3 +133,70 @@ def read_usage(usage: object) -> RealtimeUsage:
         audio_out=audio_out,
         flags=tuple(flags),
     )
+
+
+SESSION_ROUTE = "realtime.session"  # one row per response, of a relayed session or a WebRTC call
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseMeter:
+    """Each `response.done` of one realtime session as its own usage row (route `realtime.session`).
+
+    A row is recorded after the fact through a `Call` whose budget reservation is nought, so the writer
+    charges its whole cost to the caller's budget when it settles: the upstream answered already, and
+    the session's own reservation (its cost cap, taken when it opened) kept the budget honest meanwhile.
+    """
+
+    usage: UsageWriter
+    limiter: Limiter
+    principal: Principal
+    spec: ModelSpec
+    lease: Lease  # the session's: who answers (a simulated response costs nothing), released with it
+    request_id: str
+
+    def record(self, response: dict[str, Any], upstream: str | None, detail: dict[str, Any]) -> Decimal:
+        """The response's row; its exact cost."""
+        usage = read_usage(response.get("usage"))
+        simulated = self.lease.answerer == "simulated"
+        cost = Decimal(0) if simulated else usage.cost(self.spec)  # no upstream was paid
+        principal = self.principal
+        row = PendingRow(
+            call_id=new_call_id(),
+            created_at=datetime.now(UTC),
+            request_id=self.request_id,
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            route=SESSION_ROUTE,
+            model=self.spec.id,
+            stream=True,
+            prompt_tokens=0,
+            completion_tokens=0,
+            images=0,
+            cost_usd=0.0,
+            thread_id=None,
+        )
+        call = Call(
+            pending=row,
+            principal=principal,
+            spec=self.spec,
+            decision=Decision(self.limiter.budget(principal, 0.0)),
+            lease=Lease(self.lease.provider, self.lease.answerer),  # not the session's release
+            may_fall_back=False,
+            usage=self.usage,
+            reserved=Spent(),
+        )
+        spent = Spent(usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost_usd=float(cost))
+        spent.flags = list(usage.flags)
+        call.finish(
+            spent,
+            stream=True,
+            upstream=upstream,
+            detail={
+                **detail,
+                "response_id": response.get("id"),
+                "response_status": response.get("status"),
+                **usage.detail(),
+                "cost_usd": str(cost),
+            },
+        )
+        return cost

@@ -96,17 +96,8 @@ async def connect_upstream(
     not retried elsewhere."""
     failure: GatewayError = UpstreamError("No upstream serves this model.")
     for target, model in targets(lease, spec):
-        base = target.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-        headers = {**target.auth_headers}
         try:
-            connection = await connect(
-                f"{base}/realtime?model={model}",
-                additional_headers=headers,
-                open_timeout=open_timeout,
-                max_size=max_size,
-                compression=None,
-                user_agent_header=None,
-            )
+            return await _open(target, f"model={model}", open_timeout, max_size), model
         except InvalidStatus as refused:
             status = refused.response.status_code
             if status == 401 and lease.answerer == "own_key":
@@ -114,15 +105,39 @@ async def connect_upstream(
             failure = UpstreamError(f"The upstream refused the realtime session (HTTP {status}).")
             if 400 <= status < 500 and status not in (401, 429):
                 raise failure from refused
-            continue
         except TimeoutError:
             failure = UpstreamTimeout("The upstream did not open the realtime session in time.")
-            continue
         except (OSError, InvalidHandshake) as error:
             failure = UpstreamError(f"The upstream's realtime WebSocket could not be opened: {error}.")
-            continue
-        return UpstreamPeer(connection, target.name), model
     raise failure
+
+
+class CallGone(Exception):
+    """The upstream does not know the call (any more): it ended."""
+
+
+async def connect_sideband(target: Target, call_id: str, *, open_timeout: float, max_size: int) -> UpstreamPeer:
+    """A WebRTC call's server-side WebSocket (`/realtime?call_id=`), with the key that set the call up.
+    Raises CallGone when the upstream answers 404 (the call ended); other failures as they come."""
+    try:
+        return await _open(target, f"call_id={call_id}", open_timeout, max_size)
+    except InvalidStatus as refused:
+        if refused.response.status_code == 404:
+            raise CallGone(call_id) from refused
+        raise
+
+
+async def _open(target: Target, query: str, open_timeout: float, max_size: int) -> UpstreamPeer:
+    base = target.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    connection = await connect(
+        f"{base}/realtime?{query}",
+        additional_headers={**target.auth_headers},
+        open_timeout=open_timeout,
+        max_size=max_size,
+        compression=None,
+        user_agent_header=None,
+    )
+    return UpstreamPeer(connection, target.name)
 
 
 class SimulatedPeer:
@@ -193,6 +208,65 @@ class SimulatedPeer:
             self.outbox.put_nowait(message)
             raise message
         return message
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.outbox.put_nowait(PeerClosed(code, reason))
+
+
+class SimulatedSideband:
+    """A simulated WebRTC call's sideband, offline: `session.created`, `session.updated` for each
+    `session.update`, and every `turn_seconds` a spoken exchange's `response.done` (audio in and out,
+    the conversation so far as input), until the call is hung up (`close`)."""
+
+    upstream: str | None = None
+
+    def __init__(self, session: dict[str, Any], turn_seconds: float) -> None:
+        self.session = {**session, "id": "sess_sim_" + secrets.token_hex(8), "object": "realtime.session"}
+        self.turn_seconds = turn_seconds
+        self.outbox: asyncio.Queue[Message | PeerClosed] = asyncio.Queue()
+        self.heard_audio = 0  # audio tokens of the conversation so far
+        self.turns = 0
+        self._event("session.created", session=self.session)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        event = {"type": kind, "event_id": "event_sim_" + secrets.token_hex(6), **fields}
+        self.outbox.put_nowait(orjson.dumps(event).decode())
+
+    async def send(self, message: Message) -> None:
+        event = orjson.loads(message)
+        if isinstance(event, dict) and event.get("type") == "session.update":
+            self.session.update(event.get("session") or {})
+            self._event("session.updated", session=self.session)
+
+    async def recv(self) -> Message:
+        while True:
+            try:
+                message = await asyncio.wait_for(self.outbox.get(), self.turn_seconds)
+            except TimeoutError:
+                self._turn()
+                continue
+            if isinstance(message, PeerClosed):
+                self.outbox.put_nowait(message)
+                raise message
+            return message
+
+    def _turn(self) -> None:
+        """Half a turn of the caller speaking (about 10 audio tokens a second), half of the model."""
+        self.turns += 1
+        spoken = max(int(self.turn_seconds * 5), 1)
+        answered = max(int(self.turn_seconds * 10), 1)
+        self.heard_audio += spoken
+        text = chars_to_tokens(len(str(self.session.get("instructions", ""))))
+        usage = {
+            "total_tokens": text + self.heard_audio + answered,
+            "input_tokens": text + self.heard_audio,
+            "output_tokens": answered,
+            "input_token_details": {"text_tokens": text, "audio_tokens": self.heard_audio, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": 0, "audio_tokens": answered},
+        }
+        self.heard_audio += answered
+        response = {"id": f"resp_sim_{self.turns}", "object": "realtime.response", "status": "completed"}
+        self._event("response.done", response={**response, "output": [], "usage": usage})
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.outbox.put_nowait(PeerClosed(code, reason))

@@ -46,6 +46,7 @@ class RealtimeRelay:
         self.calls = calls
         self.limiter = limiter
         self.max_cost = Decimal(str(settings.realtime_session_max_cost_usd))
+        self.sessions_open = 0
 
     async def serve(self, websocket: WebSocket) -> None:
         """Admit the caller and relay its session, or answer the handshake with the refusal."""
@@ -56,7 +57,11 @@ class RealtimeRelay:
         except GatewayError as error:
             await _refuse(websocket, error, request_id)
             return
-        await session.run()
+        self.sessions_open += 1
+        try:
+            await session.run()
+        finally:
+            self.sessions_open -= 1
 
     async def _admit(self, websocket: WebSocket, request_id: str) -> RelaySession:
         principal = await self._principal(websocket)
@@ -69,11 +74,8 @@ class RealtimeRelay:
         preset, instructions, spec = self.service.choose(principal, role, language)
         if model is not None and self.service.catalog.by_name.get(model) != spec:
             raise InvalidRequest(f"This role uses the model '{spec.id}'.", param="model")
-        seconds = self.limiter.limit(principal, "realtime_session_seconds")
-        buckets = [
-            *self.limiter.rate(principal, "requests", "realtime_requests_per_minute", 60.0, 1),
-            *self.limiter.budget(principal, float(self.max_cost)),
-        ]
+        seconds = self.limiter.realtime_seconds(principal)
+        buckets = self.limiter.realtime_buckets(principal, seconds, float(self.max_cost))
         call = await self.calls.open(
             principal,
             route=CONNECTION_ROUTE,

@@ -64,3 +64,34 @@ class ClientSecret(BaseModel):
     value: str
     expires_at: int
     session: dict[str, Any]
+
+
+class CallAttach(BaseModel):
+    """A call the client set up directly with a secret minted here: that secret, which it spends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_secret: Text = Field(max_length=500, description="The `value` of the secret the call was set up with.")
+
+
+class RealtimeCallObject(BaseModel):
+    """A WebRTC call the gateway watches: its preset, its caps and how it went."""
+
+    id: str = Field(description="Ours (`rtc_...`), as the set-up's `Location` names it.")
+    object: Literal["realtime.call"] = "realtime.call"
+    status: Literal["connecting", "active", "ended"]
+    source: Literal["gateway", "attached"] = Field(description="Set up through the gateway, or attached to it.")
+    role: str
+    language: str
+    model: str
+    created_at: int = Field(description="Unix seconds.")
+    expires_at: int | None = Field(description="When the tier's session length ends it (Unix seconds).")
+    ended_at: int | None
+    ended_reason: str | None = Field(
+        description="ended (the client or upstream ended it), hung_up_by_owner, session_seconds_exceeded, "
+        "session_cost_exceeded, sideband_unavailable, setup_failed, setup_cancelled or setup_interrupted."
+    )
+    seconds: float = Field(description="How long it has lasted.")
+    responses: int = Field(description="Responses metered.")
+    cost_usd: str = Field(description="Their cost, exactly (a decimal string).")
+    max_cost_usd: str = Field(description="The cost at which it is hung up.")

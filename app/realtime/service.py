@@ -1,7 +1,12 @@
-"""Minting a realtime secret: the preset decides the session, the client picks within it."""
+"""Minting a realtime secret: the preset decides the session, the client picks within it.
+
+A minted secret is kept (its hash, the user and the session's preset): a call the client then sets up
+with it can be attached, to be metered and capped (app/realtime/calls.py).
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from app.auth.principal import Principal
@@ -9,19 +14,23 @@ from app.calls import Calls
 from app.errors import ErrorCode, InvalidRequest, PermissionDenied
 from app.ratelimit.limiter import Limiter
 from app.realtime.presets import VoicePreset, VoicePresets
+from app.realtime.rules import MAX_APPENDED_INSTRUCTIONS
 from app.realtime.schemas import ClientSecretCreate, SessionAudio, SessionChoices
+from app.realtime.store import CallStore
 from app.registry import Catalog, ModelSpec
 
 ROUTE = "realtime.client_secrets"
-MAX_APPENDED_INSTRUCTIONS = 4000
 
 
 class RealtimeService:
-    def __init__(self, catalog: Catalog, presets: VoicePresets, limiter: Limiter, calls: Calls) -> None:
+    def __init__(
+        self, catalog: Catalog, presets: VoicePresets, limiter: Limiter, calls: Calls, store: CallStore
+    ) -> None:
         self.catalog = catalog
         self.presets = presets
         self.limiter = limiter
         self.calls = calls
+        self.store = store
 
     async def create_secret(
         self, principal: Principal, body: ClientSecretCreate, request_id: str
@@ -34,7 +43,7 @@ class RealtimeService:
                 f"expires_after.seconds must be {preset.min_ttl_seconds}..{preset.max_ttl_seconds} for this role.",
                 param="expires_after.seconds",
             )
-        session = self._session(preset, spec, instructions, body.session or SessionChoices())
+        session = self.session_for(preset, spec, instructions, body.session or SessionChoices())
         request = {"expires_after": {"anchor": "created_at", "seconds": ttl}, "session": session}
         call = await self.calls.open(
             principal,
@@ -46,6 +55,20 @@ class RealtimeService:
         secret = await self.calls.invoke(call, lambda provider: provider.realtime_secret(request))
         minted = {"role": preset.role, "language": body.language, "expires_at": secret.body.get("expires_at")}
         call.finish(upstream_request_id=secret.request_id, detail=minted, upstream=secret.upstream)
+        value, expires_at = secret.body.get("value"), secret.body.get("expires_at")
+        if isinstance(value, str) and isinstance(expires_at, int):
+            kept = {
+                "user_id": principal.user_id,
+                "answerer": call.lease.answerer,
+                "upstream": secret.upstream,
+                "model": spec.id,
+                "role": preset.role,
+                "language": body.language,
+                "instructions": instructions,
+                "voice": session["audio"]["output"]["voice"],
+                "expires_at": datetime.fromtimestamp(expires_at, UTC),
+            }
+            await self.store.save_secret(value, kept)
         return secret.body, call.headers()
 
     def choose(self, principal: Principal, role: str, language: str) -> tuple[VoicePreset, str, ModelSpec]:
@@ -68,10 +91,11 @@ class RealtimeService:
         spec = self.catalog.resolve(preset.model_for(principal.tier), principal.tier, "realtime")
         return preset, instructions, spec
 
-    def _session(
+    def session_for(
         self, preset: VoicePreset, spec: ModelSpec, instructions: str, asked: SessionChoices
     ) -> dict[str, Any]:
-        """The session sent upstream; anything the client may not choose is a 400 naming it.
+        """The session sent upstream (for a secret or a call); anything the client may not choose is a 400
+        naming it.
 
         `model_fields_set` tells a field sent as null (refused where a value is needed) from one
         left out (the preset's choice).

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -35,20 +34,16 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.calls import Call, Spent
-from app.ratelimit.buckets import Decision
 from app.ratelimit.limiter import Limiter
-from app.realtime.metering import read_usage
+from app.realtime.metering import ResponseMeter
 from app.realtime.peers import Peer, PeerClosed
 from app.realtime.presets import VoicePreset
-from app.realtime.service import MAX_APPENDED_INSTRUCTIONS
+from app.realtime.rules import SessionRules
 from app.registry import ModelSpec
-from app.upstream.hub import Lease
-from app.usage.ledger import PendingRow, new_call_id
 from app.usage.writer import UsageWriter
 
 log = logging.getLogger("app.realtime")
 
-SESSION_ROUTE = "realtime.session"  # one row per response
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 # Close codes a peer may receive but never send (RFC 6455 7.4.1): passed on as these instead.
@@ -93,14 +88,14 @@ class RelaySession:
         self.peer = peer
         self.call = call  # the session's own call: its reservation, and its row when it ends
         self.choice = choice
-        self.limiter = limiter
-        self.usage = usage
         self.max_seconds = max_seconds
         self.max_cost = max_cost
         self.cost = Decimal(0)
         self.responses = 0
         self.upstream_session_id: str | None = None
         self.session_id = str(call.call_id)
+        self.rules = SessionRules.of(choice.preset, choice.instructions, choice.preset.voice)
+        self.meter = ResponseMeter(usage, limiter, call.principal, choice.spec, call.lease, call.request_id)
 
     def preset_update(self) -> str:
         """The `session.update` sent upstream before any client event."""
@@ -176,7 +171,7 @@ class RelaySession:
         )
 
     def _guard(self, text: str) -> str:
-        """A client's `session.update` with what the preset decides put back (see the module's docstring)."""
+        """A client's `session.update` with what the preset decides put back (app/realtime/rules.py)."""
         if '"session.update"' not in text:
             return text
         try:
@@ -186,21 +181,13 @@ class RelaySession:
         session = event.get("session") if isinstance(event, dict) and event.get("type") == "session.update" else None
         if not isinstance(session, dict):
             return text
-        preset = self.choice.preset
-        if "instructions" in session:
-            asked = session["instructions"]
-            appended = (
-                preset.allow_instructions_append
-                and isinstance(asked, str)
-                and asked
-                and len(asked) <= MAX_APPENDED_INSTRUCTIONS
-            )
-            session["instructions"] = f"{self.choice.instructions}\n\n{asked}" if appended else self.choice.instructions
+        fixes = self.rules.corrections(session)
+        if "instructions" in fixes:
+            session["instructions"] = fixes["instructions"]
+        if "audio" in fixes:
+            session["audio"]["output"]["voice"] = fixes["audio"]["output"]["voice"]
         if "model" in session:
             session["model"] = self.choice.model
-        output = _dig(session, "audio", "output")
-        if output is not None and "voice" in output and output["voice"] not in preset.voices:
-            output["voice"] = preset.voice
         return orjson.dumps(event).decode()
 
     def _observe(self, text: str) -> Ending | None:
@@ -229,52 +216,8 @@ class RelaySession:
         return None
 
     def _meter(self, response: dict[str, Any]) -> None:
-        usage = read_usage(response.get("usage"))
-        session = self.call
-        cost = Decimal(0) if session.simulated else usage.cost(self.choice.spec)  # no upstream was paid
-        self.cost += cost
+        self.cost += self.meter.record(response, self.peer.upstream, self._detail())
         self.responses += 1
-        principal = session.principal
-        row = PendingRow(
-            call_id=new_call_id(),
-            created_at=datetime.now(UTC),
-            request_id=session.request_id,
-            user_id=principal.user_id,
-            api_key_id=principal.api_key_id,
-            route=SESSION_ROUTE,
-            model=self.choice.spec.id,
-            stream=True,
-            prompt_tokens=0,
-            completion_tokens=0,
-            images=0,
-            cost_usd=0.0,
-            thread_id=None,
-        )
-        # Nothing reserved and no pending row: the writer charges the whole cost (app/calls.py, Decision).
-        call = Call(
-            pending=row,
-            principal=principal,
-            spec=self.choice.spec,
-            decision=Decision(self.limiter.budget(principal, 0.0)),
-            lease=Lease(session.lease.provider, session.lease.answerer),  # the session's: released with it
-            may_fall_back=False,
-            usage=self.usage,
-            reserved=Spent(),
-        )
-        spent = Spent(usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost_usd=float(cost))
-        spent.flags = list(usage.flags)
-        call.finish(
-            spent,
-            stream=True,
-            upstream=self.peer.upstream,
-            detail={
-                **self._detail(),
-                "response_id": response.get("id"),
-                "response_status": response.get("status"),
-                **usage.detail(),
-                "cost_usd": str(cost),
-            },
-        )
 
     def _detail(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -320,12 +263,3 @@ class RelaySession:
 def _upstream_closed(closed: PeerClosed) -> Ending:
     code = UNSENDABLE.get(closed.code, closed.code)
     return Ending("upstream_closed", code, closed.reason or ("upstream connection lost" if code != 1000 else ""))
-
-
-def _dig(value: dict[str, Any], *path: str) -> dict[str, Any] | None:
-    for name in path:
-        child = value.get(name)
-        if not isinstance(child, dict):
-            return None
-        value = child
-    return value

@@ -29,7 +29,14 @@ from app.errors import GatewayError, UpstreamTimeout
 from app.events import EventHub, UpstreamHealth
 from app.registry import DEFAULT_UPSTREAM, Catalog, Deployment, Failover
 from app.upstream.http import UpstreamStream
-from app.upstream.provider import Generation, ImageUpload, Moderation, RealtimeSecret, UpstreamReply
+from app.upstream.provider import (
+    Generation,
+    ImageUpload,
+    Moderation,
+    RealtimeCallAnswer,
+    RealtimeSecret,
+    UpstreamReply,
+)
 from app.upstream.remote import RemoteProvider
 from app.upstream.retry import RetryPolicy, classify
 
@@ -247,3 +254,13 @@ class FailoverProvider:
             return remote.realtime_secret({**body, "session": {**session, "model": model}})
 
         return await self.across(session.get("model"), mint)
+
+    async def realtime_call(self, sdp: str, session: dict[str, Any]) -> RealtimeCallAnswer:
+        """On the first deployment that answers; the call then lives there (`RealtimeCallAnswer.upstream`)."""
+        return await self.across(
+            session.get("model"), lambda remote, model: remote.realtime_call(sdp, {**session, "model": model})
+        )
+
+    async def realtime_hangup(self, call_id: str) -> None:
+        """Held to the call's upstream (`on`), where its id means something."""
+        await self.across(None, lambda remote, _: remote.realtime_hangup(call_id))

@@ -91,6 +91,16 @@ class RealtimeSecret:
     upstream: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RealtimeCallAnswer:
+    """A WebRTC call the upstream set up: its SDP answer and its id there (from `Location`)."""
+
+    sdp: str
+    call_id: str
+    request_id: str | None = None
+    upstream: str | None = None
+
+
 class Provider(Protocol):
     simulated: bool
 
@@ -110,6 +120,10 @@ class Provider(Protocol):
     # `length`: the vector length the model answers with (the payload's `dimensions`, else the model's).
     async def embeddings(self, payload: dict[str, Any], length: int) -> UpstreamReply: ...
     async def realtime_secret(self, body: dict[str, Any]) -> RealtimeSecret: ...
+    # WebRTC calls (OpenAI's unified interface): set one up from the caller's SDP offer and a session;
+    # end one. `session["model"]` is the catalog's id (the failover provider names it per upstream).
+    async def realtime_call(self, sdp: str, session: dict[str, Any]) -> RealtimeCallAnswer: ...
+    async def realtime_hangup(self, call_id: str) -> None: ...
     # The Responses API: create (plain or streamed), and the calls on a response or its inputs
     # (`path` under the API root, e.g. "/responses/{id}/input_items").
     async def responses(self, payload: dict[str, Any]) -> UpstreamReply: ...

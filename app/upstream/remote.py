@@ -1,7 +1,7 @@
 """A real OpenAI-compatible upstream, called with one key: the operator's or a user's own.
 
 Chat, embeddings and the Responses API go over the lean aiohttp client (app/upstream/http.py); images, moderation and
-realtime secrets through the `openai` SDK with `max_retries=0` (retried by our policy,
+realtime secrets and calls through the `openai` SDK with `max_retries=0` (retried by our policy,
 like the pass-through). Image answers are read raw: megabytes of base64 are decoded off
 the event loop instead of being parsed into the SDK's models and dumped again.
 """
@@ -13,7 +13,7 @@ import base64
 import binascii
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import aiohttp
 import orjson
@@ -28,11 +28,15 @@ from app.upstream.provider import (
     Generation,
     ImageUpload,
     Moderation,
+    RealtimeCallAnswer,
     RealtimeSecret,
     UpstreamReply,
 )
 from app.upstream.retry import RetryPolicy
 from app.upstream.targets import Target
+
+# How long the upstream may take to answer a WebRTC call's offer, beyond connecting.
+CALL_SETUP_SECONDS = 20.0
 
 
 class RemoteProvider:
@@ -133,6 +137,23 @@ class RemoteProvider:
             )
         )
         return RealtimeSecret(response.to_dict(), response._request_id, self.target.name)
+
+    async def realtime_call(self, sdp: str, session: dict[str, Any]) -> RealtimeCallAnswer:
+        """The SDK's multipart `sdp` + `session`; the call's id is the last part of the answer's `Location`."""
+        raw = await self.retry.run(
+            lambda _: self.sdk.realtime.calls.with_raw_response.create(
+                sdp=sdp, session=cast(Any, session), timeout=self.target.connect_timeout + CALL_SETUP_SECONDS
+            )
+        )
+        answer = raw.http_response
+        call_id = answer.headers.get("location", "").rstrip("/").rsplit("/", 1)[-1]
+        if not answer.content.startswith(b"v=0") or not call_id.startswith("rtc_"):
+            # The upstream may have set the call up: `billed` keeps it from being tried elsewhere.
+            raise UpstreamError("The upstream's call answer has no SDP or no call id (Location).", billed=True)
+        return RealtimeCallAnswer(answer.content.decode(), call_id, raw.request_id, self.target.name)
+
+    async def realtime_hangup(self, call_id: str) -> None:
+        await self.retry.run(lambda _: self.sdk.realtime.calls.hangup(call_id))
 
 
 @contextlib.asynccontextmanager

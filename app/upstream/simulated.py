@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from app.realtime.sdp import simulated_answer
 from app.sse import Event
 from app.tokens import embedding_inputs, embedding_tokens, estimate_prompt_tokens, estimate_tokens
 from app.upstream import simulated_images
@@ -34,6 +35,7 @@ from app.upstream.provider import (
     Generation,
     ImageUpload,
     Moderation,
+    RealtimeCallAnswer,
     RealtimeSecret,
     UpstreamReply,
 )
@@ -336,3 +338,11 @@ class SimulatedProvider:
         return RealtimeSecret(
             {"value": "ek_sim_" + secrets.token_hex(16), "expires_at": expires_at, "session": session}
         )
+
+    async def realtime_call(self, sdp: str, session: dict[str, Any]) -> RealtimeCallAnswer:
+        """A valid SDP answer no media ever reaches (app/realtime/sdp.py); the call's sideband is simulated
+        by the gateway (app/realtime/peers.py)."""
+        return RealtimeCallAnswer(simulated_answer(sdp), "rtc_sim_" + secrets.token_hex(12))
+
+    async def realtime_hangup(self, call_id: str) -> None:
+        return None

@@ -76,6 +76,8 @@ class UsageRecord:
             return self.cost_usd
         if bucket.name == "images":
             return float(self.images)
+        if bucket.name == "realtime_seconds":  # a realtime session's own row says how long it lasted
+            return float((self.detail or {}).get("seconds", 0.0))
         return 1.0
 
     def corrections(self, counted: bool) -> list[tuple[Bucket, float]]:

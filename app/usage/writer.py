@@ -69,9 +69,15 @@ WITH pending AS (
 SELECT call_id FROM pending UNION SELECT call_id FROM swept
 """
 # Calls whose process stopped beating: settled as interrupted at what they reserved (app/instances.py).
+# A realtime call not yet ended is not: its watcher settles it, and whoever takes the call up after its
+# process died takes its pending row along (app/realtime/store.py).
 SWEEP = f"""
 WITH dead AS (
-    DELETE FROM usage_pending WHERE NOT {owner_alive("usage_pending.owner", "$1")} RETURNING *
+    DELETE FROM usage_pending WHERE NOT {owner_alive("usage_pending.owner", "$1")}
+        AND NOT EXISTS (
+            SELECT 1 FROM realtime_call r WHERE r.reservation_id = usage_pending.call_id AND r.status <> 'ended'
+        )
+    RETURNING *
 ), settled AS (
     INSERT INTO usage_event (call_id, created_at, request_id, user_id, api_key_id, route, model, status, http_status,
                              stream, prompt_tokens, completion_tokens, cached_tokens, tokens_estimated, images,

@@ -22,6 +22,7 @@ import logging
 
 import asyncpg
 
+from app.auth.owners import owner_principal
 from app.auth.principal import Principal
 from app.config import Settings
 from app.errors import LIMIT_CODES, ErrorCode, GatewayError, RateLimited, Unavailable, UpstreamError
@@ -154,7 +155,7 @@ class Indexer(ClaimingWorker[Claimed]):
             await work.complete(conn, job, usage_bytes)
 
     async def _embed(self, job: Claimed, chunks: list[Chunk]) -> list[Vector]:
-        principal = await work.owner_principal(self.pool, job.user_id, self.settings.jwt_default_tier)
+        principal = await owner_principal(self.pool, job.user_id, self.settings.jwt_default_tier)
         max_tokens = self.embedder.batch_tokens(principal, self.settings.vector_store_embed_batch_tokens)
         detail = {
             "purpose": "index",

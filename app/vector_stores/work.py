@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg
 import orjson
 
-from app.auth.principal import Principal
 from app.knowledge.db import Connection
 
 CLAIM = """
@@ -70,11 +69,6 @@ SETTLE_BATCH = """
 UPDATE vector_store_file_batch SET status = 'completed'
 WHERE id = $1 AND status = 'in_progress'
   AND NOT EXISTS (SELECT 1 FROM vector_store_file WHERE batch_id = $1 AND status = 'in_progress')
-"""
-OWNER = """
-SELECT u.tier, u.use_upstream, u.limit_overrides::text AS limit_overrides,
-       EXISTS (SELECT 1 FROM user_openai_key k WHERE k.user_id = $1) AS own_key
-FROM (SELECT 1) one LEFT JOIN app_user u ON u.id = $1
 """
 
 
@@ -150,17 +144,3 @@ async def fail(conn: Connection, job: Claimed, last_error: dict[str, str]) -> bo
     if failed and job.batch_id is not None:
         await conn.execute(SETTLE_BATCH, job.batch_id)
     return failed
-
-
-async def owner_principal(pool: asyncpg.Pool, user_id: str, default_tier: str) -> Principal:
-    """The file's owner as their limits and switches are now (no row: a JWT user of the default tier)."""
-    row = await pool.fetchrow(OWNER, user_id)
-    assert row is not None
-    overrides = orjson.loads(row["limit_overrides"]) if row["limit_overrides"] else {}
-    return Principal(
-        user_id=user_id,
-        tier=row["tier"] or default_tier,
-        use_upstream=row["use_upstream"] if row["use_upstream"] is not None else True,
-        limit_overrides=overrides,
-        has_own_key=bool(row["own_key"]),
-    )

@@ -10,6 +10,11 @@ Images: `/v1/images/generations` (plain, or streamed with `stream: true` as name
 `/v1/images/edits` (multipart `image` / `image[]` files, an optional `mask`; plain or
 streamed as `image_edit.*` events). Streams honour `chunk_delay`, `drop_after` and
 `error_after` (an `error` event) like chat streams.
+
+Realtime: the WebSocket `/v1/realtime?model=...`, and WebRTC calls: `POST /v1/realtime/calls`
+(an SDP offer in, an SDP answer out), `POST /v1/realtime/calls/{id}/hangup`, and the server's
+"sideband" WebSocket `/v1/realtime?call_id=...`. The browser's side of a call is played by the
+test through `call_respond`, `call_client_update`, `call_end` and `call_drop_sidebands`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import base64
 import email.parser
 import email.policy
 import hashlib
+import itertools
 import struct
 import time
 import zlib
@@ -109,6 +115,11 @@ class FakeUpstream:
         self.background: dict[str, int] = {}  # background responses: reads left before they are done
         self.realtime_sessions: list[RealtimeSession] = []  # /v1/realtime WebSockets, oldest first
         self.realtime_usage: JSONDict = REALTIME_USAGE  # what each realtime `response.done` reports
+        self.realtime_calls: dict[str, FakeCall] = {}  # WebRTC calls by id, oldest first
+        self.sideband_refusal: int | None = None  # set: every sideband upgrade is answered with this status
+        # Never reset: a gateway kept across tests must not meet an id it already knows.
+        self._call_numbers = itertools.count(1)
+        self._event_numbers = itertools.count(1)
 
     async def start(self) -> None:
         """Listen on an ephemeral loopback port."""
@@ -158,6 +169,8 @@ class FakeUpstream:
         self.background.clear()
         self.realtime_sessions.clear()
         self.realtime_usage = REALTIME_USAGE
+        self.realtime_calls.clear()  # their open sidebands, if any, stay open but forgotten
+        self.sideband_refusal = None
 
     # The timeout argument is the agreed test-facing API, so ASYNC109 is waived.
     async def wait_streams_closed(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
@@ -169,15 +182,68 @@ class FakeUpstream:
             await asyncio.sleep(0.01)
         return True
 
+    def call(self, call_id: str) -> FakeCall:
+        """A WebRTC call by id (KeyError if the fake never made it, or forgot it in `reset`)."""
+        return self.realtime_calls[call_id]
+
+    def last_call_id(self) -> str | None:
+        """The id of the newest WebRTC call, if any."""
+        return next(reversed(self.realtime_calls), None)
+
+    async def wait_sidebands(self, call_id: str, count: int = 1, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """Wait until the call has at least `count` open sidebands (the gateway attached); False on timeout."""
+        call = self.call(call_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(call.open_sidebands()) < count:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def call_respond(self, call_id: str, usage: JSONDict | None = None) -> None:
+        """As if the browser's user spoke and the model answered: `response.created`, a text delta and
+        `response.done` reporting `usage` (default `realtime_usage`), to every open sideband."""
+        await self._call_response(self.call(call_id), self.realtime_usage if usage is None else usage)
+
+    async def call_client_update(self, call_id: str, session: JSONDict) -> None:
+        """As if the browser sent `session.update` on its data channel: merged into the call's
+        session, the whole of which every open sideband receives as `session.updated`."""
+        await self._call_update(self.call(call_id), session)
+
+    async def call_end(self, call_id: str) -> None:
+        """The browser hung up: the call ends (not `hung_up`) and its sidebands close with 1000."""
+        call = self.call(call_id)
+        call.ended = True
+        await _close_sidebands(call)
+
+    async def call_drop_sidebands(self, call_id: str) -> None:
+        """Cut the call's sidebands as a network would, without a close frame (the other end sees
+        1006); the call stays active and a new sideband may attach."""
+        for sideband in self.call(call_id).open_sidebands():
+            sideband.closed = 1006
+            if sideband.request is not None and sideband.request.transport is not None:
+                sideband.request.transport.close()
+        await asyncio.sleep(0)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """Record the request, then answer from the script or the default route."""
         if request.path == REALTIME_PATH and request.headers.get("upgrade", "").lower() == "websocket":
+            if "call_id" in request.query:
+                return await self._sideband(request)
             return await self._realtime(request)
         raw = await request.read()
         headers = {name.lower(): value for name, value in request.headers.items()}
         files: list[UploadedFile] = []
-        if headers.get("content-type", "").startswith("multipart/form-data"):
-            payload, files = _parse_multipart(headers["content-type"], raw)
+        payload: JSONDict | None
+        content_type = headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            payload, files = _parse_multipart(content_type, raw)
+            session = payload.get("session")
+            if request.path == CALLS_PATH and isinstance(session, str):  # kept as text if not an object
+                parsed = _parse_json(session.encode())
+                payload["session"] = session if parsed is None else parsed
+        elif content_type.startswith("application/sdp"):
+            payload = {"sdp": raw.decode(errors="replace")}
         else:
             payload = _parse_json(raw)
         self.requests.append(Recorded(request.method, request.path, headers, payload, files, dict(request.query)))
@@ -216,6 +282,10 @@ class FakeUpstream:
             return await self._stream(request, reply, out_headers, payload or {}, n)
         if request.path.startswith(RESPONSES_PATH):
             return await self._responses(request, reply, out_headers, payload or {}, n)
+        if request.path == CALLS_PATH and request.method == "POST":
+            return await self._create_call(request, reply, out_headers, payload or {}, files)
+        if request.path.startswith(CALLS_PATH + "/") and request.path.endswith("/hangup") and request.method == "POST":
+            return await self._hangup(request.path.removeprefix(CALLS_PATH + "/").removesuffix("/hangup"), out_headers)
 
         route = ROUTES.get((request.method, request.path))
         if route is None:
@@ -258,14 +328,111 @@ class FakeUpstream:
         session.closed = socket.close_code
         return socket
 
-    async def _plain(
-        self, request: web.Request, reply: Reply, body: bytes, headers: dict[str, str]
+    async def _create_call(
+        self, request: web.Request, reply: Reply, headers: dict[str, str], payload: JSONDict, files: list[UploadedFile]
     ) -> web.StreamResponse:
-        """A JSON-typed body; with `truncate_at`, declared in full and cut short by a dropped connection."""
+        """A WebRTC call: the offer (with the session, if any) in, 201 with an SDP answer and the
+        call's `Location` out. The offer may come as a file part too, as some clients send it."""
+        sdp = payload.get("sdp")
+        if not isinstance(sdp, str):
+            sdp = next((upload.data.decode(errors="replace") for upload in files if upload.field == "sdp"), None)
+        if not sdp or not sdp.strip():
+            return _json_response(400, _error_body(400, "Missing required parameter: 'sdp'."), headers)
+        if not sdp.startswith("v=0"):
+            return _json_response(400, _error_body(400, "Invalid SDP offer: it must start with 'v=0'."), headers)
+        session = payload.get("session", {})
+        if not isinstance(session, dict):
+            return _json_response(400, _error_body(400, "Invalid 'session': expected a JSON object."), headers)
+        received = {name.lower(): value for name, value in request.headers.items()}
+        call = FakeCall(f"rtc_fake_{next(self._call_numbers)}", dict(session), sdp, received)
+        self.realtime_calls[call.id] = call
+        answer = _sdp_answer(sdp, call.id).encode()
+        headers = {"Location": f"{CALLS_PATH}/{call.id}", **headers}
+        return await self._plain(request, reply, answer, headers, status=201, content_type="application/sdp")
+
+    async def _hangup(self, call_id: str, headers: dict[str, str]) -> web.StreamResponse:
+        """End an active call through the API: its sidebands close with 1000; 404 for an unknown or ended call."""
+        call = self.realtime_calls.get(call_id)
+        if call is None or call.ended:
+            return _json_response(404, _error_body(404, f"No active call found with id '{call_id}'."), headers)
+        call.ended = call.hung_up = True
+        await _close_sidebands(call)
+        return _json_response(200, {}, headers)
+
+    async def _sideband(self, request: web.Request) -> web.StreamResponse:
+        """A call's sideband WebSocket: `session.created` with the call's session first; then, to every
+        open sideband of the call, `session.updated` for a `session.update` and a short response for a
+        `response.create`. Every client event is recorded on the sideband, in order."""
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _json_response(401, _error_body(401), {})
+        call_id = request.query["call_id"]
+        call = self.realtime_calls.get(call_id)
+        if self.sideband_refusal is not None:
+            return _json_response(self.sideband_refusal, _error_body(self.sideband_refusal), {})
+        if call is None or call.ended:
+            return _json_response(404, _error_body(404, f"No active call found with id '{call_id}'."), {})
+        sideband = Sideband(dict(request.query), {k.lower(): v for k, v in request.headers.items()})
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        sideband.socket, sideband.request = socket, request
+        try:
+            await socket.send_json({"type": "session.created", "event_id": self._event_id(), "session": call.state()})
+            call.sidebands.append(sideband)  # only now: broadcasts come after `session.created`
+            if call.ended:  # ended while `session.created` was being sent
+                await _close_sidebands(call)
+            async for message in socket:
+                if message.type != web.WSMsgType.TEXT:
+                    continue
+                event = _parse_json(message.data.encode())
+                if event is None:
+                    error = {"type": "invalid_request_error", "code": "invalid_json", "message": "Invalid JSON."}
+                    await socket.send_json({"type": "error", "event_id": self._event_id(), "error": error})
+                    continue
+                sideband.events.append(event)
+                if event.get("type") == "session.update":
+                    update = event.get("session")
+                    await self._call_update(call, update if isinstance(update, dict) else {})
+                elif event.get("type") == "response.create":
+                    await self._call_response(call, self.realtime_usage)
+            if sideband.closing is not None:  # closed by the fake: let the closing handshake finish
+                await asyncio.wait({sideband.closing}, timeout=SIDEBAND_CLOSE_WAIT)
+        finally:
+            if sideband.closed is None:
+                sideband.closed = socket.close_code if socket.close_code is not None else 1006
+        return socket
+
+    def _event_id(self) -> str:
+        """A fresh server event id for a call's events."""
+        return f"event_call_{next(self._event_numbers)}"
+
+    async def _call_update(self, call: FakeCall, session: JSONDict) -> None:
+        """Merge an update into the call's session (key by key) and tell every open sideband."""
+        call.session.update(session)
+        await _broadcast(call, [{"type": "session.updated", "event_id": self._event_id(), "session": call.state()}])
+
+    async def _call_response(self, call: FakeCall, usage: JSONDict) -> None:
+        """One response of the call, its events to every open sideband."""
+        call.responses += 1
+        label = f"call_{call.number}_"
+        await _broadcast(call, _realtime_response(call.responses, usage, label))
+
+    async def _plain(
+        self,
+        request: web.Request,
+        reply: Reply,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        status: int | None = None,
+        content_type: str = "application/json",
+    ) -> web.StreamResponse:
+        """A body (JSON unless told), with the reply's status unless told; with `truncate_at`,
+        declared in full and cut short by a dropped connection."""
+        status = reply.status if status is None else status
         if reply.truncate_at is None:
-            return web.Response(status=reply.status, body=body, headers=headers, content_type="application/json")
-        response = web.StreamResponse(status=reply.status, headers=headers)
-        response.content_type = "application/json"
+            return web.Response(status=status, body=body, headers=headers, content_type=content_type)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = content_type
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: reply.truncate_at])
@@ -437,6 +604,35 @@ REALTIME_USAGE: JSONDict = {
     },
     "output_token_details": {"text_tokens": 50, "audio_tokens": 400},
 }
+CALLS_PATH = "/v1/realtime/calls"
+SIDEBAND_CLOSE_WAIT = 1.0  # how long closing a sideband waits for the other end's close frame
+
+
+def realtime_usage(
+    *,
+    text_in: int = 0,
+    audio_in: int = 0,
+    text_out: int = 0,
+    audio_out: int = 0,
+    cached_text: int = 0,
+    cached_audio: int = 0,
+) -> JSONDict:
+    """A realtime `response.done` usage in OpenAI's shape from its parts, totals added up
+    (e.g. for `call_respond`, or `realtime_usage` itself); cached tokens are part of the input."""
+    inputs, outputs = text_in + audio_in, text_out + audio_out
+    return {
+        "total_tokens": inputs + outputs,
+        "input_tokens": inputs,
+        "output_tokens": outputs,
+        "input_token_details": {
+            "text_tokens": text_in,
+            "audio_tokens": audio_in,
+            "image_tokens": 0,
+            "cached_tokens": cached_text + cached_audio,
+            "cached_tokens_details": {"text_tokens": cached_text, "audio_tokens": cached_audio, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
+    }
 
 
 @dataclass
@@ -449,21 +645,143 @@ class RealtimeSession:
     closed: int | None = None  # the close code, once closed
 
 
-def _realtime_response(n: int, usage: JSONDict) -> list[JSONDict]:
-    response_id = f"resp_fake_{n}"
+@dataclass
+class Sideband:
+    """One sideband WebSocket of a call (`/v1/realtime?call_id=...`) as the fake upstream saw it."""
+
+    query: dict[str, str]
+    headers: dict[str, str]
+    events: list[JSONDict] = field(default_factory=list)  # what the client sent, in order
+    closed: int | None = None  # the close code, once closed (1006: dropped by `call_drop_sidebands`)
+    # The live connection, for the fake's own use.
+    socket: web.WebSocketResponse | None = field(default=None, repr=False)
+    request: web.Request | None = field(default=None, repr=False)
+    closing: asyncio.Task[bool] | None = field(default=None, repr=False)
+
+    @property
+    def is_open(self) -> bool:
+        """Open, and not being closed."""
+        return self.closed is None and self.socket is not None and not self.socket.closed
+
+
+@dataclass
+class FakeCall:
+    """One WebRTC call (`POST /v1/realtime/calls`) and the sidebands that attached to it."""
+
+    id: str
+    session: JSONDict  # the offer's session part ({} without one), with every update merged in
+    offer: str  # the SDP offer
+    headers: dict[str, str]  # of the request that made the call
+    ended: bool = False
+    hung_up: bool = False  # ended through `POST .../hangup` (not by the browser: `call_end`)
+    sidebands: list[Sideband] = field(default_factory=list)  # oldest first, closed ones too
+    responses: int = 0  # responses the model gave on the call
+
+    @property
+    def number(self) -> str:
+        """The n of `rtc_fake_<n>`."""
+        return self.id.removeprefix("rtc_fake_")
+
+    def state(self) -> JSONDict:
+        """The session as the call's events carry it."""
+        return {**self.session, "id": f"sess_fake_call_{self.number}", "object": "realtime.session"}
+
+    def open_sidebands(self) -> list[Sideband]:
+        """The sidebands open now."""
+        return [sideband for sideband in self.sidebands if sideband.is_open]
+
+
+async def _broadcast(call: FakeCall, events: list[JSONDict]) -> None:
+    """Send events to every open sideband of a call (one that goes away meanwhile is skipped)."""
+    for sideband in call.open_sidebands():
+        assert sideband.socket is not None
+        try:
+            for event in events:
+                await sideband.socket.send_json(event)
+        except ConnectionResetError:
+            continue
+
+
+async def _close_sidebands(call: FakeCall, code: int = 1000) -> None:
+    """Close every open sideband of a call with `code`, waiting a little for the closing handshakes
+    (the closing goes on in the background if the other end is slow to answer)."""
+    closings = []
+    for sideband in call.open_sidebands():
+        assert sideband.socket is not None
+        sideband.closed = code
+        sideband.closing = asyncio.ensure_future(sideband.socket.close(code=code))
+        closings.append(sideband.closing)
+    if closings:
+        await asyncio.wait(closings, timeout=SIDEBAND_CLOSE_WAIT)
+
+
+def _sdp_answer(offer: str, call_id: str) -> str:
+    """A plausible SDP answer to an offer, as an ICE-lite server gives it: the offer's BUNDLE group,
+    and for each of its m= lines an answer (opus for audio, the data channel for application) with
+    the mid copied, this call's ICE credentials and DTLS fingerprint, `setup:active`; a rejected
+    (port 0) m= line stays rejected."""
+    digest = hashlib.sha256(call_id.encode()).digest()
+    ufrag, password = digest[:4].hex(), digest[4:16].hex()
+    fingerprint = ":".join(f"{byte:02X}" for byte in hashlib.sha256(b"certificate " + digest).digest())
+    answer = ["v=0", f"o=- {int.from_bytes(digest[16:24], 'big') >> 1} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
+    sections: list[list[str]] = []
+    for line in offer.replace("\r\n", "\n").split("\n"):
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+        elif line.startswith("a=group:"):
+            answer.append(line)
+    answer.append("a=ice-lite")
+    for section in sections:
+        kind, port, proto, *formats = section[0][2:].split()
+        attributes = [line[2:] for line in section[1:] if line.startswith("a=")]
+        mid = [f"a={attribute}" for attribute in attributes if attribute.startswith("mid:")][:1]
+        if port == "0":
+            answer += [f"m={kind} 0 {proto} {' '.join(formats)}", *mid]
+            continue
+        codec: list[str] = []
+        if kind != "application":
+            maps = {a.split()[0].removeprefix("rtpmap:"): a for a in attributes if a.startswith("rtpmap:")}
+            chosen = next((pt for pt, a in maps.items() if "opus/" in a.lower()), formats[0] if formats else "0")
+            formats = [chosen]
+            codec = [f"a={a}" for a in attributes if a.startswith((f"rtpmap:{chosen} ", f"fmtp:{chosen} "))]
+        answer += [f"m={kind} 9 {proto} {' '.join(formats)}", "c=IN IP4 0.0.0.0", *mid]
+        answer += [f"a=ice-ufrag:{ufrag}", f"a=ice-pwd:{password}", f"a=fingerprint:sha-256 {fingerprint}"]
+        answer.append("a=setup:active")
+        if kind == "application":
+            answer += ["a=sctp-port:5000", "a=max-message-size:1073741823"]
+        else:
+            offered = next((a for a in attributes if a in ANSWERED_DIRECTIONS), "sendrecv")
+            answer += [f"a={ANSWERED_DIRECTIONS[offered]}", "a=rtcp-mux", *codec]
+        answer += ["a=candidate:1 1 udp 2130706431 127.0.0.1 3478 typ host", "a=end-of-candidates"]
+    return "\r\n".join(answer) + "\r\n"
+
+
+ANSWERED_DIRECTIONS = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
+
+
+def _realtime_response(n: int, usage: JSONDict, label: str = "") -> list[JSONDict]:
+    """A realtime response's events: `response.created`, a text delta, `response.done` with `usage`;
+    the response is `resp_fake_<label><n>` (a label keeps calls' responses apart)."""
+    response_id = f"resp_fake_{label}{n}"
     item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": REALTIME_TEXT}]}
     base = {"id": response_id, "object": "realtime.response"}
     return [
-        {"type": "response.created", "event_id": f"event_{n}_1", "response": {**base, "status": "in_progress"}},
+        {
+            "type": "response.created",
+            "event_id": f"event_{label}{n}_1",
+            "response": {**base, "status": "in_progress"},
+        },
         {
             "type": "response.output_text.delta",
-            "event_id": f"event_{n}_2",
+            "event_id": f"event_{label}{n}_2",
             "response_id": response_id,
             "delta": REALTIME_TEXT,
         },
         {
             "type": "response.done",
-            "event_id": f"event_{n}_3",
+            "event_id": f"event_{label}{n}_3",
             "response": {**base, "status": "completed", "output": [item], "usage": usage},
         },
     ]
@@ -705,7 +1023,8 @@ def _parse_multipart(content_type: str, raw: bytes) -> tuple[JSONDict, list[Uplo
     files: list[UploadedFile] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        data = part.get_payload(decode=True) or b""
+        decoded = part.get_payload(decode=True)
+        data = decoded if isinstance(decoded, bytes) else b""
         if part.get_filename() is not None:
             files.append(UploadedFile(str(name), part.get_filename(), part.get_content_type(), data))
         else:
