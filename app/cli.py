@@ -287,7 +287,7 @@ def reconcile(args: argparse.Namespace) -> None:
         return await our_costs(pool, first, last)
 
     ours = _in_session(work)
-    table, differing = render(compare(ours, theirs, catalog), args.tolerance)
+    table, differing = render(compare(ours, theirs), args.tolerance)
     print(f"cost per UTC day and model, {first} to {last}: usage_event against {args.export}")
     print(table)
     if differing:

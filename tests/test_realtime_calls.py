@@ -3,7 +3,9 @@ caps by hang-up, re-attachment after a restart, attachment of client-secret call
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -570,3 +572,24 @@ async def test_a_call_whose_sideband_cannot_be_attached_again_is_hung_up(
         assert upstream.call(upstream_id).hung_up  # rather than left running unmetered
         [own] = await usage_rows(db, 1, route="realtime.call", user_id=user)
         assert (own["status"], own["error_code"]) == ("error", "sideband_unavailable")
+
+
+async def test_a_users_own_key_sets_the_call_up_and_watches_it(
+    gateway_with: GatewayFactory, upstream: FakeUpstream, db: asyncpg.Pool
+) -> None:
+    encryption_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    async with gateway_with(byok_encryption_keys=[encryption_key]) as gateway:
+        key, user = await gateway.key("pro")
+        # Their key is the one the fake takes: the call and its sideband go out with it, not as the operator's.
+        stored = await gateway.client.put("/v1/me/openai-key", json={"api_key": upstream.api_key}, headers=auth(key))
+        assert stored.status_code == 200, stored.text
+        call_id, _ = await set_up(sdk(gateway, key), "teacher")
+        upstream_id = await attached(upstream)
+        assert await db.fetchval("SELECT answerer FROM realtime_call WHERE id = $1", call_id) == "own_key"
+        await upstream.call_respond(upstream_id)
+        [row] = await usage_rows(db, 1, route="realtime.session", user_id=user)
+        assert json.loads(row["detail"])["key"] == "user"
+        await sdk(gateway, key).realtime.calls.hangup(call_id)
+        assert upstream.call(upstream_id).hung_up
+        [own] = await usage_rows(db, 1, route="realtime.call", user_id=user)
+        assert json.loads(own["detail"])["key"] == "user"

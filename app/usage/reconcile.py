@@ -54,7 +54,6 @@ class Line:
     model: str
     ours: Decimal
     theirs: Decimal
-    metered: bool = True  # False: the gateway records no cost for this model (realtime sessions)
 
     @property
     def difference(self) -> Decimal:
@@ -157,14 +156,12 @@ async def our_costs(pool: asyncpg.Pool, first: date, last: date) -> Costs:
     return {(row["day"], row["model"]): row["cost"] for row in rows}
 
 
-def compare(ours: Costs, theirs: Costs, catalog: Catalog) -> list[Line]:
-    """Every (day, model) either side knows, in order. Realtime models are not metered by the gateway
-    (a session's audio is billed upstream after the secret is handed out): listed, never flagged."""
-    unmetered = {spec.id for spec in catalog.models if spec.kind == "realtime"}
+def compare(ours: Costs, theirs: Costs) -> list[Line]:
+    """Every (day, model) either side knows, in order. Realtime sessions count like any call: the gateway
+    meters those it relays or watches; one set up with a client secret and never attached is not seen,
+    and shows here as the upstream's cost above ours."""
     return [
-        Line(
-            day, model, ours.get((day, model), Decimal(0)), theirs.get((day, model), Decimal(0)), model not in unmetered
-        )
+        Line(day, model, ours.get((day, model), Decimal(0)), theirs.get((day, model), Decimal(0)))
         for day, model in sorted(set(ours) | set(theirs))
     ]
 
@@ -176,9 +173,7 @@ def render(lines: Iterable[Line], tolerance: Decimal) -> tuple[str, int]:
     over = 0
     for line in lines:
         flag = ""
-        if not line.metered:
-            flag = "  (not metered by the gateway)"
-        elif abs(line.difference) > tolerance:
+        if abs(line.difference) > tolerance:
             over += 1
             flag = "  <-- differs"
         out.append(
@@ -187,8 +182,7 @@ def render(lines: Iterable[Line], tolerance: Decimal) -> tuple[str, int]:
         )
     ours, theirs = sum((x.ours for x in lines), Decimal(0)), sum((x.theirs for x in lines), Decimal(0))
     out.append(f"{'total':<10}  {'':<28} {ours:>12.6f} {theirs:>12.6f} {ours - theirs:>+12.6f}")
-    metered = sum(line.metered for line in lines)
-    out.append(f"{over} of {metered} metered day-and-model lines differ by more than ${tolerance}")
+    out.append(f"{over} of {len(lines)} day-and-model lines differ by more than ${tolerance}")
     return "\n".join(out), over
 
 
