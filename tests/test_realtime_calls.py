@@ -3,6 +3,7 @@ caps by hang-up, re-attachment after a restart, attachment of client-secret call
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -20,6 +21,7 @@ from support.gateway import Gateway, GatewayFactory, gateway_env, gateway_proces
 from support.processes import kill_process_async
 from support.sdp import CHROME_OFFER
 from support.spend import bucket_value, budget_key, set_limits
+from support.tcp_proxy import TcpProxy
 from support.waiting import usage_rows, wait_for
 
 OFFER = CHROME_OFFER
@@ -593,3 +595,29 @@ async def test_a_users_own_key_sets_the_call_up_and_watches_it(
         assert upstream.call(upstream_id).hung_up
         [own] = await usage_rows(db, 1, route="realtime.call", user_id=user)
         assert json.loads(own["detail"])["key"] == "user"
+
+
+async def test_a_call_is_metered_through_a_database_outage(
+    gateway_with: GatewayFactory,
+    cuttable_database: TcpProxy,
+    database_url: str,
+    upstream: FakeUpstream,
+    db: asyncpg.Pool,
+) -> None:
+    async with gateway_with(database_url=cuttable_database.url_for(database_url), usage_replay_interval=0.2) as gateway:
+        key, user = await gateway.key("pro")
+        call_id, _ = await set_up(sdk(gateway, key), "teacher")
+        upstream_id = await attached(upstream)
+        cuttable_database.cut()
+        try:
+            await upstream.call_respond(upstream_id)
+            await asyncio.sleep(0.5)  # the response is read, counted by the process alone, its row spooled
+        finally:
+            cuttable_database.restore()
+        [row] = await usage_rows(db, 1, route="realtime.session", user_id=user, seconds=20)
+        assert Decimal(str(row["cost_usd"])) == FULL_COST
+        [sideband] = upstream.call(upstream_id).sidebands  # the call was watched throughout, not let go
+        assert sideband.is_open
+        await sdk(gateway, key).realtime.calls.hangup(call_id)
+        [own] = await usage_rows(db, 1, route="realtime.call", user_id=user)
+        assert json.loads(own["detail"])["attaches"] == 1

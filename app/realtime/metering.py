@@ -154,11 +154,14 @@ class ResponseMeter:
     lease: Lease  # the session's: who answers (a simulated response costs nothing), released with it
     request_id: str
 
+    def cost(self, response: dict[str, Any]) -> Decimal:
+        """The response's exact cost (a simulated one costs nothing: no upstream was paid)."""
+        return Decimal(0) if self.lease.answerer == "simulated" else read_usage(response.get("usage")).cost(self.spec)
+
     def record(self, response: dict[str, Any], upstream: str | None, detail: dict[str, Any]) -> Decimal:
         """The response's row; its exact cost."""
         usage = read_usage(response.get("usage"))
-        simulated = self.lease.answerer == "simulated"
-        cost = Decimal(0) if simulated else usage.cost(self.spec)  # no upstream was paid
+        cost = self.cost(response)
         principal = self.principal
         row = PendingRow(
             call_id=new_call_id(),

@@ -40,6 +40,7 @@ from websockets.exceptions import InvalidHandshake
 from app.auth.owners import owner_principal
 from app.calls import Calls
 from app.config import Settings
+from app.db import DB_ERRORS
 from app.errors import GatewayError, UpstreamError
 from app.jobs import ClaimingWorker
 from app.ratelimit.limiter import Limiter
@@ -61,6 +62,7 @@ CALL_ROUTE = "realtime.call"  # a call's own row: its reservation, length and en
 CAPS = frozenset({"session_seconds_exceeded", "session_cost_exceeded"})
 FAILURES = frozenset({"sideband_unavailable", "setup_interrupted", "setup_failed", "setup_cancelled"})
 MAX_ATTACH_DELAY = 2.0
+MAX_RELEASE_DELAY = 10.0
 
 # How watching a sideband ended: "ended" (the call ended upstream), "lost" (the connection: attach
 # again), "not_ours" (another process holds the call now), or a reason to hang the call up.
@@ -99,11 +101,11 @@ class SidebandWatcher(ClaimingWorker[StoredCall]):
         try:
             await watch.run()
         except asyncio.CancelledError:
-            await watch.let_go()
+            await watch.let_go(until_done=False)  # stopping: once (its lease runs out otherwise)
             raise
         except Exception:
             log.exception("watching realtime call %s failed; letting it go for another look", item.id)
-            await watch.let_go()
+            await watch.let_go(until_done=True)  # a call this live process holds would be watched by none
         finally:
             self.watches.pop(item.id, None)
 
@@ -170,6 +172,7 @@ class CallWatch:
         self.watcher = watcher
         self.stored = stored
         self.peer: Peer | None = None
+        self.total = stored.cost_usd  # the call's cost so far, as last counted
         self.reason: str | None = stored.hangup_requested  # a hang-up asked, or a cap reached
         self._stop = asyncio.Event()
         if self.reason is not None:
@@ -297,17 +300,28 @@ class CallWatch:
                     log.info("realtime call %s: the session left its preset; putting back %s", stored.id, list(fixes))
                     await peer.send(orjson.dumps({"type": "session.update", "session": fixes}).decode())
             elif kind == "response.done" and isinstance(event.get("response"), dict):
-                cost = meter.record(event["response"], peer.upstream, self._detail())
-                total = await self.watcher.store.metered(stored.id, cost)
+                # Counted on the call first: a process that no longer holds it (taken for dead, and taken
+                # over) records nothing, so a response two processes saw is metered once. With the
+                # database away the row is recorded all the same (the usage writer spools it) and the
+                # cap is kept on this process's count.
+                cost = meter.cost(event["response"])
+                try:
+                    total = await self.watcher.store.metered(stored.id, cost)
+                except DB_ERRORS as error:
+                    log.warning("realtime call %s: its cost could not be counted in the database: %s", stored.id, error)
+                    total = self.total + cost
                 if total is None:
                     return "not_ours"
+                self.total = total
+                meter.record(event["response"], peer.upstream, self._detail())
                 if total >= stored.max_cost_usd:
                     return "session_cost_exceeded"
 
     async def _hang_up(self, lease: Lease, reason: str) -> None:
         stored = self.stored
         log.info("realtime call %s: hanging up (%s)", stored.id, reason)
-        await self.watcher.store.ask_hangup(stored.id, reason)
+        with contextlib.suppress(*DB_ERRORS):  # the reason is kept where the database answers
+            await self.watcher.store.ask_hangup(stored.id, reason)
         if stored.upstream_call_id is not None:
             await hang_up(lease, stored.upstream, stored.upstream_call_id)
         if self.peer is not None:
@@ -321,15 +335,23 @@ class CallWatch:
             log.info("realtime call %s ended: %s", ended.id, ended.ended_reason)
             self.watcher.settle(ended)
 
-    async def let_go(self) -> None:
-        """This process is stopping (or failed): the call is left for another, not hung up."""
+    async def let_go(self, *, until_done: bool) -> None:
+        """This process is stopping (or failed to watch the call): the call is left for another (or this
+        process's next look), not hung up. With `until_done`, tried until the database takes it."""
         if self.peer is not None:
             with contextlib.suppress(Exception):
                 await self.peer.close(1000, "")
-        try:
-            await asyncio.shield(self.watcher.store.release(self.stored.id))
-        except Exception as error:  # its process's lease runs out instead
-            log.warning("could not let realtime call %s go: %s", self.stored.id, error)
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.shield(self.watcher.store.release(self.stored.id))
+                return
+            except DB_ERRORS as error:
+                log.warning("could not let realtime call %s go: %s", self.stored.id, error)
+                if not until_done:
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RELEASE_DELAY)
 
     def _seconds_left(self) -> float:
         deadline = self.stored.deadline
