@@ -117,7 +117,7 @@ class RealtimeCalls:
                 instructions=minted["instructions"],
                 voice=minted["voice"],
                 source="attached",
-                upstream=(minted["upstream"], upstream_call_id),
+                upstream=(minted["answerer"], minted["upstream"], upstream_call_id),
             )
         except (RateLimited, PermissionDenied):
             # Refused by the caller's limits: a call left running would be unmetered.
@@ -168,9 +168,10 @@ class RealtimeCalls:
         instructions: str,
         voice: str,
         source: str,
-        upstream: tuple[str | None, str] | None = None,
+        upstream: tuple[str, str | None, str] | None = None,
     ) -> tuple[Call, StoredCall]:
-        """The call's reservation (its pending usage row) and its row among the user's open calls."""
+        """The call's reservation (its pending usage row) and its row among the user's open calls. An
+        attached call's `upstream` is who set it up (the key its secret was minted with), where, and its id."""
         spec = self.service.catalog.resolve(spec_id, principal.tier, "realtime")
         seconds = self.limiter.realtime_seconds(principal)
         call = await self.calls.open(
@@ -188,9 +189,9 @@ class RealtimeCalls:
             request_id=request_id,
             source=source,
             status="active" if upstream is not None else "connecting",
-            answerer=call.lease.answerer,
-            upstream=upstream[0] if upstream is not None else None,
-            upstream_call_id=upstream[1] if upstream is not None else None,
+            answerer=upstream[0] if upstream is not None else call.lease.answerer,
+            upstream=upstream[1] if upstream is not None else None,
+            upstream_call_id=upstream[2] if upstream is not None else None,
             model=spec.id,
             role=role,
             language=language,
