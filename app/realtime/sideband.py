@@ -64,10 +64,6 @@ FAILURES = frozenset({"sideband_unavailable", "setup_interrupted", "setup_failed
 MAX_ATTACH_DELAY = 2.0
 MAX_RELEASE_DELAY = 10.0
 
-# How watching a sideband ended: "ended" (the call ended upstream), "lost" (the connection: attach
-# again), "not_ours" (another process holds the call now), or a reason to hang the call up.
-Outcome = str
-
 
 class SidebandWatcher(ClaimingWorker[StoredCall]):
     def __init__(
@@ -258,8 +254,9 @@ class CallWatch:
             delay = min(delay * 2, MAX_ATTACH_DELAY)
         return None
 
-    async def _follow(self, peer: Peer, meter: ResponseMeter) -> Outcome:
-        """Read the sideband until the call ends, the connection is lost, or the call must be hung up."""
+    async def _follow(self, peer: Peer, meter: ResponseMeter) -> str:
+        """Read the sideband until the call ends, the connection is lost, or the call must be hung up: "ended"
+        (upstream), "lost" (attach again), "not_ours" (another process holds the call), or a hang-up's reason."""
         reader = asyncio.create_task(self._read(peer, meter))
         stopped = asyncio.create_task(self._stop.wait())
         left = self._seconds_left()
@@ -277,7 +274,7 @@ class CallWatch:
             return reader.result()  # raises what the reader raised
         return self.reason or "session_seconds_exceeded"
 
-    async def _read(self, peer: Peer, meter: ResponseMeter) -> Outcome:
+    async def _read(self, peer: Peer, meter: ResponseMeter) -> str:
         stored = self.stored
         while True:
             try:
